@@ -1,0 +1,461 @@
+//! Settings: the gateway's own configuration file, layered with environment overrides.
+//!
+//! Load order: the TOML file given with `--config`, then `CALLGATE__SECTION__KEY` environment
+//! variables (`CALLGATE__SERVER__LISTEN=0.0.0.0:8080`, `CALLGATE__UPSTREAM__API_KEY=...`). Relative
+//! paths in the file are resolved against the file's own directory. Secrets are never required
+//! inline: each has an environment override and a `*_file` variant.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret string: never printed, never logged.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The tenant-facing listener.
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// Where calls are forwarded, and with which account key.
+    pub upstream: UpstreamSettings,
+    /// The built-in simulator, used when `upstream.url = "simulator"`.
+    #[serde(default)]
+    pub simulator: SimulatorSettings,
+    /// Where tenant policies and schemas live.
+    #[serde(default)]
+    pub policies: PolicySettings,
+    /// Redaction settings shared by all tenants.
+    #[serde(default)]
+    pub redaction: RedactionSettings,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+/// The tenant-facing HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Deepest accepted JSON nesting (objects and arrays).
+    pub max_json_depth: usize,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send its whole body.
+    pub body_read_timeout_ms: u64,
+    /// Time allowed for in-flight requests to finish on shutdown.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 64 * 1024,
+            max_json_depth: 16,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// The upstream calls API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Base URL (`https://api.ringyo.ai`), or `simulator` to run the built-in simulator in-process.
+    pub url: String,
+    /// The account key. Prefer `CALLGATE__UPSTREAM__API_KEY` or `api_key_file`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// A file holding the account key (trailing newline ignored).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Time to establish a connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Time for the upstream to answer a request, connection included.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Idle connections kept per host.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    3_000
+}
+fn default_request_timeout() -> u64 {
+    15_000
+}
+fn default_pool_max_idle() -> usize {
+    32
+}
+fn default_pool_idle_timeout() -> u64 {
+    90_000
+}
+
+impl UpstreamSettings {
+    /// Whether the built-in simulator stands in for the upstream.
+    pub fn is_simulator(&self) -> bool {
+        self.url == "simulator"
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// The built-in Ringyo simulator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorSettings {
+    /// Agent ids the simulated account has.
+    pub agents: Vec<String>,
+    /// Numbers the simulated account owns; the first is its primary number.
+    pub owned_numbers: Vec<String>,
+    /// Time from `queued` to `ringing`.
+    pub queue_ms: u64,
+    /// Time spent ringing before the call is answered.
+    pub ring_ms: u64,
+    /// Time the call talks before it completes (capped by `max_duration`).
+    pub talk_ms: u64,
+    /// Concurrent calls the simulated account allows (`rate_limit_exceeded` beyond).
+    pub max_concurrent_calls: usize,
+    /// Credits of the simulated account, one per started minute of `max_duration`
+    /// (`insufficient_credits` when exhausted); none means unlimited.
+    pub credits: Option<u64>,
+}
+
+impl Default for SimulatorSettings {
+    fn default() -> Self {
+        SimulatorSettings {
+            agents: vec!["agent_abc123".into(), "agent_support".into()],
+            owned_numbers: vec![
+                "+18005551234".into(),
+                "+18005550000".into(),
+                "+18005556789".into(),
+            ],
+            queue_ms: 200,
+            ring_ms: 2_000,
+            talk_ms: 10_000,
+            max_concurrent_calls: 1_000,
+            credits: None,
+        }
+    }
+}
+
+/// Where the policy tree lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySettings {
+    /// The `policies/` directory: `schemas/`, `tenants/`, `lists/`.
+    pub dir: PathBuf,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            dir: PathBuf::from("policies"),
+        }
+    }
+}
+
+/// Redaction settings shared by all tenants.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionSettings {
+    /// Key for the keyed hash (`hash` action), so hashed values can be joined but not reversed.
+    /// Prefer `CALLGATE__REDACTION__HASH_KEY` or `hash_key_file`. Without one, a random key is
+    /// made at start-up and hashes are stable only for the life of the process.
+    pub hash_key: Option<Secret>,
+    /// A file holding the hash key.
+    pub hash_key_file: Option<PathBuf>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `json` (one object per line) or `text`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `callgate=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A configuration problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{}: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl AsRef<Path>, line: Option<usize>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.as_ref().display().to_string(),
+            line,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The 1-based line of a byte offset in `text`.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The first line of `text` that mentions `needle`, to point a semantic error at its source.
+pub fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Read a secret from a file, trimming the trailing newline.
+pub fn read_secret_file(path: &Path) -> Result<Secret, ConfigError> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, None, format!("cannot read secret file: {e}")))?;
+    let value = raw.trim_end_matches(['\n', '\r']).to_string();
+    if value.is_empty() {
+        return Err(ConfigError::new(path, None, "secret file is empty"));
+    }
+    Ok(Secret(value))
+}
+
+impl Settings {
+    /// Load the file, apply `CALLGATE__*` overrides, resolve relative paths, validate.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+        // Parse once with `toml` for syntax errors with a line number.
+        if let Err(e) = text.parse::<toml::Table>() {
+            let line = e.span().map(|s| line_of(&text, s.start));
+            return Err(ConfigError::new(path, line, e.message().to_string()));
+        }
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CALLGATE__"))
+            .collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("CALLGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .map_err(|e| ConfigError::new(path, None, e.to_string()))?;
+        let mut settings: Settings = built.try_deserialize().map_err(|e| {
+            let reason = e.to_string();
+            let line = reason
+                .split('`')
+                .nth(1)
+                .and_then(|key| find_line(&text, key.rsplit('.').next().unwrap_or(key)));
+            ConfigError::new(path, line, reason)
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        settings.resolve_paths(base);
+        settings.validate(path, &text)?;
+        Ok(settings)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.policies.dir);
+        if let Some(p) = self.upstream.api_key_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.redaction.hash_key_file.as_mut() {
+            resolve(p);
+        }
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let at = |needle: &str, reason: String| ConfigError::new(path, find_line(text, needle), reason);
+        if !self.upstream.is_simulator() {
+            let url = url::Url::parse(&self.upstream.url).map_err(|e| {
+                at("url", format!("upstream.url {:?} is not a URL: {e}", self.upstream.url))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(at(
+                    "url",
+                    "upstream.url must be an http(s) URL or \"simulator\"".into(),
+                ));
+            }
+            if self.upstream.api_key.is_none() && self.upstream.api_key_file.is_none() {
+                return Err(at(
+                    "[upstream]",
+                    "no upstream account key: set CALLGATE__UPSTREAM__API_KEY or upstream.api_key_file".into(),
+                ));
+            }
+        }
+        if self.upstream.api_key.is_some() && self.upstream.api_key_file.is_some() {
+            return Err(at(
+                "api_key",
+                "set one of upstream.api_key and upstream.api_key_file, not both".into(),
+            ));
+        }
+        if self.server.max_body_bytes == 0 || self.server.max_json_depth == 0 {
+            return Err(at(
+                "max_",
+                "server.max_body_bytes and server.max_json_depth must be positive".into(),
+            ));
+        }
+        if self.upstream.request_timeout_ms == 0 || self.upstream.connect_timeout_ms == 0 {
+            return Err(at("timeout", "upstream timeouts must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The upstream account key, from wherever it is configured.
+    pub fn upstream_key(&self) -> Result<Option<Secret>, ConfigError> {
+        match (&self.upstream.api_key, &self.upstream.api_key_file) {
+            (Some(key), _) => Ok(Some(key.clone())),
+            (None, Some(file)) => read_secret_file(file).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Secrets written inline in the file itself rather than in the environment or a file:
+    /// `callgate check` warns about each.
+    pub fn inline_secrets(text: &str) -> Vec<String> {
+        let Ok(table) = text.parse::<toml::Table>() else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for (section, key) in [("upstream", "api_key"), ("redaction", "hash_key")] {
+            if table
+                .get(section)
+                .and_then(|s| s.get(key))
+                .is_some()
+            {
+                found.push(format!("{section}.{key}"));
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callgate.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let (_d, path) = write("[server]\nlisten = \"127.0.0.1:9000\"\n[upstream]\nurl = \"simulator\"\n");
+        let env = vec![
+            ("CALLGATE__SERVER__LISTEN".to_string(), "127.0.0.1:9001".to_string()),
+            ("CALLGATE__UPSTREAM__API_KEY".to_string(), "sk_live".to_string()),
+        ];
+        let s = Settings::load_with_env(&path, env).unwrap();
+        assert_eq!(s.server.listen.port(), 9001);
+        assert_eq!(s.upstream_key().unwrap().unwrap().expose(), "sk_live");
+        assert_eq!(format!("{:?}", s.upstream.api_key), "Some(Secret(***))");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let (_d, path) = write("[server]\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = = 3\n");
+        let err = Settings::load_with_env(&path, vec![]).unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let (_d, path) = write("[upstream]\nurl = \"simulator\"\nfrobnicate = true\n");
+        let err = Settings::load_with_env(&path, vec![]).unwrap_err();
+        assert!(err.reason.contains("frobnicate"), "{err}");
+        assert_eq!(err.line, Some(3), "{err}");
+    }
+
+    #[test]
+    fn a_real_upstream_needs_a_key() {
+        let (_d, path) = write("[upstream]\nurl = \"https://api.ringyo.ai\"\n");
+        let err = Settings::load_with_env(&path, vec![]).unwrap_err();
+        assert!(err.reason.contains("account key"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let (dir, path) = write("[upstream]\nurl = \"simulator\"\n[policies]\ndir = \"pol\"\n");
+        let s = Settings::load_with_env(&path, vec![]).unwrap();
+        assert_eq!(s.policies.dir, dir.path().join("pol"));
+    }
+
+    #[test]
+    fn inline_secrets_are_found() {
+        let text = "[upstream]\nurl = \"x\"\napi_key = \"k\"\n";
+        assert_eq!(Settings::inline_secrets(text), vec!["upstream.api_key"]);
+    }
+}

@@ -1,0 +1,216 @@
+//! The gateway's error type and its JSON envelope.
+//!
+//! Every rejection the gateway makes is one variant of [`GatewayError`]; [`GatewayError::into_response`]
+//! is the only place an error becomes an HTTP response:
+//!
+//! ```json
+//! {"error": {"code": "invalid_request", "message": "...", "request_id": "...", "param": "/max_duration"}}
+//! ```
+//!
+//! Internal failures are answered generically (`internal_error`) and their detail goes to the log,
+//! never to the client.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+/// The body type of every response the gateway builds.
+pub type Body = Full<Bytes>;
+
+/// Why a request was refused, or what went wrong while serving it.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The body exceeds `server.max_body_bytes`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// The request is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// No, malformed or unknown credentials.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The body is not acceptable: malformed JSON, a schema violation, a policy conflict.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// `phone_number` is not a valid E.164 number in its numbering plan.
+    #[error("{message}")]
+    InvalidPhoneNumber { message: String, param: String },
+    /// `from_number` is not a number this tenant may call from.
+    #[error("{0}")]
+    InvalidFromNumber(String),
+    /// `agent_id` is not an agent this tenant may use.
+    #[error("{0}")]
+    AgentNotFound(String),
+    /// The destination (country, number type, prefix) is not allowed for this tenant.
+    #[error("{0}")]
+    DestinationNotAllowed(String),
+    /// The destination is on a do-not-call list.
+    #[error("the destination is on a do-not-call list")]
+    DoNotCall,
+    /// The recipient's local time is outside the tenant's calling hours.
+    #[error("{0}")]
+    OutsideCallingHours(String),
+    /// The path exists but not for this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// No such route or resource.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// The upstream could not be reached (connect error, TLS error, reset).
+    #[error("the upstream is unavailable")]
+    UpstreamUnavailable,
+    /// The upstream did not answer in time.
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    /// A bug or an environment failure; the detail is logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// Shorthand for a schema or policy violation on one field.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        GatewayError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            InvalidRequest { .. } | InvalidPhoneNumber { .. } | InvalidFromNumber(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            AgentNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
+            DestinationNotAllowed(_) | DoNotCall | OutsideCallingHours(_) => StatusCode::FORBIDDEN,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code in the envelope.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            PayloadTooLarge { .. } => "payload_too_large",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            Unauthorized(_) => "unauthorized",
+            InvalidRequest { .. } => "invalid_request",
+            InvalidPhoneNumber { .. } => "invalid_phone_number",
+            InvalidFromNumber(_) => "invalid_from_number",
+            AgentNotFound(_) => "agent_not_found",
+            DestinationNotAllowed(_) => "destination_not_allowed",
+            DoNotCall => "do_not_call",
+            OutsideCallingHours(_) => "outside_calling_hours",
+            MethodNotAllowed => "method_not_allowed",
+            NotFound(_) => "not_found",
+            UpstreamUnavailable => "upstream_unavailable",
+            UpstreamTimeout => "upstream_timeout",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    /// The JSON pointer of the offending field, where there is one.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidRequest { param, .. } => param.as_deref(),
+            GatewayError::InvalidPhoneNumber { param, .. } => Some(param),
+            GatewayError::InvalidFromNumber(_) => Some("/from_number"),
+            GatewayError::AgentNotFound(_) => Some("/agent_id"),
+            GatewayError::DestinationNotAllowed(_)
+            | GatewayError::DoNotCall
+            | GatewayError::OutsideCallingHours(_) => Some("/phone_number"),
+            _ => None,
+        }
+    }
+
+    /// The message shown to the client. Internal detail is never shown.
+    pub fn public_message(&self) -> String {
+        match self {
+            GatewayError::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Build the JSON envelope. The only place an error becomes a response.
+    pub fn into_response(self, request_id: &str) -> Response<Body> {
+        if let GatewayError::Internal(detail) = &self {
+            tracing::error!(request_id, %detail, "internal error");
+        }
+        let mut error = json!({
+            "code": self.code(),
+            "message": self.public_message(),
+            "request_id": request_id,
+        });
+        if let Some(param) = self.param() {
+            error["param"] = json!(param);
+        }
+        let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, GatewayError::MethodNotAllowed) {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+        }
+        response
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: Response<Body>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn envelope_carries_code_message_request_id_and_param() {
+        let response = GatewayError::invalid("/max_duration", "too long").into_response("req-1");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["code"], "invalid_request");
+        assert_eq!(body["error"]["message"], "too long");
+        assert_eq!(body["error"]["request_id"], "req-1");
+        assert_eq!(body["error"]["param"], "/max_duration");
+    }
+
+    #[tokio::test]
+    async fn internal_detail_is_not_shown() {
+        let response = GatewayError::Internal("db path /secret".into()).into_response("r");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["message"], "internal error");
+        assert!(body["error"].get("param").is_none());
+    }
+}

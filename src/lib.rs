@@ -1,0 +1,20 @@
+//! callgate: a policy gateway for outbound AI phone calls.
+//!
+//! Many internal tenants share one Ringyo calling account through callgate. Each tenant calls
+//! `POST /v1/calls` exactly as it would call the upstream, with its own key; callgate
+//! authenticates it, validates the request, enforces the tenant's policy, redacts personal data
+//! and forwards the call with the account's key. The request path is in [`stack`].
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod phone;
+pub mod policy;
+pub mod server;
+pub mod simulator;
+pub mod stack;
+pub mod stages;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,393 @@
+//! The tenant policy model: loading and validating `policies/`.
+//!
+//! ```text
+//! policies/
+//!   schemas/create_call.json   JSON Schema 2020-12 of the POST /v1/calls body
+//!   tenants/<id>.toml          one file per tenant (see `TenantFile`)
+//!   lists/*.txt                shared lists, e.g. do-not-call numbers, one E.164 number a line
+//! ```
+//!
+//! Files are parsed into serde structs (`deny_unknown_fields`, so a typo is an error, not a silently
+//! ignored rule), then compiled into a [`Tenant`]: numbers parsed, patterns compiled, lists loaded.
+//! Every problem is reported with its file, line and reason.
+
+mod hours;
+mod model;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use hours::CallingHours;
+pub use model::*;
+
+use crate::config::{ConfigError, find_line, line_of};
+use crate::phone::{self, NumberType};
+use crate::stages::redact::Redaction;
+
+/// A tenant's compiled policy.
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: String,
+    key_hashes: Vec<[u8; 32]>,
+    /// Caller ids the tenant may use, in E.164.
+    pub from_allow: Vec<String>,
+    /// Caller id used when the request names none.
+    pub from_default: Option<String>,
+    /// Agents the tenant may use.
+    pub agents: HashSet<String>,
+    /// Upper bound on `max_duration`, seconds.
+    pub max_duration: u32,
+    /// `max_duration` injected when the request has none.
+    pub default_max_duration: u32,
+    pub record: RecordRule,
+    pub destinations: Destinations,
+    pub hours: Option<CallingHours>,
+    pub webhooks: WebhookPolicy,
+    pub metadata: MetadataPolicy,
+    pub redaction: Redaction,
+}
+
+/// Compiled destination rules.
+#[derive(Debug, Default)]
+pub struct Destinations {
+    pub countries_allow: Option<HashSet<String>>,
+    pub countries_deny: HashSet<String>,
+    pub number_types_allow: Option<HashSet<NumberType>>,
+    pub number_types_deny: HashSet<NumberType>,
+    pub prefixes_deny: Vec<String>,
+    pub do_not_call: Vec<Arc<HashSet<String>>>,
+}
+
+impl Tenant {
+    /// Whether `hash` is one of this tenant's key hashes, compared in constant time.
+    pub fn has_key_hash(&self, hash: &[u8; 32]) -> bool {
+        self.key_hashes
+            .iter()
+            .fold(0u8, |hit, h| hit | h.ct_eq(hash).unwrap_u8())
+            == 1
+    }
+}
+
+/// SHA-256 of a tenant key, as stored in policies.
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// All tenants and the request schema.
+pub struct Policies {
+    pub tenants: BTreeMap<String, Arc<Tenant>>,
+    by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    pub schema: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("tenants", &self.tenants.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Policies {
+    /// The tenant owning `key`, if any. The lookup is by hash; the final comparison is in
+    /// constant time.
+    pub fn tenant_for_key(&self, key: &str) -> Option<Arc<Tenant>> {
+        let hash = key_hash(key);
+        let tenant = self.by_key.get(&hash)?;
+        tenant.has_key_hash(&hash).then(|| tenant.clone())
+    }
+
+    /// Load and compile everything under `dir`. Returns every problem found, not just the first.
+    pub fn load(dir: &Path, hash_key: &[u8]) -> Result<Policies, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let schema = load_schema(&dir.join("schemas/create_call.json")).map_err(|e| errors.push(e));
+        let mut lists = ListCache::default();
+        let mut tenants = BTreeMap::new();
+        let mut by_key: HashMap<[u8; 32], Arc<Tenant>> = HashMap::new();
+        let tenant_dir = dir.join("tenants");
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&tenant_dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(e) => {
+                errors.push(ConfigError::new(&tenant_dir, None, format!("cannot read: {e}")));
+                Vec::new()
+            }
+        };
+        files.sort();
+        if files.is_empty() && errors.is_empty() {
+            errors.push(ConfigError::new(&tenant_dir, None, "no tenant policy (*.toml) found"));
+        }
+        for file in files {
+            match load_tenant(&file, dir, &mut lists, hash_key) {
+                Ok(tenant) => {
+                    let tenant = Arc::new(tenant);
+                    if tenants.contains_key(&tenant.id) {
+                        errors.push(ConfigError::new(
+                            &file,
+                            None,
+                            format!("tenant id {:?} is used by another file", tenant.id),
+                        ));
+                        continue;
+                    }
+                    for hash in &tenant.key_hashes {
+                        if let Some(other) = by_key.insert(*hash, tenant.clone()) {
+                            errors.push(ConfigError::new(
+                                &file,
+                                None,
+                                format!("a key hash is shared with tenant {:?}", other.id),
+                            ));
+                        }
+                    }
+                    tenants.insert(tenant.id.clone(), tenant);
+                }
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        match schema {
+            Ok(schema) if errors.is_empty() => Ok(Policies {
+                tenants,
+                by_key,
+                schema,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+fn load_schema(path: &Path) -> Result<jsonschema::Validator, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError::new(path, Some(e.line()), e.to_string()))?;
+    jsonschema::draft202012::meta::validate(&value).map_err(|e| {
+        ConfigError::new(path, None, format!("not a valid JSON Schema 2020-12: {e}"))
+    })?;
+    jsonschema::draft202012::new(&value)
+        .map_err(|e| ConfigError::new(path, None, format!("cannot compile schema: {e}")))
+}
+
+/// Shared lists, loaded once however many tenants name them.
+#[derive(Default)]
+struct ListCache {
+    loaded: HashMap<PathBuf, Arc<HashSet<String>>>,
+}
+
+impl ListCache {
+    fn number_list(&mut self, path: &Path) -> Result<Arc<HashSet<String>>, ConfigError> {
+        if let Some(list) = self.loaded.get(path) {
+            return Ok(list.clone());
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, format!("cannot read list: {e}")))?;
+        let mut set = HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let entry = line.split('#').next().unwrap_or("").trim();
+            if entry.is_empty() {
+                continue;
+            }
+            if let Err(phone::PhoneError::Syntax) = phone::parse_e164(entry) {
+                return Err(ConfigError::new(
+                    path,
+                    Some(i + 1),
+                    format!("{entry:?} is not an E.164 number"),
+                ));
+            }
+            set.insert(entry.to_string());
+        }
+        let set = Arc::new(set);
+        self.loaded.insert(path.to_path_buf(), set.clone());
+        Ok(set)
+    }
+}
+
+fn load_tenant(
+    path: &Path,
+    policy_dir: &Path,
+    lists: &mut ListCache,
+    hash_key: &[u8],
+) -> Result<Tenant, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![ConfigError::new(path, None, format!("cannot read: {e}"))])?;
+    let file: TenantFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| line_of(&text, s.start));
+        vec![ConfigError::new(path, line, e.message().trim().to_string())]
+    })?;
+    let mut errors = Vec::new();
+    let mut err = |needle: &str, reason: String| {
+        errors.push(ConfigError::new(path, find_line(&text, needle), reason));
+    };
+
+    if file.id.is_empty()
+        || !file
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        err("id", format!("tenant id {:?} must be letters, digits, '-' or '_'", file.id));
+    }
+    let mut key_hashes = Vec::new();
+    for h in &file.key_sha256 {
+        match hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+            Some(hash) => key_hashes.push(hash),
+            None => err(h, format!("key_sha256 {h:?} is not 64 hex digits")),
+        }
+    }
+    if key_hashes.is_empty() && file.key_sha256.is_empty() {
+        err("key_sha256", "no key_sha256: the tenant could never authenticate".into());
+    }
+    for n in &file.numbers.from_allow {
+        if let Err(e) = phone::parse_e164(n) {
+            err(n, format!("numbers.from_allow: {n:?} {e}"));
+        }
+    }
+    if let Some(d) = &file.numbers.from_default
+        && !file.numbers.from_allow.contains(d)
+    {
+        err("from_default", format!("numbers.from_default {d:?} is not in numbers.from_allow"));
+    }
+    if file.agents.allow.is_empty() {
+        err("[agents]", "agents.allow is empty: the tenant could place no call".into());
+    }
+    let calls = &file.calls;
+    if !(1..=3600).contains(&calls.max_duration) {
+        err("max_duration", "calls.max_duration must be 1..3600 seconds".into());
+    }
+    let default_max_duration = calls.default_max_duration.unwrap_or(calls.max_duration);
+    if default_max_duration == 0 || default_max_duration > calls.max_duration {
+        err(
+            "default_max_duration",
+            "calls.default_max_duration must be 1..calls.max_duration".into(),
+        );
+    }
+
+    let d = &file.destinations;
+    let region_list = |codes: &[String], key: &str, errs: &mut Vec<(String, String)>| {
+        codes
+            .iter()
+            .map(|c| {
+                let up = c.to_ascii_uppercase();
+                if up.len() != 2 || !up.bytes().all(|b| b.is_ascii_uppercase()) {
+                    errs.push((c.clone(), format!("destinations.{key}: {c:?} is not an ISO 3166-1 alpha-2 code")));
+                }
+                up
+            })
+            .collect::<HashSet<_>>()
+    };
+    let mut region_errs = Vec::new();
+    let countries_allow = d
+        .countries_allow
+        .as_ref()
+        .map(|c| region_list(c, "countries_allow", &mut region_errs));
+    let countries_deny = region_list(&d.countries_deny, "countries_deny", &mut region_errs);
+    for (needle, reason) in region_errs {
+        err(&needle, reason);
+    }
+    for p in &d.prefixes_deny {
+        let digits = p.strip_prefix('+').unwrap_or("");
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            err(p, format!("destinations.prefixes_deny: {p:?} must be '+' and digits"));
+        }
+    }
+    let mut do_not_call = Vec::new();
+    for list in &d.do_not_call {
+        let full = policy_dir.join(list);
+        match lists.number_list(&full) {
+            Ok(set) => do_not_call.push(set),
+            Err(e) => errors_push(&mut err, list, e),
+        }
+    }
+
+    let hours = match &file.hours {
+        Some(h) => match CallingHours::compile(h) {
+            Ok(h) => Some(h),
+            Err(reason) => {
+                err("[hours]", format!("hours: {reason}"));
+                None
+            }
+        },
+        None => None,
+    };
+    for host in &file.webhooks.allowed_hosts {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || bare.contains(['/', ':', '*']) {
+            err(host, format!("webhooks.allowed_hosts: {host:?} must be a host name, optionally '*.'-prefixed"));
+        }
+    }
+    let redaction = match Redaction::compile(&file.redaction, hash_key) {
+        Ok(r) => r,
+        Err(reason) => {
+            err("redaction", reason);
+            Redaction::default()
+        }
+    };
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Tenant {
+        id: file.id,
+        key_hashes,
+        from_allow: file.numbers.from_allow,
+        from_default: file.numbers.from_default,
+        agents: file.agents.allow.into_iter().collect(),
+        max_duration: calls.max_duration,
+        default_max_duration,
+        record: calls.record,
+        destinations: Destinations {
+            countries_allow,
+            countries_deny,
+            number_types_allow: d.number_types_allow.as_ref().map(|t| t.iter().copied().collect()),
+            number_types_deny: d.number_types_deny.iter().copied().collect(),
+            prefixes_deny: d.prefixes_deny.clone(),
+            do_not_call,
+        },
+        hours,
+        webhooks: file.webhooks,
+        metadata: file.metadata,
+        redaction,
+    })
+}
+
+fn errors_push(err: &mut impl FnMut(&str, String), needle: &Path, e: ConfigError) {
+    // A list's own line numbers matter more than the tenant file's reference to it.
+    match e.line {
+        Some(_) => err(&needle.display().to_string(), e.to_string()),
+        None => err(&needle.display().to_string(), format!("do_not_call: {}", e)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+/// The live policy set, swapped whole on reload; each request takes one snapshot.
+#[derive(Clone, Debug)]
+pub struct PolicyHandle(Arc<std::sync::RwLock<Arc<Policies>>>);
+
+impl PolicyHandle {
+    pub fn new(policies: Policies) -> Self {
+        PolicyHandle(Arc::new(std::sync::RwLock::new(Arc::new(policies))))
+    }
+
+    /// The policies in force now.
+    pub fn current(&self) -> Arc<Policies> {
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Put a new policy set in force; requests already under way keep theirs.
+    pub fn replace(&self, policies: Policies) {
+        let mut guard = match self.0.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Arc::new(policies);
+    }
+}

@@ -1,0 +1,258 @@
+//! The on-disk shape of a tenant policy file (`policies/tenants/<id>.toml`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::phone::NumberType;
+
+/// One tenant's policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantFile {
+    /// Stable tenant id (letters, digits, `-`, `_`), used in logs, metrics and the tenant tag.
+    pub id: String,
+    /// Human-readable name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// SHA-256 (hex) of each accepted API key; `callgate keygen` prints one. Keys themselves are
+    /// never stored. Several entries allow rotation.
+    pub key_sha256: Vec<String>,
+    #[serde(default)]
+    pub numbers: NumbersPolicy,
+    pub agents: AgentsPolicy,
+    #[serde(default)]
+    pub calls: CallsPolicy,
+    #[serde(default)]
+    pub destinations: DestinationsPolicy,
+    /// Calling hours in the recipient's local time; none means any time.
+    #[serde(default)]
+    pub hours: Option<HoursPolicy>,
+    #[serde(default)]
+    pub webhooks: WebhookPolicy,
+    #[serde(default)]
+    pub metadata: MetadataPolicy,
+    #[serde(default)]
+    pub redaction: RedactionPolicy,
+}
+
+/// Caller ids.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumbersPolicy {
+    /// `from_number` values the tenant may use. Empty: the tenant may not set `from_number`
+    /// (the account's primary number is used).
+    #[serde(default)]
+    pub from_allow: Vec<String>,
+    /// Injected as `from_number` when the request has none; must be in `from_allow`.
+    #[serde(default)]
+    pub from_default: Option<String>,
+}
+
+/// Agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsPolicy {
+    /// `agent_id` values the tenant may use; any other is answered `agent_not_found`.
+    pub allow: Vec<String>,
+}
+
+/// Call parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallsPolicy {
+    /// Largest `max_duration` the tenant may ask for, seconds (1..3600).
+    #[serde(default = "default_cap")]
+    pub max_duration: u32,
+    /// `max_duration` injected when the request has none (the upstream's own default is 3600).
+    /// Defaults to `max_duration`.
+    #[serde(default)]
+    pub default_max_duration: Option<u32>,
+    /// Recording rule.
+    #[serde(default)]
+    pub record: RecordRule,
+}
+
+fn default_cap() -> u32 {
+    3600
+}
+
+impl Default for CallsPolicy {
+    fn default() -> Self {
+        CallsPolicy {
+            max_duration: default_cap(),
+            default_max_duration: None,
+            record: RecordRule::default(),
+        }
+    }
+}
+
+/// What the tenant may say about recording.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordRule {
+    /// Passed through as asked (upstream default: recorded).
+    #[default]
+    Any,
+    /// Always recorded: `record: false` is refused, a missing `record` is set to `true`.
+    Always,
+    /// Never recorded: `record: true` is refused, a missing `record` is set to `false`.
+    Never,
+}
+
+/// Destination rules.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationsPolicy {
+    /// ISO 3166-1 alpha-2 regions that may be called; none means any.
+    #[serde(default)]
+    pub countries_allow: Option<Vec<String>>,
+    /// Regions that may never be called.
+    #[serde(default)]
+    pub countries_deny: Vec<String>,
+    /// Number types that may be called (`mobile`, `fixed_line`, `fixed_line_or_mobile`, ...);
+    /// none means any.
+    #[serde(default)]
+    pub number_types_allow: Option<Vec<NumberType>>,
+    /// Number types that may never be called (`premium_rate`, `shared_cost`, ...).
+    #[serde(default)]
+    pub number_types_deny: Vec<NumberType>,
+    /// E.164 prefixes that may never be called (`+1900`).
+    #[serde(default)]
+    pub prefixes_deny: Vec<String>,
+    /// Do-not-call lists, paths relative to `policies/`, one E.164 number a line.
+    #[serde(default)]
+    pub do_not_call: Vec<PathBuf>,
+}
+
+/// Calling hours, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoursPolicy {
+    /// Local start time, `HH:MM`, inclusive.
+    pub start: String,
+    /// Local end time, `HH:MM`, exclusive.
+    pub end: String,
+    /// Days calls may be placed (`mon` .. `sun`); default Monday to Friday.
+    #[serde(default)]
+    pub days: Option<Vec<String>>,
+    /// When the recipient's zone cannot be told from the number: `deny` (default) or `allow`.
+    #[serde(default)]
+    pub unknown_zone: UnknownZone,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownZone {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// Where the tenant's webhook may point.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookPolicy {
+    /// Hosts `webhook_url` may name (`hooks.acme.example`, or `*.acme.example` for subdomains).
+    /// Empty: the tenant may not set `webhook_url`.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Allow plain `http://` webhook URLs (default: HTTPS only).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+impl WebhookPolicy {
+    /// Whether `host` is allowed by `allowed_hosts`.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.allowed_hosts.iter().any(|allowed| {
+            let allowed = allowed.to_ascii_lowercase();
+            match allowed.strip_prefix("*.") {
+                Some(suffix) => host
+                    .strip_suffix(suffix)
+                    .is_some_and(|rest| rest.ends_with('.') && rest.len() > 1),
+                None => host == allowed,
+            }
+        })
+    }
+}
+
+/// Metadata rules.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataPolicy {
+    /// Keys every request must carry in `metadata`.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Key under which the gateway writes the tenant id into `metadata` (default
+    /// `callgate_tenant`); a request may not set it itself.
+    #[serde(default)]
+    pub tenant_tag_key: Option<String>,
+}
+
+impl MetadataPolicy {
+    pub fn tag_key(&self) -> &str {
+        self.tenant_tag_key.as_deref().unwrap_or("callgate_tenant")
+    }
+}
+
+/// Redaction of personal data in `metadata`, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionPolicy {
+    /// Keys removed whatever their value (case-insensitive).
+    #[serde(default)]
+    pub drop_keys: Vec<String>,
+    /// Keys whose whole value is replaced by a keyed hash (joinable, not reversible).
+    #[serde(default)]
+    pub hash_keys: Vec<String>,
+    /// Keys whose whole value is replaced by `[redacted]`.
+    #[serde(default)]
+    pub mask_keys: Vec<String>,
+    /// Patterns looked for inside every string value.
+    #[serde(default)]
+    pub patterns: Vec<PatternRule>,
+}
+
+/// A pattern to find in metadata values, and what to do with each match.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternRule {
+    pub kind: PatternKind,
+    /// For `kind = "regex"`: the pattern (Rust `regex` syntax).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Label used in the mask (`[redacted:<label>]`); defaults to the kind.
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub action: PatternAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatternKind {
+    /// E-mail addresses.
+    Email,
+    /// Payment card numbers (13-19 digits, spaces or dashes allowed, Luhn-checked).
+    Card,
+    /// US social security numbers (`123-45-6789`, `123 45 6789`).
+    UsSsn,
+    /// Phone numbers in international form (`+` and 8-15 digits, separators allowed).
+    Phone,
+    /// A custom regular expression.
+    Regex,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatternAction {
+    /// Replace the match with `[redacted:<label>]`.
+    #[default]
+    Mask,
+    /// Replace the match with a keyed hash, `h:<16 hex>`.
+    Hash,
+    /// Remove the whole key.
+    DropKey,
+}

@@ -1,0 +1,230 @@
+//! Start-up, the accept loop and graceful shutdown.
+//!
+//! [`Gateway::start`] loads the policies, starts the built-in simulator when the config asks for
+//! it, binds the listener and serves [`crate::stack::app`] until [`Gateway::shutdown`]: then it
+//! stops accepting, lets in-flight requests finish (up to `server.shutdown_grace_ms`), and returns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{ConfigError, Secret, Settings, read_secret_file};
+use crate::policy::{Policies, PolicyHandle};
+use crate::simulator::Simulator;
+use crate::stack::{AppContext, app};
+use crate::upstream::{ClientOptions, Upstream, build_client};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<ConfigError>),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Gateway {
+    addr: SocketAddr,
+    simulator: Option<Simulator>,
+    policies: PolicyHandle,
+    policy_dir: PathBuf,
+    hash_key: Vec<u8>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// The key for the redaction hash: configured, or random for this process.
+pub fn redaction_hash_key(settings: &Settings) -> Result<Vec<u8>, ConfigError> {
+    let r = &settings.redaction;
+    match (&r.hash_key, &r.hash_key_file) {
+        (Some(k), _) => Ok(k.expose().as_bytes().to_vec()),
+        (None, Some(file)) => Ok(read_secret_file(file)?.expose().as_bytes().to_vec()),
+        (None, None) => {
+            tracing::warn!(
+                "no redaction.hash_key configured: hashed metadata values are stable only until restart"
+            );
+            Ok(rand::random::<[u8; 32]>().to_vec())
+        }
+    }
+}
+
+impl Gateway {
+    /// Start on the configured listener with the system clock.
+    pub async fn start(settings: Settings) -> Result<Gateway, StartupError> {
+        Self::start_with(settings, Arc::new(SystemClock), None).await
+    }
+
+    /// Start with an injected clock and, optionally, an already bound listener (tests bind
+    /// `127.0.0.1:0`).
+    pub async fn start_with(
+        settings: Settings,
+        clock: SharedClock,
+        listener: Option<TcpListener>,
+    ) -> Result<Gateway, StartupError> {
+        let hash_key = redaction_hash_key(&settings)?;
+        let policies = Policies::load(&settings.policies.dir, &hash_key)
+            .map_err(StartupError::Policies)?;
+        tracing::info!(
+            tenants = policies.tenants.len(),
+            dir = %settings.policies.dir.display(),
+            "policies loaded"
+        );
+        let policies = PolicyHandle::new(policies);
+
+        let configured_key = settings.upstream_key()?;
+        let (base, key, simulator) = if settings.upstream.is_simulator() {
+            let key = configured_key
+                .unwrap_or_else(|| Secret::new(format!("sim_{}", uuid::Uuid::new_v4().simple())));
+            let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+            let sim_listener = TcpListener::bind(bind)
+                .await
+                .map_err(|source| StartupError::Bind { addr: bind, source })?;
+            let sim = Simulator::spawn(sim_listener, settings.simulator.clone(), key.expose().to_string());
+            tracing::warn!(
+                simulator = %sim.url(),
+                "upstream.url = \"simulator\": calls go to the built-in Ringyo simulator; NO REAL CALLS ARE PLACED"
+            );
+            (sim.url(), key, Some(sim))
+        } else {
+            let key = configured_key.ok_or_else(|| {
+                ConfigError::new("upstream", None, "no upstream account key configured")
+            })?;
+            (settings.upstream.url.clone(), key, None)
+        };
+        let client = build_client(ClientOptions::from(&settings.upstream));
+        let upstream = Arc::new(Upstream::new(
+            &base,
+            key,
+            client,
+            settings.upstream.request_timeout(),
+        ));
+
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(settings.server.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.server.listen,
+                    source,
+                })?,
+        };
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.server.listen,
+            source,
+        })?;
+        let service = app::<hyper::body::Incoming>(AppContext {
+            policies: policies.clone(),
+            upstream,
+            clock,
+            max_body_bytes: settings.server.max_body_bytes,
+            max_json_depth: settings.server.max_json_depth,
+            body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
+        });
+        let (stop, stopped) = oneshot::channel();
+        let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
+        let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
+        let task = tokio::spawn(serve(listener, service, header_timeout, grace, stopped));
+        tracing::info!(%addr, upstream = %base, "callgate listening");
+        Ok(Gateway {
+            addr,
+            simulator,
+            policies,
+            policy_dir: settings.policies.dir.clone(),
+            hash_key,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The in-process simulator, when `upstream.url = "simulator"`.
+    pub fn simulator(&self) -> Option<&Simulator> {
+        self.simulator.as_ref()
+    }
+
+    /// Reload the policies from disk; on any error the old policies stay in force.
+    pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
+        let policies = Policies::load(&self.policy_dir, &self.hash_key)?;
+        let count = policies.tenants.len();
+        self.policies.replace(policies);
+        Ok(count)
+    }
+
+    /// Stop accepting, drain in-flight requests, and return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    service: tower::util::BoxCloneService<
+        http::Request<hyper::body::Incoming>,
+        http::Response<crate::error::Body>,
+        std::convert::Infallible,
+    >,
+    header_timeout: Duration,
+    grace: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder.serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service.clone()),
+                );
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut stopped => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown grace period elapsed with connections still open");
+    }
+}

@@ -1,0 +1,302 @@
+//! The Ringyo simulator: the upstream's documented `POST /v1/calls` and the usual
+//! `GET /v1/calls/{id}`, its validation and error codes, a configurable account (agents, owned
+//! numbers, concurrency, credits), the call lifecycle `queued -> ringing -> in_progress ->
+//! completed` on configurable timings, and webhook events at each change.
+//!
+//! It runs in-process (`upstream.url = "simulator"`, and in tests) or standalone
+//! (`callgate simulator --listen ADDR`). It places no real calls. It echoes the metadata it
+//! received and keeps a log of every request, so tests can see exactly what left the gateway.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::config::SimulatorSettings;
+use crate::error::{Body, json_response};
+use crate::phone;
+use crate::upstream::{ClientOptions, HttpClient, build_client};
+
+/// A request the simulator received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// One simulated call.
+#[derive(Debug, Clone)]
+struct SimCall {
+    object: Value,
+    webhook_url: Option<String>,
+}
+
+struct State {
+    settings: SimulatorSettings,
+    api_key: String,
+    calls: Mutex<HashMap<String, SimCall>>,
+    received: Mutex<Vec<Received>>,
+    credits_left: Mutex<Option<u64>>,
+    client: HttpClient,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running simulator.
+#[derive(Clone)]
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator").field("addr", &self.addr).finish()
+    }
+}
+
+impl Simulator {
+    /// Serve on `listener` until the process ends; requests must carry `Bearer <api_key>`.
+    pub fn spawn(listener: TcpListener, settings: SimulatorSettings, api_key: String) -> Simulator {
+        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let state = Arc::new(State {
+            credits_left: Mutex::new(settings.credits),
+            settings,
+            api_key,
+            calls: Mutex::new(HashMap::new()),
+            received: Mutex::new(Vec::new()),
+            client: build_client(ClientOptions {
+                connect_timeout: Duration::from_secs(2),
+                pool_idle_timeout: Duration::from_secs(30),
+                pool_max_idle_per_host: 8,
+            }),
+        });
+        let serving = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        Simulator { addr, state }
+    }
+
+    /// The simulator's base URL (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request received so far, in order.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state.received).clone()
+    }
+
+    /// The `POST /v1/calls` requests received so far.
+    pub fn received_calls(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.method == Method::POST && r.path == "/v1/calls")
+            .collect()
+    }
+
+    /// Calls not yet completed or failed.
+    pub fn active_calls(&self) -> usize {
+        active(&self.state)
+    }
+}
+
+fn active(state: &State) -> usize {
+    lock(&state.calls)
+        .values()
+        .filter(|c| !matches!(c.object["status"].as_str(), Some("completed" | "failed")))
+        .count()
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &json!({"error": {"code": code, "message": message}}))
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    lock(&state.received).push(Received {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let authorized = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {}", state.api_key));
+    if !authorized {
+        return Ok(error(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key"));
+    }
+    let path = parts.uri.path();
+    let response = match (&parts.method, path) {
+        (&Method::POST, "/v1/calls") => create_call(&state, &parts.headers, &body),
+        (&Method::GET, p) if p.starts_with("/v1/calls/") => {
+            let id = &p["/v1/calls/".len()..];
+            match lock(&state.calls).get(id) {
+                Some(call) => json_response(StatusCode::OK, &call.object),
+                None => error(StatusCode::NOT_FOUND, "not_found", "no such call"),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    };
+    Ok(response)
+}
+
+fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Response<Body> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", "Content-Type must be application/json");
+    }
+    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "body must be a JSON object");
+    };
+    let s = &state.settings;
+    let Some(to) = req.get("phone_number").and_then(Value::as_str) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_phone_number", "phone_number is required");
+    };
+    if phone::parse_e164(to).is_err() {
+        return error(StatusCode::BAD_REQUEST, "invalid_phone_number", "phone number is not valid E.164");
+    }
+    let agent = req.get("agent_id").and_then(Value::as_str).unwrap_or("");
+    if !s.agents.iter().any(|a| a == agent) {
+        return error(StatusCode::NOT_FOUND, "agent_not_found", "the agent_id does not exist");
+    }
+    let from = match req.get("from_number") {
+        None => s.owned_numbers.first().cloned().unwrap_or_default(),
+        Some(Value::String(f)) if s.owned_numbers.contains(f) => f.clone(),
+        Some(_) => {
+            return error(StatusCode::BAD_REQUEST, "invalid_from_number", "from_number is not owned by the account");
+        }
+    };
+    let max_duration = match req.get("max_duration") {
+        None => 3600,
+        Some(v) => match v.as_u64() {
+            Some(d @ 1..=3600) => d,
+            _ => return error(StatusCode::BAD_REQUEST, "invalid_request", "max_duration must be 1..3600"),
+        },
+    };
+    if active(state) >= s.max_concurrent_calls {
+        return error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "too many concurrent calls");
+    }
+    {
+        let mut credits = lock(&state.credits_left);
+        if let Some(left) = credits.as_mut() {
+            let cost = max_duration.div_ceil(60);
+            if *left < cost {
+                return error(StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "the account has not enough credits");
+            }
+            *left -= cost;
+        }
+    }
+    let id = format!("call_{}", uuid::Uuid::new_v4().simple());
+    let object = json!({
+        "id": id,
+        "status": "queued",
+        "phone_number": to,
+        "from_number": from,
+        "agent_id": agent,
+        "metadata": req.get("metadata").cloned().unwrap_or(json!({})),
+        "record": req.get("record").and_then(Value::as_bool).unwrap_or(true),
+        "max_duration": max_duration,
+        "created_at": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    });
+    let webhook_url = req.get("webhook_url").and_then(Value::as_str).map(str::to_string);
+    lock(&state.calls).insert(
+        id.clone(),
+        SimCall {
+            object: object.clone(),
+            webhook_url,
+        },
+    );
+    tokio::spawn(lifecycle(state.clone(), id, max_duration));
+    json_response(StatusCode::OK, &object)
+}
+
+async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
+    let s = state.settings.clone();
+    let talk = Duration::from_millis(s.talk_ms).min(Duration::from_secs(max_duration));
+    let steps = [
+        (Duration::from_millis(s.queue_ms), "ringing"),
+        (Duration::from_millis(s.ring_ms), "in_progress"),
+        (talk, "completed"),
+    ];
+    for (wait, status) in steps {
+        tokio::time::sleep(wait).await;
+        let (event, hook) = {
+            let mut calls = lock(&state.calls);
+            let Some(call) = calls.get_mut(&id) else { return };
+            call.object["status"] = json!(status);
+            let mut event = json!({
+                "event": "call.status_changed",
+                "call_id": id,
+                "status": status,
+                "timestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            });
+            if status == "completed" {
+                let secs = talk.as_secs_f64().ceil() as u64;
+                call.object["duration"] = json!(secs);
+                event["duration"] = json!(secs);
+            }
+            (event, call.webhook_url.clone())
+        };
+        if let Some(url) = hook {
+            deliver(&state.client, &url, &event).await;
+        }
+    }
+}
+
+async fn deliver(client: &HttpClient, url: &str, event: &Value) {
+    let Ok(request) = Request::post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(event.to_string())))
+    else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(%url, error = %e, "simulator webhook delivery failed"),
+        Err(_) => tracing::debug!(%url, "simulator webhook delivery timed out"),
+    }
+}

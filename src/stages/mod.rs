@@ -1,0 +1,176 @@
+//! The stages of `POST /v1/calls`, one module each. `stack.rs` puts them in order.
+//!
+//! Stages 1 and 2 work on the raw HTTP request; from stage 3 on, the request is a [`CallRequest`]
+//! and most stages are synchronous checks that either pass it on (possibly rewritten) or refuse it.
+//! Such a check implements [`Stage`] and becomes a tower layer through [`StageLayer`]; a refusal
+//! short-circuits with a ready error, so nothing after it runs.
+
+pub mod authenticate;
+pub mod fields;
+pub mod forward;
+pub mod limits;
+pub mod phone;
+pub mod redact;
+pub mod trace;
+pub mod validate;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderMap, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tower::{Layer, Service};
+
+use crate::error::{Body, GatewayError};
+use crate::policy::{Policies, Tenant};
+
+/// The body of `POST /v1/calls`, as documented by the upstream. The schema has already rejected
+/// unknown fields and wrong types by the time this is built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateCall {
+    pub phone_number: String,
+    pub agent_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<u32>,
+}
+
+/// A call request on its way through the stages.
+#[derive(Debug)]
+pub struct CallRequest {
+    /// The request id (`x-request-id`).
+    pub request_id: String,
+    /// The request's span; stages record the tenant and their verdict on it.
+    pub span: tracing::Span,
+    /// The request headers (the tenant's `Authorization` among them).
+    pub headers: HeaderMap,
+    /// The raw body, within the size limit.
+    pub body: Bytes,
+    /// The policy snapshot this request is judged by.
+    pub policies: Arc<Policies>,
+    /// Set by `authenticate`.
+    pub tenant: Option<Arc<Tenant>>,
+    /// Set by `validate`, rewritten by the policy stages.
+    pub call: Option<CreateCall>,
+}
+
+impl CallRequest {
+    pub fn new(
+        request_id: String,
+        span: tracing::Span,
+        headers: HeaderMap,
+        body: Bytes,
+        policies: Arc<Policies>,
+    ) -> Self {
+        CallRequest {
+            request_id,
+            span,
+            headers,
+            body,
+            policies,
+            tenant: None,
+            call: None,
+        }
+    }
+
+    /// The authenticated tenant; an internal error if a stage runs before `authenticate`.
+    pub fn tenant(&self) -> Result<&Arc<Tenant>, GatewayError> {
+        self.tenant
+            .as_ref()
+            .ok_or_else(|| GatewayError::Internal("stage ran before authenticate".into()))
+    }
+
+    /// The tenant and the validated body, for the policy stages.
+    pub fn parts_mut(&mut self) -> Result<(&Arc<Tenant>, &mut CreateCall), GatewayError> {
+        match (&self.tenant, &mut self.call) {
+            (Some(t), Some(c)) => Ok((t, c)),
+            _ => Err(GatewayError::Internal(
+                "policy stage ran before authenticate/validate".into(),
+            )),
+        }
+    }
+}
+
+/// A synchronous check or rewrite of a call request.
+pub trait Stage: Send + Sync + 'static {
+    /// The stage's name in logs and traces (`stage` field) when it refuses a request.
+    const NAME: &'static str;
+    /// Check (and possibly rewrite) the request; an error refuses it.
+    fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError>;
+}
+
+/// Turns a [`Stage`] into a tower layer.
+#[derive(Debug)]
+pub struct StageLayer<S>(Arc<S>);
+
+impl<S> StageLayer<S> {
+    pub fn new(stage: S) -> Self {
+        StageLayer(Arc::new(stage))
+    }
+}
+
+impl<S> Clone for StageLayer<S> {
+    fn clone(&self) -> Self {
+        StageLayer(self.0.clone())
+    }
+}
+
+impl<S, I> Layer<I> for StageLayer<S> {
+    type Service = StageService<S, I>;
+    fn layer(&self, inner: I) -> Self::Service {
+        StageService {
+            stage: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service a [`StageLayer`] makes: runs the stage, then the rest of the stack.
+#[derive(Debug)]
+pub struct StageService<S, I> {
+    stage: Arc<S>,
+    inner: I,
+}
+
+impl<S, I: Clone> Clone for StageService<S, I> {
+    fn clone(&self) -> Self {
+        StageService {
+            stage: self.stage.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S, I> Service<CallRequest> for StageService<S, I>
+where
+    S: Stage,
+    I: Service<CallRequest, Response = Response<Body>, Error = GatewayError>,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Either<I::Future, Ready<Result<Response<Body>, GatewayError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: CallRequest) -> Self::Future {
+        match self.stage.apply(&mut req) {
+            Ok(()) => Either::Left(self.inner.call(req)),
+            Err(error) => {
+                req.span.record("stage", S::NAME);
+                Either::Right(ready(Err(error)))
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Stage 5: phone policy. `phone_number` and `from_number` must be E.164 and valid in their
+//! numbering plan; the destination must pass the tenant's country, number-type and prefix rules,
+//! its do-not-call lists, and its calling hours in the recipient's local time.
+
+use super::{CallRequest, Stage};
+use crate::clock::SharedClock;
+use crate::error::GatewayError;
+use crate::phone::{self, Number, PhoneError};
+use crate::policy::Tenant;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct PhonePolicy {
+    pub clock: SharedClock,
+}
+
+fn parse(value: &str, param: &str) -> Result<Number, GatewayError> {
+    phone::parse_e164(value).map_err(|e: PhoneError| GatewayError::InvalidPhoneNumber {
+        message: format!("{} {e}", &param[1..]),
+        param: param.to_string(),
+    })
+}
+
+/// Whether the tenant may call `to` at `now`.
+pub fn check_destination(
+    tenant: &Tenant,
+    to: &Number,
+    now: jiff::Timestamp,
+) -> Result<(), GatewayError> {
+    let d = &tenant.destinations;
+    let region = to.region.as_deref().unwrap_or("001");
+    if let Some(allow) = &d.countries_allow
+        && !allow.contains(region)
+    {
+        return Err(GatewayError::DestinationNotAllowed(format!(
+            "calls to region {region} are not allowed"
+        )));
+    }
+    if d.countries_deny.contains(region) {
+        return Err(GatewayError::DestinationNotAllowed(format!(
+            "calls to region {region} are not allowed"
+        )));
+    }
+    let kind = to.number_type;
+    let type_allowed = d
+        .number_types_allow
+        .as_ref()
+        .is_none_or(|allow| allow.contains(&kind))
+        && !d.number_types_deny.contains(&kind);
+    if !type_allowed {
+        return Err(GatewayError::DestinationNotAllowed(format!(
+            "calls to {} numbers are not allowed",
+            kind.as_str()
+        )));
+    }
+    if let Some(prefix) = d.prefixes_deny.iter().find(|p| to.e164.starts_with(p.as_str())) {
+        return Err(GatewayError::DestinationNotAllowed(format!(
+            "calls to numbers starting {prefix} are not allowed"
+        )));
+    }
+    if d.do_not_call.iter().any(|list| list.contains(&to.e164)) {
+        return Err(GatewayError::DoNotCall);
+    }
+    if let Some(hours) = &tenant.hours {
+        hours
+            .check(now, phone::time_zones(&to.e164))
+            .map_err(GatewayError::OutsideCallingHours)?;
+    }
+    Ok(())
+}
+
+impl Stage for PhonePolicy {
+    const NAME: &'static str = "phone";
+
+    fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError> {
+        let (tenant, call) = match (&req.tenant, &req.call) {
+            (Some(t), Some(c)) => (t, c),
+            _ => return Err(GatewayError::Internal("phone ran before validate".into())),
+        };
+        let to = parse(&call.phone_number, "/phone_number")?;
+        req.span.record("destination", phone::mask(&to.e164).as_str());
+        if let Some(from) = &call.from_number {
+            parse(from, "/from_number")?;
+        }
+        check_destination(tenant, &to, self.clock.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tests::{fixture_policies, globex_tenant};
+
+    fn monday_noon_in_new_york() -> jiff::Timestamp {
+        "2026-01-05T17:00:00Z".parse().unwrap()
+    }
+
+    fn code(tenant: &Tenant, number: &str, now: jiff::Timestamp) -> Result<(), &'static str> {
+        let n = phone::parse_e164(number).unwrap();
+        check_destination(tenant, &n, now).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn acme_may_call_valid_us_numbers_any_time() {
+        let p = fixture_policies();
+        let acme = &p.tenants["acme"];
+        let sunday_night: jiff::Timestamp = "2026-01-11T05:00:00Z".parse().unwrap();
+        assert_eq!(code(acme, "+14155551234", sunday_night), Ok(()));
+        assert_eq!(code(acme, "+19005550123", sunday_night), Err("destination_not_allowed"));
+    }
+
+    #[test]
+    fn globex_rules_apply() {
+        let globex = globex_tenant();
+        let now = monday_noon_in_new_york();
+        assert_eq!(code(&globex, "+12125550123", now), Ok(()));
+        // Country not allowed.
+        assert_eq!(code(&globex, "+447911123456", now), Err("destination_not_allowed"));
+        // Toll-free is not an allowed number type for globex.
+        assert_eq!(code(&globex, "+18005550199", now), Err("destination_not_allowed"));
+        // On the shared do-not-call list.
+        assert_eq!(code(&globex, "+12125550100", now), Err("do_not_call"));
+        // 09:00 in Los Angeles opens at 17:00 UTC; 16:59 is too early there, not in New York.
+        let early: jiff::Timestamp = "2026-01-05T16:59:00Z".parse().unwrap();
+        assert_eq!(code(&globex, "+14155550123", early), Err("outside_calling_hours"));
+        assert_eq!(code(&globex, "+12125550123", early), Ok(()));
+    }
+}

@@ -1,0 +1,164 @@
+//! Stage 1: the request id, the request's span, and the edge where errors become responses.
+//!
+//! Every request gets an id: the client's `x-request-id` when it is a sane token (so a tenant can
+//! correlate), otherwise a fresh UUIDv7. The id is returned in `x-request-id` on every answer. The
+//! span carries the tenant, the decision and, when refused, the stage and the reason; stages record
+//! those fields as they learn them. Inner services fail with [`GatewayError`]; this layer is the one
+//! place that turns an error into the JSON envelope.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::error::{Body, GatewayError};
+
+/// The request id, as a request extension.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The request's span, as a request extension.
+#[derive(Debug, Clone)]
+pub struct RequestSpan(pub tracing::Span);
+
+/// Header carrying the request id both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+fn client_request_id<B>(req: &Request<B>) -> Option<String> {
+    let value = req.headers().get(REQUEST_ID)?.to_str().ok()?;
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| value.to_string())
+}
+
+/// Adds [`Trace`].
+#[derive(Debug, Clone, Default)]
+pub struct TraceLayer;
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Trace { inner }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Trace<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner services are always ready (they hold no capacity of their own).
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = client_request_id(&req).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let span = tracing::info_span!(
+            "request",
+            request_id = %id,
+            method = %req.method(),
+            path = %req.uri().path(),
+            tenant = tracing::field::Empty,
+            destination = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            stage = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            call_id = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        req.extensions_mut().insert(RequestId(id.clone()));
+        req.extensions_mut().insert(RequestSpan(span.clone()));
+        let started = Instant::now();
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        let outer = span.clone();
+        Box::pin(
+            async move {
+                let mut response = match future.await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        let decision = if error.status().is_server_error() {
+                            "failed"
+                        } else {
+                            "denied"
+                        };
+                        outer.record("decision", decision);
+                        outer.record("reason", error.public_message().as_str());
+                        outer.record("status", error.code());
+                        error.into_response(&id)
+                    }
+                };
+                if let Ok(value) = HeaderValue::from_str(&id) {
+                    response.headers_mut().insert(REQUEST_ID, value);
+                }
+                tracing::info!(
+                    http_status = response.status().as_u16(),
+                    latency_us = started.elapsed().as_micros() as u64,
+                    "request finished"
+                );
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn errors_become_envelopes_with_the_request_id() {
+        let svc = TraceLayer.layer(tower::service_fn(|_req: Request<()>| async {
+            Err::<Response<Body>, _>(GatewayError::Unauthorized("missing bearer token"))
+        }));
+        let req = Request::builder()
+            .header(REQUEST_ID, "abc-123")
+            .body(())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[REQUEST_ID], "abc-123");
+    }
+
+    #[tokio::test]
+    async fn a_request_id_is_made_when_the_clients_is_unusable() {
+        let svc = TraceLayer.layer(tower::service_fn(|req: Request<()>| async move {
+            let id = req.extensions().get::<RequestId>().unwrap().0.clone();
+            Ok::<_, GatewayError>(Response::new(Body::from(id)))
+        }));
+        let req = Request::builder()
+            .header(REQUEST_ID, "bad id with spaces")
+            .body(())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        let id = response.headers()[REQUEST_ID].to_str().unwrap();
+        assert_eq!(id.len(), 36, "{id}");
+    }
+}

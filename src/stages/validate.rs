@@ -1,0 +1,235 @@
+//! Stage 4: parse the body as strict JSON and validate it against
+//! `policies/schemas/create_call.json` (JSON Schema 2020-12).
+//!
+//! Strict means: valid UTF-8, no duplicate keys (which parsers resolve differently, a classic
+//! smuggling route), nesting no deeper than `server.max_json_depth`. A schema violation names the
+//! failing field by its JSON pointer.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use super::{CallRequest, CreateCall, Stage};
+use crate::error::GatewayError;
+
+/// A JSON value whose objects had no duplicate keys.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let Strict(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// The deepest nesting of objects and arrays in `bytes`, stopping early past `limit`.
+fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parse a body into a JSON value, strictly.
+pub fn parse_strict(bytes: &[u8], max_depth: usize) -> Result<Value, GatewayError> {
+    let invalid = |message: String| GatewayError::InvalidRequest {
+        message,
+        param: None,
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| invalid(format!("body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
+    if text.trim().is_empty() {
+        return Err(invalid("body is empty; expected a JSON object".into()));
+    }
+    if nesting_exceeds(bytes, max_depth) {
+        return Err(invalid(format!("JSON is nested deeper than {max_depth} levels")));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let Strict(value) = serde::Deserialize::deserialize(&mut de)
+        .map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    de.end()
+        .map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Validate `value` against the schema; the first violation becomes the error.
+pub fn check_schema(schema: &jsonschema::Validator, value: &Value) -> Result<(), GatewayError> {
+    let Some(error) = schema.iter_errors(value).next() else {
+        return Ok(());
+    };
+    let base = error.instance_path().as_str().to_string();
+    let (param, message) = match error.kind() {
+        jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let field = unexpected.first().cloned().unwrap_or_default();
+            (
+                format!("{base}/{field}"),
+                format!("unknown field {field:?}"),
+            )
+        }
+        jsonschema::error::ValidationErrorKind::Required { property } => {
+            let field = property.as_str().unwrap_or_default().to_string();
+            (
+                format!("{base}/{field}"),
+                format!("missing required field {field:?}"),
+            )
+        }
+        _ => {
+            let field = if base.is_empty() { "body".to_string() } else { base.clone() };
+            (base.clone(), format!("{field}: {}", error.masked()))
+        }
+    };
+    Err(GatewayError::invalid(param, message))
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Validate {
+    pub max_depth: usize,
+}
+
+impl Stage for Validate {
+    const NAME: &'static str = "validate";
+
+    fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError> {
+        let value = parse_strict(&req.body, self.max_depth)?;
+        check_schema(&req.policies.schema, &value)?;
+        let call: CreateCall = serde_json::from_value(value).map_err(|e| GatewayError::InvalidRequest {
+            message: format!("body does not match the call request: {e}"),
+            param: None,
+        })?;
+        req.call = Some(call);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tests::fixture_policies;
+
+    fn check(body: &str) -> Result<(), GatewayError> {
+        let p = fixture_policies();
+        let v = parse_strict(body.as_bytes(), 16)?;
+        check_schema(&p.schema, &v)
+    }
+
+    fn param(body: &str) -> String {
+        check(body).unwrap_err().param().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn the_seed_request_is_valid() {
+        check(r#"{"phone_number": "+14155551234", "agent_id": "agent_abc123",
+                  "metadata": {"customer_id": "cust_456"}, "record": true, "max_duration": 600}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let err = check(r#"{"phone_number": "+14155551234", "phone_number": "+19005550123", "agent_id": "a"}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("duplicate key"), "{err}");
+        let nested = check(r#"{"phone_number": "+1", "agent_id": "a", "metadata": {"k": 1, "k": 2}}"#);
+        assert!(nested.unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        assert!(parse_strict(b"\xff\xfe{}", 16).unwrap_err().to_string().contains("UTF-8"));
+        assert!(parse_strict(b"{\"a\":", 16).unwrap_err().to_string().contains("not valid JSON"));
+        assert!(parse_strict(b"{} {}", 16).is_err());
+        assert!(parse_strict(b"   ", 16).is_err());
+        let deep = "[".repeat(17) + &"]".repeat(17);
+        assert!(parse_strict(deep.as_bytes(), 16).unwrap_err().to_string().contains("nested"));
+        // Brackets inside strings do not count.
+        let s = format!("{{\"a\": \"{}\"}}", "[".repeat(40));
+        assert!(parse_strict(s.as_bytes(), 16).is_ok());
+    }
+
+    #[test]
+    fn schema_errors_name_the_field() {
+        assert_eq!(param(r#"{"agent_id": "a"}"#), "/phone_number");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "colour": 1}"#), "/colour");
+        assert_eq!(param(r#"{"phone_number": 14155551234, "agent_id": "a"}"#), "/phone_number");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 0}"#), "/max_duration");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 3601}"#), "/max_duration");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 1.5}"#), "/max_duration");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "record": "yes"}"#), "/record");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": []}"#), "/metadata");
+        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": {"k": {"x": 1}}}"#), "/metadata/k");
+        assert!(check("[1, 2]").is_err());
+    }
+}
