@@ -67,6 +67,9 @@ mod tests {
         let clock = ManualClock::new(start);
         assert_eq!(clock.now(), start);
         clock.advance(std::time::Duration::from_secs(90));
-        assert_eq!(clock.now(), "2026-01-05T15:01:30Z".parse::<Timestamp>().unwrap());
+        assert_eq!(
+            clock.now(),
+            "2026-01-05T15:01:30Z".parse::<Timestamp>().unwrap()
+        );
     }
 }

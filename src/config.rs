@@ -335,10 +335,14 @@ impl Settings {
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let at = |needle: &str, reason: String| ConfigError::new(path, find_line(text, needle), reason);
+        let at =
+            |needle: &str, reason: String| ConfigError::new(path, find_line(text, needle), reason);
         if !self.upstream.is_simulator() {
             let url = url::Url::parse(&self.upstream.url).map_err(|e| {
-                at("url", format!("upstream.url {:?} is not a URL: {e}", self.upstream.url))
+                at(
+                    "url",
+                    format!("upstream.url {:?} is not a URL: {e}", self.upstream.url),
+                )
             })?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(at(
@@ -388,11 +392,7 @@ impl Settings {
         };
         let mut found = Vec::new();
         for (section, key) in [("upstream", "api_key"), ("redaction", "hash_key")] {
-            if table
-                .get(section)
-                .and_then(|s| s.get(key))
-                .is_some()
-            {
+            if table.get(section).and_then(|s| s.get(key)).is_some() {
                 found.push(format!("{section}.{key}"));
             }
         }
@@ -413,10 +413,17 @@ mod tests {
 
     #[test]
     fn env_overrides_the_file() {
-        let (_d, path) = write("[server]\nlisten = \"127.0.0.1:9000\"\n[upstream]\nurl = \"simulator\"\n");
+        let (_d, path) =
+            write("[server]\nlisten = \"127.0.0.1:9000\"\n[upstream]\nurl = \"simulator\"\n");
         let env = vec![
-            ("CALLGATE__SERVER__LISTEN".to_string(), "127.0.0.1:9001".to_string()),
-            ("CALLGATE__UPSTREAM__API_KEY".to_string(), "sk_live".to_string()),
+            (
+                "CALLGATE__SERVER__LISTEN".to_string(),
+                "127.0.0.1:9001".to_string(),
+            ),
+            (
+                "CALLGATE__UPSTREAM__API_KEY".to_string(),
+                "sk_live".to_string(),
+            ),
         ];
         let s = Settings::load_with_env(&path, env).unwrap();
         assert_eq!(s.server.listen.port(), 9001);

@@ -12,7 +12,11 @@ use callgate::server::{Gateway, redaction_hash_key};
 use callgate::simulator::Simulator;
 
 #[derive(Parser)]
-#[command(name = "callgate", version, about = "Policy gateway for outbound AI phone calls")]
+#[command(
+    name = "callgate",
+    version,
+    about = "Policy gateway for outbound AI phone calls"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,12 +27,22 @@ enum Command {
     /// Run the gateway.
     Serve {
         /// The configuration file.
-        #[arg(long, short, env = "CALLGATE_CONFIG", default_value = "config.example.toml")]
+        #[arg(
+            long,
+            short,
+            env = "CALLGATE_CONFIG",
+            default_value = "config.example.toml"
+        )]
         config: PathBuf,
     },
     /// Validate the configuration, every tenant policy, list and schema; exit non-zero on error.
     Check {
-        #[arg(long, short, env = "CALLGATE_CONFIG", default_value = "config.example.toml")]
+        #[arg(
+            long,
+            short,
+            env = "CALLGATE_CONFIG",
+            default_value = "config.example.toml"
+        )]
         config: PathBuf,
     },
     /// Make a new tenant key and print it with the hash line for the tenant's policy.
@@ -58,7 +72,10 @@ fn main() -> ExitCode {
 }
 
 fn run(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(future),
         Err(e) => {
             eprintln!("callgate: cannot start the runtime: {e}");
@@ -93,8 +110,10 @@ async fn serve(config: PathBuf) -> ExitCode {
 #[cfg(unix)]
 async fn wait_for_signals(gateway: &Gateway) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

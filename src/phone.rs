@@ -255,6 +255,6 @@ mod tests {
             .map(|z| z.iana_name().unwrap())
             .collect();
         assert_eq!(ny, ["America/New_York"]);
-        assert!(time_zones("+447911123456").len() >= 1);
+        assert!(!time_zones("+447400123456").is_empty());
     }
 }

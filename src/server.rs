@@ -77,8 +77,8 @@ impl Gateway {
         listener: Option<TcpListener>,
     ) -> Result<Gateway, StartupError> {
         let hash_key = redaction_hash_key(&settings)?;
-        let policies = Policies::load(&settings.policies.dir, &hash_key)
-            .map_err(StartupError::Policies)?;
+        let policies =
+            Policies::load(&settings.policies.dir, &hash_key).map_err(StartupError::Policies)?;
         tracing::info!(
             tenants = policies.tenants.len(),
             dir = %settings.policies.dir.display(),
@@ -94,7 +94,11 @@ impl Gateway {
             let sim_listener = TcpListener::bind(bind)
                 .await
                 .map_err(|source| StartupError::Bind { addr: bind, source })?;
-            let sim = Simulator::spawn(sim_listener, settings.simulator.clone(), key.expose().to_string());
+            let sim = Simulator::spawn(
+                sim_listener,
+                settings.simulator.clone(),
+                key.expose().to_string(),
+            );
             tracing::warn!(
                 simulator = %sim.url(),
                 "upstream.url = \"simulator\": calls go to the built-in Ringyo simulator; NO REAL CALLS ARE PLACED"
@@ -224,7 +228,10 @@ async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period elapsed with connections still open");
     }
 }

@@ -22,6 +22,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::PolicyHandle;
+use crate::stages::StageLayer;
 use crate::stages::authenticate::Authenticate;
 use crate::stages::fields::FieldPolicy;
 use crate::stages::forward::Forward;
@@ -30,7 +31,6 @@ use crate::stages::phone::PhonePolicy;
 use crate::stages::redact::Redact;
 use crate::stages::trace::TraceLayer;
 use crate::stages::validate::Validate;
-use crate::stages::StageLayer;
 use crate::upstream::Upstream;
 
 /// What the request path needs.
@@ -111,9 +111,9 @@ impl<B: Send + 'static> Service<Request<B>> for Router<B> {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::POST, "/v1/calls") => Box::pin(self.create_call.clone().oneshot(req)),
-            (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => Box::pin(async {
-                Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
-            }),
+            (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => {
+                Box::pin(async { Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))) })
+            }
             (_, "/v1/calls" | "/healthz" | "/readyz") => {
                 Box::pin(async { Err(GatewayError::MethodNotAllowed) })
             }

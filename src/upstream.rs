@@ -86,7 +86,9 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("base", &self.base).finish()
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -116,8 +118,14 @@ impl Upstream {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.key.expose()))
-            .header(header::USER_AGENT, concat!("callgate/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.key.expose()),
+            )
+            .header(
+                header::USER_AGENT,
+                concat!("callgate/", env!("CARGO_PKG_VERSION")),
+            )
             .header(header::ACCEPT, "application/json");
         if let Ok(id) = HeaderValue::from_str(request_id) {
             builder = builder.header("x-request-id", id);
@@ -147,7 +155,10 @@ impl Upstream {
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {
-                tracing::warn!(timeout_ms = self.timeout.as_millis() as u64, "upstream timed out");
+                tracing::warn!(
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "upstream timed out"
+                );
                 Err(GatewayError::UpstreamTimeout)
             }
         }

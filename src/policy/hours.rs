@@ -50,7 +50,10 @@ impl CallingHours {
             return Err(format!("start {} must be before end {}", p.start, p.end));
         }
         let days = match &p.days {
-            Some(days) => days.iter().map(|d| parse_day(d)).collect::<Result<_, _>>()?,
+            Some(days) => days
+                .iter()
+                .map(|d| parse_day(d))
+                .collect::<Result<_, _>>()?,
             None => vec![
                 Weekday::Monday,
                 Weekday::Tuesday,
@@ -152,12 +155,14 @@ mod tests {
         let h = hours("09:00", "20:00");
         let at_end: Timestamp = "2026-01-06T01:00:00Z".parse().unwrap(); // 20:00 Mon in New York
         assert!(h.check(at_end, &[tz("America/New_York")]).is_err());
-        assert!(CallingHours::compile(&HoursPolicy {
-            start: "20:00".into(),
-            end: "09:00".into(),
-            days: None,
-            unknown_zone: UnknownZone::Deny
-        })
-        .is_err());
+        assert!(
+            CallingHours::compile(&HoursPolicy {
+                start: "20:00".into(),
+                end: "09:00".into(),
+                days: None,
+                unknown_zone: UnknownZone::Deny
+            })
+            .is_err()
+        );
     }
 }

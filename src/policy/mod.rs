@@ -115,13 +115,21 @@ impl Policies {
                 .filter(|p| p.extension().is_some_and(|x| x == "toml"))
                 .collect(),
             Err(e) => {
-                errors.push(ConfigError::new(&tenant_dir, None, format!("cannot read: {e}")));
+                errors.push(ConfigError::new(
+                    &tenant_dir,
+                    None,
+                    format!("cannot read: {e}"),
+                ));
                 Vec::new()
             }
         };
         files.sort();
         if files.is_empty() && errors.is_empty() {
-            errors.push(ConfigError::new(&tenant_dir, None, "no tenant policy (*.toml) found"));
+            errors.push(ConfigError::new(
+                &tenant_dir,
+                None,
+                "no tenant policy (*.toml) found",
+            ));
         }
         for file in files {
             match load_tenant(&file, dir, &mut lists, hash_key) {
@@ -229,17 +237,29 @@ fn load_tenant(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        err("id", format!("tenant id {:?} must be letters, digits, '-' or '_'", file.id));
+        err(
+            "id",
+            format!(
+                "tenant id {:?} must be letters, digits, '-' or '_'",
+                file.id
+            ),
+        );
     }
     let mut key_hashes = Vec::new();
     for h in &file.key_sha256 {
-        match hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+        match hex::decode(h)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        {
             Some(hash) => key_hashes.push(hash),
             None => err(h, format!("key_sha256 {h:?} is not 64 hex digits")),
         }
     }
     if key_hashes.is_empty() && file.key_sha256.is_empty() {
-        err("key_sha256", "no key_sha256: the tenant could never authenticate".into());
+        err(
+            "key_sha256",
+            "no key_sha256: the tenant could never authenticate".into(),
+        );
     }
     for n in &file.numbers.from_allow {
         if let Err(e) = phone::parse_e164(n) {
@@ -249,14 +269,23 @@ fn load_tenant(
     if let Some(d) = &file.numbers.from_default
         && !file.numbers.from_allow.contains(d)
     {
-        err("from_default", format!("numbers.from_default {d:?} is not in numbers.from_allow"));
+        err(
+            "from_default",
+            format!("numbers.from_default {d:?} is not in numbers.from_allow"),
+        );
     }
     if file.agents.allow.is_empty() {
-        err("[agents]", "agents.allow is empty: the tenant could place no call".into());
+        err(
+            "[agents]",
+            "agents.allow is empty: the tenant could place no call".into(),
+        );
     }
     let calls = &file.calls;
     if !(1..=3600).contains(&calls.max_duration) {
-        err("max_duration", "calls.max_duration must be 1..3600 seconds".into());
+        err(
+            "max_duration",
+            "calls.max_duration must be 1..3600 seconds".into(),
+        );
     }
     let default_max_duration = calls.default_max_duration.unwrap_or(calls.max_duration);
     if default_max_duration == 0 || default_max_duration > calls.max_duration {
@@ -273,7 +302,10 @@ fn load_tenant(
             .map(|c| {
                 let up = c.to_ascii_uppercase();
                 if up.len() != 2 || !up.bytes().all(|b| b.is_ascii_uppercase()) {
-                    errs.push((c.clone(), format!("destinations.{key}: {c:?} is not an ISO 3166-1 alpha-2 code")));
+                    errs.push((
+                        c.clone(),
+                        format!("destinations.{key}: {c:?} is not an ISO 3166-1 alpha-2 code"),
+                    ));
                 }
                 up
             })
@@ -291,7 +323,10 @@ fn load_tenant(
     for p in &d.prefixes_deny {
         let digits = p.strip_prefix('+').unwrap_or("");
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            err(p, format!("destinations.prefixes_deny: {p:?} must be '+' and digits"));
+            err(
+                p,
+                format!("destinations.prefixes_deny: {p:?} must be '+' and digits"),
+            );
         }
     }
     let mut do_not_call = Vec::new();
@@ -316,7 +351,12 @@ fn load_tenant(
     for host in &file.webhooks.allowed_hosts {
         let bare = host.strip_prefix("*.").unwrap_or(host);
         if bare.is_empty() || bare.contains(['/', ':', '*']) {
-            err(host, format!("webhooks.allowed_hosts: {host:?} must be a host name, optionally '*.'-prefixed"));
+            err(
+                host,
+                format!(
+                    "webhooks.allowed_hosts: {host:?} must be a host name, optionally '*.'-prefixed"
+                ),
+            );
         }
     }
     let redaction = match Redaction::compile(&file.redaction, hash_key) {
@@ -342,7 +382,10 @@ fn load_tenant(
         destinations: Destinations {
             countries_allow,
             countries_deny,
-            number_types_allow: d.number_types_allow.as_ref().map(|t| t.iter().copied().collect()),
+            number_types_allow: d
+                .number_types_allow
+                .as_ref()
+                .map(|t| t.iter().copied().collect()),
             number_types_deny: d.number_types_deny.iter().copied().collect(),
             prefixes_deny: d.prefixes_deny.clone(),
             do_not_call,

@@ -69,7 +69,10 @@ fn errors_name_file_line_and_reason() {
 
     let typo = format!("{MINIMAL}[calls]\nmax_durration = 5\n");
     let errs = errors(&[("t.toml", &typo)]);
-    assert!(errs[0].contains("t.toml:6:") && errs[0].contains("max_durration"), "{errs:?}");
+    assert!(
+        errs[0].contains("t.toml:6:") && errs[0].contains("max_durration"),
+        "{errs:?}"
+    );
 
     let syntax = format!("{MINIMAL}[calls\n");
     assert!(errors(&[("t.toml", &syntax)])[0].contains("t.toml:5:"));
@@ -97,10 +100,16 @@ fn semantic_mistakes_are_caught() {
 #[test]
 fn duplicate_ids_and_keys_are_refused() {
     let errs = errors(&[("a.toml", MINIMAL), ("b.toml", MINIMAL)]);
-    assert!(errs.iter().any(|e| e.contains("used by another file")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("used by another file")),
+        "{errs:?}"
+    );
     let other = MINIMAL.replace("id = \"t\"", "id = \"u\"");
     let errs = errors(&[("a.toml", MINIMAL), ("b.toml", &other)]);
-    assert!(errs.iter().any(|e| e.contains("key hash is shared")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("key hash is shared")),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -109,7 +118,11 @@ fn do_not_call_lists_report_bad_lines() {
         "t.toml",
         &format!("{MINIMAL}[destinations]\ndo_not_call = [\"lists/dnc.txt\"]\n"),
     )]);
-    std::fs::write(dir.path().join("lists/dnc.txt"), "# c\n+12125550100\n212-555-0100\n").unwrap();
+    std::fs::write(
+        dir.path().join("lists/dnc.txt"),
+        "# c\n+12125550100\n212-555-0100\n",
+    )
+    .unwrap();
     let errs = Policies::load(dir.path(), b"k").unwrap_err();
     assert!(errs[0].to_string().contains("dnc.txt:3"), "{}", errs[0]);
 }

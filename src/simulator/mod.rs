@@ -70,14 +70,18 @@ pub struct Simulator {
 
 impl std::fmt::Debug for Simulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Simulator").field("addr", &self.addr).finish()
+        f.debug_struct("Simulator")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
 impl Simulator {
     /// Serve on `listener` until the process ends; requests must carry `Bearer <api_key>`.
     pub fn spawn(listener: TcpListener, settings: SimulatorSettings, api_key: String) -> Simulator {
-        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let state = Arc::new(State {
             credits_left: Mutex::new(settings.credits),
             settings,
@@ -146,12 +150,19 @@ fn active(state: &State) -> usize {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, &json!({"error": {"code": code, "message": message}}))
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     lock(&state.received).push(Received {
         method: parts.method.clone(),
         path: parts.uri.path().to_string(),
@@ -164,7 +175,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == format!("Bearer {}", state.api_key));
     if !authorized {
-        return Ok(error(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key"));
+        return Ok(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API key",
+        ));
     }
     let path = parts.uri.path();
     let response = match (&parts.method, path) {
@@ -187,45 +202,83 @@ fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Respons
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !is_json {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", "Content-Type must be application/json");
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "Content-Type must be application/json",
+        );
     }
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "body must be a JSON object");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body must be a JSON object",
+        );
     };
     let s = &state.settings;
     let Some(to) = req.get("phone_number").and_then(Value::as_str) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_phone_number", "phone_number is required");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_phone_number",
+            "phone_number is required",
+        );
     };
     if phone::parse_e164(to).is_err() {
-        return error(StatusCode::BAD_REQUEST, "invalid_phone_number", "phone number is not valid E.164");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_phone_number",
+            "phone number is not valid E.164",
+        );
     }
     let agent = req.get("agent_id").and_then(Value::as_str).unwrap_or("");
     if !s.agents.iter().any(|a| a == agent) {
-        return error(StatusCode::NOT_FOUND, "agent_not_found", "the agent_id does not exist");
+        return error(
+            StatusCode::NOT_FOUND,
+            "agent_not_found",
+            "the agent_id does not exist",
+        );
     }
     let from = match req.get("from_number") {
         None => s.owned_numbers.first().cloned().unwrap_or_default(),
         Some(Value::String(f)) if s.owned_numbers.contains(f) => f.clone(),
         Some(_) => {
-            return error(StatusCode::BAD_REQUEST, "invalid_from_number", "from_number is not owned by the account");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_from_number",
+                "from_number is not owned by the account",
+            );
         }
     };
     let max_duration = match req.get("max_duration") {
         None => 3600,
         Some(v) => match v.as_u64() {
             Some(d @ 1..=3600) => d,
-            _ => return error(StatusCode::BAD_REQUEST, "invalid_request", "max_duration must be 1..3600"),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "max_duration must be 1..3600",
+                );
+            }
         },
     };
     if active(state) >= s.max_concurrent_calls {
-        return error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "too many concurrent calls");
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "too many concurrent calls",
+        );
     }
     {
         let mut credits = lock(&state.credits_left);
         if let Some(left) = credits.as_mut() {
             let cost = max_duration.div_ceil(60);
             if *left < cost {
-                return error(StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "the account has not enough credits");
+                return error(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "insufficient_credits",
+                    "the account has not enough credits",
+                );
             }
             *left -= cost;
         }
@@ -242,7 +295,10 @@ fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Respons
         "max_duration": max_duration,
         "created_at": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
     });
-    let webhook_url = req.get("webhook_url").and_then(Value::as_str).map(str::to_string);
+    let webhook_url = req
+        .get("webhook_url")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     lock(&state.calls).insert(
         id.clone(),
         SimCall {
@@ -266,7 +322,9 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
         tokio::time::sleep(wait).await;
         let (event, hook) = {
             let mut calls = lock(&state.calls);
-            let Some(call) = calls.get_mut(&id) else { return };
+            let Some(call) = calls.get_mut(&id) else {
+                return;
+            };
             call.object["status"] = json!(status);
             let mut event = json!({
                 "event": "call.status_changed",

@@ -15,15 +15,19 @@ use crate::policy::{Policies, Tenant};
 pub fn authenticate(headers: &HeaderMap, policies: &Policies) -> Result<Arc<Tenant>, GatewayError> {
     let value = headers
         .get(header::AUTHORIZATION)
-        .ok_or(GatewayError::Unauthorized("missing Authorization: Bearer <key>"))?;
+        .ok_or(GatewayError::Unauthorized(
+            "missing Authorization: Bearer <key>",
+        ))?;
     let value = value
         .to_str()
         .map_err(|_| GatewayError::Unauthorized("malformed Authorization header"))?;
-    let (scheme, key) = value
-        .split_once(' ')
-        .ok_or(GatewayError::Unauthorized("Authorization must be 'Bearer <key>'"))?;
+    let (scheme, key) = value.split_once(' ').ok_or(GatewayError::Unauthorized(
+        "Authorization must be 'Bearer <key>'",
+    ))?;
     if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
-        return Err(GatewayError::Unauthorized("Authorization must be 'Bearer <key>'"));
+        return Err(GatewayError::Unauthorized(
+            "Authorization must be 'Bearer <key>'",
+        ));
     }
     policies
         .tenant_for_key(key.trim())
@@ -59,14 +63,30 @@ mod tests {
     #[test]
     fn known_keys_map_to_their_tenant() {
         let p = fixture_policies();
-        assert_eq!(authenticate(&headers("Bearer demo-acme-key"), &p).unwrap().id, "acme");
-        assert_eq!(authenticate(&headers("bearer demo-globex-key"), &p).unwrap().id, "globex");
+        assert_eq!(
+            authenticate(&headers("Bearer demo-acme-key"), &p)
+                .unwrap()
+                .id,
+            "acme"
+        );
+        assert_eq!(
+            authenticate(&headers("bearer demo-globex-key"), &p)
+                .unwrap()
+                .id,
+            "globex"
+        );
     }
 
     #[test]
     fn missing_malformed_and_unknown_keys_are_refused() {
         let p = fixture_policies();
-        for bad in ["Bearer nope", "Basic ZGVtbw==", "Bearer", "Bearer  ", "demo-acme-key"] {
+        for bad in [
+            "Bearer nope",
+            "Basic ZGVtbw==",
+            "Bearer",
+            "Bearer  ",
+            "demo-acme-key",
+        ] {
             let err = authenticate(&headers(bad), &p).unwrap_err();
             assert_eq!(err.code(), "unauthorized", "{bad}");
         }

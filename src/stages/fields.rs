@@ -88,14 +88,20 @@ fn check_webhook(tenant: &Tenant, hook: &str) -> Result<(), GatewayError> {
     match url.scheme() {
         "https" => {}
         "http" if tenant.webhooks.allow_http => {}
-        other => return Err(bad(format!("webhook_url scheme {other:?} is not allowed; use https"))),
+        other => {
+            return Err(bad(format!(
+                "webhook_url scheme {other:?} is not allowed; use https"
+            )));
+        }
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(bad("webhook_url must not carry credentials".into()));
     }
     let host = url.host_str().unwrap_or("");
     if !tenant.webhooks.allows_host(host) {
-        return Err(bad(format!("webhook host {host:?} is not allowed for this tenant")));
+        return Err(bad(format!(
+            "webhook host {host:?} is not allowed for this tenant"
+        )));
     }
     Ok(())
 }
@@ -126,7 +132,8 @@ mod tests {
     #[test]
     fn defaults_are_filled_in() {
         let p = fixture_policies();
-        let mut c = call(serde_json::json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"}));
+        let mut c =
+            call(serde_json::json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"}));
         apply_field_policy(&p.tenants["acme"], &mut c).unwrap();
         assert_eq!(c.from_number.as_deref(), Some("+18005551234"));
         assert_eq!(c.max_duration, Some(600));
@@ -137,18 +144,64 @@ mod tests {
         let p = fixture_policies();
         let acme = &p.tenants["acme"];
         let base = |extra: serde_json::Value| {
-            let mut v = serde_json::json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"});
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let mut v =
+                serde_json::json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             v
         };
-        assert_eq!(err(acme, base(serde_json::json!({"from_number": "+18005556789"}))).0, "invalid_from_number");
-        assert_eq!(err(acme, base(serde_json::json!({"agent_id": "agent_other"}))), ("agent_not_found".into(), "/agent_id".into()));
-        assert_eq!(err(acme, base(serde_json::json!({"max_duration": 601}))), ("invalid_request".into(), "/max_duration".into()));
-        assert_eq!(err(acme, base(serde_json::json!({"webhook_url": "https://evil.example/x"}))).1, "/webhook_url");
-        assert_eq!(err(acme, base(serde_json::json!({"webhook_url": "http://hooks.acme.example/x"}))).1, "/webhook_url");
-        assert_eq!(err(acme, base(serde_json::json!({"webhook_url": "https://u:p@hooks.acme.example/x"}))).1, "/webhook_url");
-        assert_eq!(err(acme, base(serde_json::json!({"metadata": {"callgate_tenant": "globex"}}))).1, "/metadata/callgate_tenant");
-        let mut ok = call(base(serde_json::json!({"webhook_url": "https://hooks.acme.example/calls"})));
+        assert_eq!(
+            err(
+                acme,
+                base(serde_json::json!({"from_number": "+18005556789"}))
+            )
+            .0,
+            "invalid_from_number"
+        );
+        assert_eq!(
+            err(acme, base(serde_json::json!({"agent_id": "agent_other"}))),
+            ("agent_not_found".into(), "/agent_id".into())
+        );
+        assert_eq!(
+            err(acme, base(serde_json::json!({"max_duration": 601}))),
+            ("invalid_request".into(), "/max_duration".into())
+        );
+        assert_eq!(
+            err(
+                acme,
+                base(serde_json::json!({"webhook_url": "https://evil.example/x"}))
+            )
+            .1,
+            "/webhook_url"
+        );
+        assert_eq!(
+            err(
+                acme,
+                base(serde_json::json!({"webhook_url": "http://hooks.acme.example/x"}))
+            )
+            .1,
+            "/webhook_url"
+        );
+        assert_eq!(
+            err(
+                acme,
+                base(serde_json::json!({"webhook_url": "https://u:p@hooks.acme.example/x"}))
+            )
+            .1,
+            "/webhook_url"
+        );
+        assert_eq!(
+            err(
+                acme,
+                base(serde_json::json!({"metadata": {"callgate_tenant": "globex"}}))
+            )
+            .1,
+            "/metadata/callgate_tenant"
+        );
+        let mut ok = call(base(
+            serde_json::json!({"webhook_url": "https://hooks.acme.example/calls"}),
+        ));
         apply_field_policy(acme, &mut ok).unwrap();
     }
 

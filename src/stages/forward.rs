@@ -46,7 +46,12 @@ impl Service<CallRequest> for Forward {
             let body = serde_json::to_vec(call)
                 .map_err(|e| GatewayError::Internal(format!("serializing the call: {e}")))?;
             let result = upstream
-                .send(Method::POST, "/v1/calls", Some(Bytes::from(body)), &req.request_id)
+                .send(
+                    Method::POST,
+                    "/v1/calls",
+                    Some(Bytes::from(body)),
+                    &req.request_id,
+                )
                 .await;
             let response = result.inspect_err(|_| {
                 req.span.record("stage", "forward");

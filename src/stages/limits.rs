@@ -69,7 +69,8 @@ pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), GatewayError>
     let essence = parts.next().unwrap_or("");
     let params_ok = parts.all(|p| {
         matches!(
-            p.split_once('=').map(|(k, v)| (k.trim(), v.trim().trim_matches('"'))),
+            p.split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim().trim_matches('"'))),
             Some(("charset", "utf-8"))
         )
     });
@@ -109,7 +110,10 @@ where
 
 impl<S, B> Service<Request<B>> for Limits<S>
 where
-    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Clone + Send + 'static,
+    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -53,7 +53,11 @@ pub fn check_destination(
             kind.as_str()
         )));
     }
-    if let Some(prefix) = d.prefixes_deny.iter().find(|p| to.e164.starts_with(p.as_str())) {
+    if let Some(prefix) = d
+        .prefixes_deny
+        .iter()
+        .find(|p| to.e164.starts_with(p.as_str()))
+    {
         return Err(GatewayError::DestinationNotAllowed(format!(
             "calls to numbers starting {prefix} are not allowed"
         )));
@@ -78,7 +82,8 @@ impl Stage for PhonePolicy {
             _ => return Err(GatewayError::Internal("phone ran before validate".into())),
         };
         let to = parse(&call.phone_number, "/phone_number")?;
-        req.span.record("destination", phone::mask(&to.e164).as_str());
+        req.span
+            .record("destination", phone::mask(&to.e164).as_str());
         if let Some(from) = &call.from_number {
             parse(from, "/from_number")?;
         }
@@ -106,7 +111,10 @@ mod tests {
         let acme = &p.tenants["acme"];
         let sunday_night: jiff::Timestamp = "2026-01-11T05:00:00Z".parse().unwrap();
         assert_eq!(code(acme, "+14155551234", sunday_night), Ok(()));
-        assert_eq!(code(acme, "+19005550123", sunday_night), Err("destination_not_allowed"));
+        assert_eq!(
+            code(acme, "+19005550123", sunday_night),
+            Err("destination_not_allowed")
+        );
     }
 
     #[test]
@@ -115,14 +123,23 @@ mod tests {
         let now = monday_noon_in_new_york();
         assert_eq!(code(&globex, "+12125550123", now), Ok(()));
         // Country not allowed.
-        assert_eq!(code(&globex, "+447911123456", now), Err("destination_not_allowed"));
+        assert_eq!(
+            code(&globex, "+447911123456", now),
+            Err("destination_not_allowed")
+        );
         // Toll-free is not an allowed number type for globex.
-        assert_eq!(code(&globex, "+18005550199", now), Err("destination_not_allowed"));
+        assert_eq!(
+            code(&globex, "+18005550199", now),
+            Err("destination_not_allowed")
+        );
         // On the shared do-not-call list.
         assert_eq!(code(&globex, "+12125550100", now), Err("do_not_call"));
         // 09:00 in Los Angeles opens at 17:00 UTC; 16:59 is too early there, not in New York.
         let early: jiff::Timestamp = "2026-01-05T16:59:00Z".parse().unwrap();
-        assert_eq!(code(&globex, "+14155550123", early), Err("outside_calling_hours"));
+        assert_eq!(
+            code(&globex, "+14155550123", early),
+            Err("outside_calling_hours")
+        );
         assert_eq!(code(&globex, "+12125550123", early), Ok(()));
     }
 }

@@ -66,9 +66,15 @@ fn luhn_ok(candidate: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 fn lower(keys: &[String]) -> Vec<String> {
@@ -115,8 +121,10 @@ impl Redaction {
     }
 
     fn hash(&self, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.hash_key)
-            .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new_from_slice(b"callgate").expect("static key"));
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.hash_key).unwrap_or_else(|_| {
+                <Hmac<Sha256> as KeyInit>::new_from_slice(b"callgate").expect("static key")
+            });
         mac.update(value.as_bytes());
         let digest = mac.finalize().into_bytes();
         format!("h:{}", hex::encode(&digest[..8]))
@@ -135,7 +143,9 @@ impl Redaction {
                 found = true;
                 match p.action {
                     PatternAction::Hash => self.hash(m),
-                    PatternAction::Mask | PatternAction::DropKey => format!("[redacted:{}]", p.label),
+                    PatternAction::Mask | PatternAction::DropKey => {
+                        format!("[redacted:{}]", p.label)
+                    }
                 }
             });
             if found && p.action == PatternAction::DropKey {
@@ -303,10 +313,18 @@ mod tests {
             ..Default::default()
         };
         let r = Redaction::compile(&policy, b"k").unwrap();
-        let out = run(&r, json!({"a": "DOB: 1990-01-02", "b": "ssn 078-05-1120", "c": ["x", "078-05-1120"]}));
+        let out = run(
+            &r,
+            json!({"a": "DOB: 1990-01-02", "b": "ssn 078-05-1120", "c": ["x", "078-05-1120"]}),
+        );
         assert_eq!(out, json!({"a": "[redacted:dob]", "c": ["x"]}));
         let bad = RedactionPolicy {
-            patterns: vec![PatternRule { kind: PatternKind::Regex, pattern: Some("(".into()), label: None, action: PatternAction::Mask }],
+            patterns: vec![PatternRule {
+                kind: PatternKind::Regex,
+                pattern: Some("(".into()),
+                label: None,
+                action: PatternAction::Mask,
+            }],
             ..Default::default()
         };
         assert!(Redaction::compile(&bad, b"k").is_err());

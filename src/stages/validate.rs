@@ -109,13 +109,19 @@ pub fn parse_strict(bytes: &[u8], max_depth: usize) -> Result<Value, GatewayErro
         message,
         param: None,
     };
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| invalid(format!("body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        invalid(format!(
+            "body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
     if text.trim().is_empty() {
         return Err(invalid("body is empty; expected a JSON object".into()));
     }
     if nesting_exceeds(bytes, max_depth) {
-        return Err(invalid(format!("JSON is nested deeper than {max_depth} levels")));
+        return Err(invalid(format!(
+            "JSON is nested deeper than {max_depth} levels"
+        )));
     }
     let mut de = serde_json::Deserializer::from_str(text);
     let Strict(value) = serde::Deserialize::deserialize(&mut de)
@@ -147,7 +153,11 @@ pub fn check_schema(schema: &jsonschema::Validator, value: &Value) -> Result<(),
             )
         }
         _ => {
-            let field = if base.is_empty() { "body".to_string() } else { base.clone() };
+            let field = if base.is_empty() {
+                "body".to_string()
+            } else {
+                base.clone()
+            };
             (base.clone(), format!("{field}: {}", error.masked()))
         }
     };
@@ -166,10 +176,11 @@ impl Stage for Validate {
     fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError> {
         let value = parse_strict(&req.body, self.max_depth)?;
         check_schema(&req.policies.schema, &value)?;
-        let call: CreateCall = serde_json::from_value(value).map_err(|e| GatewayError::InvalidRequest {
-            message: format!("body does not match the call request: {e}"),
-            param: None,
-        })?;
+        let call: CreateCall =
+            serde_json::from_value(value).map_err(|e| GatewayError::InvalidRequest {
+                message: format!("body does not match the call request: {e}"),
+                param: None,
+            })?;
         req.call = Some(call);
         Ok(())
     }
@@ -192,28 +203,48 @@ mod tests {
 
     #[test]
     fn the_seed_request_is_valid() {
-        check(r#"{"phone_number": "+14155551234", "agent_id": "agent_abc123",
-                  "metadata": {"customer_id": "cust_456"}, "record": true, "max_duration": 600}"#)
-            .unwrap();
+        check(
+            r#"{"phone_number": "+14155551234", "agent_id": "agent_abc123",
+                  "metadata": {"customer_id": "cust_456"}, "record": true, "max_duration": 600}"#,
+        )
+        .unwrap();
     }
 
     #[test]
     fn duplicate_keys_are_refused() {
-        let err = check(r#"{"phone_number": "+14155551234", "phone_number": "+19005550123", "agent_id": "a"}"#)
-            .unwrap_err();
+        let err = check(
+            r#"{"phone_number": "+14155551234", "phone_number": "+19005550123", "agent_id": "a"}"#,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("duplicate key"), "{err}");
-        let nested = check(r#"{"phone_number": "+1", "agent_id": "a", "metadata": {"k": 1, "k": 2}}"#);
+        let nested =
+            check(r#"{"phone_number": "+1", "agent_id": "a", "metadata": {"k": 1, "k": 2}}"#);
         assert!(nested.unwrap_err().to_string().contains("duplicate"));
     }
 
     #[test]
     fn malformed_bodies_are_refused() {
-        assert!(parse_strict(b"\xff\xfe{}", 16).unwrap_err().to_string().contains("UTF-8"));
-        assert!(parse_strict(b"{\"a\":", 16).unwrap_err().to_string().contains("not valid JSON"));
+        assert!(
+            parse_strict(b"\xff\xfe{}", 16)
+                .unwrap_err()
+                .to_string()
+                .contains("UTF-8")
+        );
+        assert!(
+            parse_strict(b"{\"a\":", 16)
+                .unwrap_err()
+                .to_string()
+                .contains("not valid JSON")
+        );
         assert!(parse_strict(b"{} {}", 16).is_err());
         assert!(parse_strict(b"   ", 16).is_err());
         let deep = "[".repeat(17) + &"]".repeat(17);
-        assert!(parse_strict(deep.as_bytes(), 16).unwrap_err().to_string().contains("nested"));
+        assert!(
+            parse_strict(deep.as_bytes(), 16)
+                .unwrap_err()
+                .to_string()
+                .contains("nested")
+        );
         // Brackets inside strings do not count.
         let s = format!("{{\"a\": \"{}\"}}", "[".repeat(40));
         assert!(parse_strict(s.as_bytes(), 16).is_ok());
@@ -222,14 +253,40 @@ mod tests {
     #[test]
     fn schema_errors_name_the_field() {
         assert_eq!(param(r#"{"agent_id": "a"}"#), "/phone_number");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "colour": 1}"#), "/colour");
-        assert_eq!(param(r#"{"phone_number": 14155551234, "agent_id": "a"}"#), "/phone_number");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 0}"#), "/max_duration");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 3601}"#), "/max_duration");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 1.5}"#), "/max_duration");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "record": "yes"}"#), "/record");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": []}"#), "/metadata");
-        assert_eq!(param(r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": {"k": {"x": 1}}}"#), "/metadata/k");
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "colour": 1}"#),
+            "/colour"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": 14155551234, "agent_id": "a"}"#),
+            "/phone_number"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 0}"#),
+            "/max_duration"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 3601}"#),
+            "/max_duration"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "max_duration": 1.5}"#),
+            "/max_duration"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "record": "yes"}"#),
+            "/record"
+        );
+        assert_eq!(
+            param(r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": []}"#),
+            "/metadata"
+        );
+        assert_eq!(
+            param(
+                r#"{"phone_number": "+14155551234", "agent_id": "a", "metadata": {"k": {"x": 1}}}"#
+            ),
+            "/metadata/k"
+        );
         assert!(check("[1, 2]").is_err());
     }
 }

@@ -1,0 +1,261 @@
+//! Test support: start the real gateway (and its in-process simulator) on loopback ephemeral
+//! ports, send it real HTTP, look at what the simulator received.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callgate::clock::{ManualClock, SharedClock};
+use callgate::config::Settings;
+use callgate::server::Gateway;
+use callgate::simulator::Simulator;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub const ACME_KEY: &str = "demo-acme-key";
+pub const GLOBEX_KEY: &str = "demo-globex-key";
+pub const ACCOUNT_KEY: &str = "sk_test_account_key_0123456789";
+
+/// Monday 2026-01-05 17:00 UTC: 12:00 in New York, 09:00 in Los Angeles.
+pub const MONDAY_NOON_NY: &str = "2026-01-05T17:00:00Z";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A config file for tests: the shipped policies, the simulator with fast timings, plus `extra`
+/// TOML appended (later keys win inside `[section]` blocks given in full).
+pub fn config_text(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_ms = 2000
+
+[upstream]
+{upstream}
+request_timeout_ms = 2000
+connect_timeout_ms = 1000
+
+[policies]
+dir = "{policies}"
+
+[redaction]
+hash_key = "test-hash-key"
+
+[log]
+level = "warn"
+{extra}
+"#,
+        policies = repo().join("policies").display(),
+    )
+}
+
+pub fn simulator_upstream() -> String {
+    format!("url = \"simulator\"\napi_key = \"{ACCOUNT_KEY}\"")
+}
+
+pub fn fast_simulator() -> &'static str {
+    "[simulator]\nqueue_ms = 20\nring_ms = 20\ntalk_ms = 50\n"
+}
+
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub clock: Arc<ManualClock>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    /// The error code of an error envelope.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    pub fn param(&self) -> String {
+        self.json()["error"]["param"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+impl TestGateway {
+    /// Start from a full config text.
+    pub async fn start_with_config(text: &str) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let settings = Settings::load_with_env(&path, Vec::new()).unwrap();
+        let clock = ManualClock::new(MONDAY_NOON_NY.parse().unwrap());
+        let shared: SharedClock = clock.clone();
+        let gateway = Gateway::start_with(settings, shared, None).await.unwrap();
+        TestGateway {
+            gateway,
+            clock,
+            client: http_client(),
+            _dir: dir,
+        }
+    }
+
+    /// The gateway on the shipped policies with the in-process simulator.
+    pub async fn start() -> TestGateway {
+        Self::start_with_config(&config_text(&simulator_upstream(), fast_simulator())).await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gateway.addr()
+    }
+
+    pub fn simulator(&self) -> &Simulator {
+        self.gateway.simulator().expect("simulator upstream")
+    }
+
+    /// Send a request with full control over headers and body.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        send(&self.client, self.addr(), method, path, headers, body).await
+    }
+
+    /// `POST /v1/calls` as a tenant with a JSON body.
+    pub async fn create_call(&self, key: &str, body: &Value) -> Answer {
+        let auth = format!("Bearer {key}");
+        self.send(
+            Method::POST,
+            "/v1/calls",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.to_string(),
+        )
+        .await
+    }
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(Full::new(body.into())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("gateway answered in time")
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A webhook receiver on loopback that records every POST body it gets.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub events: Arc<std::sync::Mutex<Vec<(HeaderMap, Bytes)>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Self::start_answering(StatusCode::OK).await
+    }
+
+    /// A receiver answering every delivery with `status`.
+    pub async fn start_answering(status: StatusCode) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let events: Arc<std::sync::Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let sink = sink.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                sink.lock().unwrap().push((parts.headers, body));
+                                let mut response = http::Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() = status;
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, events }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap_or(Value::Null))
+            .collect()
+    }
+
+    /// Wait (bounded) until at least `n` events arrived.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let bodies = self.bodies();
+            if bodies.len() >= n || tokio::time::Instant::now() >= deadline {
+                return bodies;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
