@@ -54,6 +54,149 @@ pub struct Settings {
     /// Logging.
     #[serde(default)]
     pub log: LogSettings,
+    /// Account-wide admission settings.
+    #[serde(default)]
+    pub admission: AdmissionSettings,
+    /// The state store.
+    #[serde(default)]
+    pub state: StateSettings,
+    /// The webhook relay.
+    #[serde(default)]
+    pub relay: RelaySettings,
+    /// Asking the upstream about calls that went quiet.
+    #[serde(default)]
+    pub reconcile: ReconcileSettings,
+    /// `Idempotency-Key` records.
+    #[serde(default)]
+    pub idempotency: IdempotencySettings,
+}
+
+/// Account-wide admission.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSettings {
+    /// Calls in flight at once across all tenants: the upstream account's concurrency limit.
+    pub account_max_concurrent_calls: u32,
+    /// Added to `max_duration` for a call's lease: how long after a call must have ended its slot
+    /// and hold are kept waiting for the final event.
+    pub lease_grace_secs: u64,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        AdmissionSettings {
+            account_max_concurrent_calls: 100,
+            lease_grace_secs: 120,
+        }
+    }
+}
+
+/// Which state backend, and where.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    /// `sqlite` (embedded, one file).
+    pub backend: StateBackend,
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// `full` (fsync each commit; survives power loss) or `normal` (survives a crash).
+    pub synchronous: crate::state::sqlite::Synchronous,
+    /// How often lapsed leases and idempotency records are swept.
+    pub sweep_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Sqlite,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            backend: StateBackend::Sqlite,
+            path: PathBuf::from("state/callgate.db"),
+            synchronous: Default::default(),
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The webhook relay: events from the upstream in, signed events to tenants out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySettings {
+    /// Base URL at which the upstream reaches this gateway (`https://callgate.example.com`);
+    /// default: `http://` and the listener's address.
+    pub public_url: Option<String>,
+    /// JSON pointer of the call id in an upstream event.
+    pub call_id_pointer: String,
+    /// JSON pointer of the status.
+    pub status_pointer: String,
+    /// JSON pointer of the talk time in seconds.
+    pub duration_pointer: String,
+    /// Statuses that end a call.
+    pub final_statuses: Vec<String>,
+    /// Delivery attempts to a tenant's webhook before giving up.
+    pub delivery_attempts: u32,
+    /// First retry delay; doubles each attempt.
+    pub delivery_backoff_ms: u64,
+    /// Time allowed for one delivery attempt.
+    pub delivery_timeout_ms: u64,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            public_url: None,
+            call_id_pointer: "/call_id".into(),
+            status_pointer: "/status".into(),
+            duration_pointer: "/duration".into(),
+            final_statuses: vec!["completed".into(), "failed".into()],
+            delivery_attempts: 5,
+            delivery_backoff_ms: 500,
+            delivery_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Reconciliation against `GET /v1/calls/{id}` on the upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileSettings {
+    /// Whether the upstream has `GET /v1/calls/{id}` (the reference does not promise it).
+    pub enabled: bool,
+    /// How often quiet calls are looked up.
+    pub interval_ms: u64,
+    /// A live call with no event for this long is looked up.
+    pub quiet_after_secs: u64,
+    /// Refresh a live call from the upstream when a tenant reads it.
+    pub refresh_on_read: bool,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings {
+            enabled: false,
+            interval_ms: 30_000,
+            quiet_after_secs: 120,
+            refresh_on_read: true,
+        }
+    }
+}
+
+/// `Idempotency-Key` records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencySettings {
+    /// How long a key's answer is kept.
+    pub ttl_secs: u64,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        IdempotencySettings { ttl_secs: 86_400 }
+    }
 }
 
 /// The tenant-facing HTTP listener.
@@ -326,6 +469,7 @@ impl Settings {
             }
         };
         resolve(&mut self.policies.dir);
+        resolve(&mut self.state.path);
         if let Some(p) = self.upstream.api_key_file.as_mut() {
             resolve(p);
         }
@@ -368,6 +512,32 @@ impl Settings {
                 "max_",
                 "server.max_body_bytes and server.max_json_depth must be positive".into(),
             ));
+        }
+        if self.admission.account_max_concurrent_calls == 0 {
+            return Err(at(
+                "account_max_concurrent_calls",
+                "admission.account_max_concurrent_calls must be at least 1".into(),
+            ));
+        }
+        if let Some(public) = &self.relay.public_url
+            && url::Url::parse(public).is_err()
+        {
+            return Err(at(
+                "public_url",
+                format!("relay.public_url {public:?} is not a URL"),
+            ));
+        }
+        for pointer in [
+            &self.relay.call_id_pointer,
+            &self.relay.status_pointer,
+            &self.relay.duration_pointer,
+        ] {
+            if !pointer.is_empty() && !pointer.starts_with('/') {
+                return Err(at(
+                    pointer,
+                    format!("{pointer:?} is not a JSON pointer (starts with '/')"),
+                ));
+            }
         }
         if self.upstream.request_timeout_ms == 0 || self.upstream.connect_timeout_ms == 0 {
             return Err(at("timeout", "upstream timeouts must be positive".into()));

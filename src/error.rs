@@ -54,6 +54,19 @@ pub enum GatewayError {
     /// The recipient's local time is outside the tenant's calling hours.
     #[error("{0}")]
     OutsideCallingHours(String),
+    /// The tenant's request rate, its concurrency limit or the account's is exhausted.
+    #[error("{message}")]
+    RateLimitExceeded {
+        message: String,
+        /// Seconds until a retry can succeed, when known (`Retry-After`).
+        retry_after: Option<u64>,
+    },
+    /// The tenant's budget cannot hold the call's worst-case cost.
+    #[error("{0}")]
+    InsufficientCredits(String),
+    /// The `Idempotency-Key` was used with another body, or its first request is still running.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     /// The path exists but not for this method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -93,6 +106,9 @@ impl GatewayError {
             AgentNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             DestinationNotAllowed(_) | DoNotCall | OutsideCallingHours(_) => StatusCode::FORBIDDEN,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
+            IdempotencyConflict(_) => StatusCode::CONFLICT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -114,6 +130,9 @@ impl GatewayError {
             DoNotCall => "do_not_call",
             OutsideCallingHours(_) => "outside_calling_hours",
             MethodNotAllowed => "method_not_allowed",
+            RateLimitExceeded { .. } => "rate_limit_exceeded",
+            InsufficientCredits(_) => "insufficient_credits",
+            IdempotencyConflict(_) => "idempotency_conflict",
             NotFound(_) => "not_found",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -163,6 +182,15 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let GatewayError::RateLimitExceeded {
+            retry_after: Some(secs),
+            ..
+        } = &self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
         if matches!(self, GatewayError::MethodNotAllowed) {
             response
                 .headers_mut()
@@ -203,6 +231,17 @@ mod tests {
         assert_eq!(body["error"]["message"], "too long");
         assert_eq!(body["error"]["request_id"], "req-1");
         assert_eq!(body["error"]["param"], "/max_duration");
+    }
+
+    #[tokio::test]
+    async fn rate_limits_carry_retry_after() {
+        let response = GatewayError::RateLimitExceeded {
+            message: "slow down".into(),
+            retry_after: Some(3),
+        }
+        .into_response("r");
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
     }
 
     #[tokio::test]

@@ -7,14 +7,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod lifecycle;
 pub mod phone;
 pub mod policy;
+pub mod relay;
 pub mod server;
 pub mod simulator;
 pub mod stack;
 pub mod stages;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;

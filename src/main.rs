@@ -154,6 +154,25 @@ fn check(config: &Path) -> ExitCode {
             );
         }
     }
+    let tenant_dir = settings.policies.dir.join("tenants");
+    for entry in std::fs::read_dir(&tenant_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let inline = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("webhooks")?.get("secret").map(|_| ()))
+            .is_some();
+        if inline {
+            eprintln!(
+                "warning: {}: webhooks.secret is written inline; use secret_env or secret_file",
+                entry.path().display()
+            );
+        }
+    }
     let hash_key = match redaction_hash_key(&settings) {
         Ok(k) => k,
         Err(e) => {

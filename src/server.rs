@@ -16,11 +16,19 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::calls::CallReader;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{ConfigError, Secret, Settings, read_secret_file};
+use crate::lifecycle::Lifecycle;
 use crate::policy::{Policies, PolicyHandle};
+use crate::relay::Relay;
 use crate::simulator::Simulator;
 use crate::stack::{AppContext, app};
+use crate::stages::admission::{AdmissionContext, RateLimits};
+use crate::stages::idempotency::IdempotencyContext;
+use crate::stages::limits::BodyLimits;
+use crate::state::sqlite::SqliteStore;
+use crate::state::{StateStore, StoreError, Usage};
 use crate::upstream::{ClientOptions, Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -30,6 +38,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Policies(Vec<ConfigError>),
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,8 +54,12 @@ pub struct Gateway {
     policies: PolicyHandle,
     policy_dir: PathBuf,
     hash_key: Vec<u8>,
+    store: Arc<dyn StateStore>,
+    lifecycle: Arc<Lifecycle>,
+    clock: SharedClock,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    background: JoinHandle<()>,
 }
 
 /// The key for the redaction hash: configured, or random for this process.
@@ -110,6 +124,10 @@ impl Gateway {
             })?;
             (settings.upstream.url.clone(), key, None)
         };
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(
+            &settings.state.path,
+            settings.state.synchronous,
+        )?);
         let client = build_client(ClientOptions::from(&settings.upstream));
         let upstream = Arc::new(Upstream::new(
             &base,
@@ -131,14 +149,65 @@ impl Gateway {
             addr: settings.server.listen,
             source,
         })?;
+        let lifecycle = Arc::new(Lifecycle::new(
+            store.clone(),
+            clock.clone(),
+            upstream.clone(),
+            settings.reconcile.clone(),
+            &settings.relay,
+        ));
+        // Settle what lapsed while the gateway was down before taking any request.
+        let lapsed = lifecycle.sweep().await?;
+        if !lapsed.is_empty() {
+            tracing::warn!(
+                calls = lapsed.len(),
+                "settled leases that lapsed while stopped"
+            );
+        }
+        let grace = Duration::from_secs(settings.admission.lease_grace_secs);
+        let relay_base = settings
+            .relay
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
         let service = app::<hyper::body::Incoming>(AppContext {
             policies: policies.clone(),
-            upstream,
-            clock,
-            max_body_bytes: settings.server.max_body_bytes,
+            upstream: upstream.clone(),
+            clock: clock.clone(),
+            body_limits: BodyLimits {
+                max_bytes: settings.server.max_body_bytes,
+                read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
+            },
             max_json_depth: settings.server.max_json_depth,
-            body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
+            admission: AdmissionContext {
+                store: store.clone(),
+                clock: clock.clone(),
+                rate_limits: Arc::new(RateLimits::new(clock.clone())),
+                account_max_concurrent: settings.admission.account_max_concurrent_calls,
+                pending_lease_extra: grace + settings.upstream.request_timeout(),
+            },
+            idempotency: IdempotencyContext {
+                store: store.clone(),
+                clock: clock.clone(),
+                ttl: Duration::from_secs(settings.idempotency.ttl_secs),
+                wait: settings.upstream.request_timeout() + Duration::from_secs(2),
+            },
+            lease_grace: grace,
+            relay_base,
+            relay: Relay::new(
+                store.clone(),
+                clock.clone(),
+                policies.clone(),
+                settings.relay.clone(),
+            ),
+            reader: CallReader {
+                policies: policies.clone(),
+                lifecycle: lifecycle.clone(),
+            },
         });
+        let background = lifecycle.clone().spawn(Duration::from_millis(
+            settings.state.sweep_interval_ms.max(10),
+        ));
         let (stop, stopped) = oneshot::channel();
         let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
@@ -150,9 +219,35 @@ impl Gateway {
             policies,
             policy_dir: settings.policies.dir.clone(),
             hash_key,
+            store,
+            lifecycle,
+            clock,
             stop: Some(stop),
             task,
+            background,
         })
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// A tenant's slots, holds and spend now.
+    pub async fn usage(&self, tenant: &str) -> Result<Usage, StoreError> {
+        self.store
+            .usage(tenant, self.clock.now().as_microsecond())
+            .await
+    }
+
+    /// Run the lease sweeper once now (tests move the clock, then call this).
+    pub async fn sweep_now(&self) -> Result<usize, StoreError> {
+        Ok(self.lifecycle.sweep().await?.len())
+    }
+
+    /// Run the reconciler once now.
+    pub async fn reconcile_now(&self) -> Result<usize, StoreError> {
+        self.lifecycle.reconcile().await
     }
 
     /// The address the gateway listens on.
@@ -179,6 +274,7 @@ impl Gateway {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        self.background.abort();
     }
 }
 

@@ -1,10 +1,11 @@
 //! THE request path. Read top to bottom: one line and one "why" per stage.
 //!
 //! ```text
-//! 1 trace ─ 2 limits ─ 3 authenticate ─ 4 validate ─ 5 phone ─ 6 fields ─ 7 redact ─ 10 forward
+//! 1 trace ─ 2 limits ─ 3 authenticate ─ 4 validate ─ 5 phone ─ 6 fields ─ 7 redact
+//!   ─ 8a detach ─ 8 idempotency ─ 9 admission ─ 11 record ─ 10 forward
 //! ```
 //!
-//! Stages 8 (idempotency), 9 (admission) and 11 (call record) join with the admission work.
+//! Record (11) wraps forward (10): it acts on the upstream's answer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,17 +20,23 @@ use serde_json::json;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+use crate::calls::CallReader;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::PolicyHandle;
+use crate::relay::Relay;
 use crate::stages::StageLayer;
+use crate::stages::admission::{AdmissionContext, AdmissionLayer};
 use crate::stages::authenticate::Authenticate;
+use crate::stages::detach::DetachLayer;
 use crate::stages::fields::FieldPolicy;
 use crate::stages::forward::Forward;
-use crate::stages::limits::{BodyLimits, LimitsLayer};
+use crate::stages::idempotency::{IdempotencyContext, IdempotencyLayer};
+use crate::stages::limits::{BodyLimits, LimitsLayer, read_body};
 use crate::stages::phone::PhonePolicy;
+use crate::stages::record::RecordLayer;
 use crate::stages::redact::Redact;
-use crate::stages::trace::TraceLayer;
+use crate::stages::trace::{RequestSpan, TraceLayer};
 use crate::stages::validate::Validate;
 use crate::upstream::Upstream;
 
@@ -39,9 +46,15 @@ pub struct AppContext {
     pub policies: PolicyHandle,
     pub upstream: Arc<Upstream>,
     pub clock: SharedClock,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
     pub max_json_depth: usize,
-    pub body_read_timeout: Duration,
+    pub admission: AdmissionContext,
+    pub idempotency: IdempotencyContext,
+    pub lease_grace: Duration,
+    /// The gateway's base URL as the upstream reaches it, for relay URLs.
+    pub relay_base: String,
+    pub relay: Relay,
+    pub reader: CallReader,
 }
 
 /// The tenant-facing service: routing inside the trace layer, `POST /v1/calls` through the stages.
@@ -52,13 +65,7 @@ where
 {
     let create_call = ServiceBuilder::new()
         // 2. Refuse what is not JSON or is too big before reading more than the limit.
-        .layer(LimitsLayer::new(
-            BodyLimits {
-                max_bytes: ctx.max_body_bytes,
-                read_timeout: ctx.body_read_timeout,
-            },
-            ctx.policies.clone(),
-        ))
+        .layer(LimitsLayer::new(ctx.body_limits, ctx.policies.clone()))
         // 3. Know the tenant first: every later rule is the tenant's rule.
         .layer(StageLayer::new(Authenticate))
         // 4. Only well-formed, schema-valid bodies reach the policy stages.
@@ -73,48 +80,104 @@ where
         .layer(StageLayer::new(FieldPolicy))
         // 7. Personal data never leaves the gateway; the tenant tag always does.
         .layer(StageLayer::new(Redact))
-        // 10. Swap in the account key and call the upstream.
-        .service(Forward::new(ctx.upstream.clone()));
+        // 8a. From here a slot may be taken: a client leaving must not cut the accounting short.
+        .layer(DetachLayer)
+        // 8. A retried request is answered once, and never places a second call.
+        .layer(IdempotencyLayer::new(ctx.idempotency.clone()))
+        // 9. Rate limit, then one atomic step: a slot and the worst-case cost, or nothing.
+        .layer(AdmissionLayer::new(ctx.admission.clone()))
+        // 11. Bind slot and hold to the upstream's call id, or release them at once.
+        .layer(RecordLayer::new(
+            ctx.admission.store.clone(),
+            ctx.clock.clone(),
+            ctx.lease_grace,
+        ))
+        // 10. Swap in the account key, point events at the relay, call the upstream.
+        .service(Forward::new(ctx.upstream.clone(), &ctx.relay_base));
 
     ServiceBuilder::new()
         // 1. Every request gets an id and a span; errors become the JSON envelope here only.
         .layer(TraceLayer)
         .service(Router {
             create_call: BoxCloneService::new(create_call),
+            reader: ctx.reader,
+            relay: ctx.relay,
+            body_limits: ctx.body_limits,
         })
         .boxed_clone()
 }
 
-/// Routes tenant requests.
+/// Routes tenant and upstream requests.
 struct Router<B> {
     create_call: BoxCloneService<Request<B>, Response<Body>, GatewayError>,
+    reader: CallReader,
+    relay: Relay,
+    body_limits: BodyLimits,
 }
 
 impl<B> Clone for Router<B> {
     fn clone(&self) -> Self {
         Router {
             create_call: self.create_call.clone(),
+            reader: self.reader.clone(),
+            relay: self.relay.clone(),
+            body_limits: self.body_limits,
         }
     }
 }
 
-impl<B: Send + 'static> Service<Request<B>> for Router<B> {
+type RouteFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+impl<B> Service<Request<B>> for Router<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    type Future = RouteFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let path = req.uri().path();
-        match (req.method(), path) {
-            (&Method::POST, "/v1/calls") => Box::pin(self.create_call.clone().oneshot(req)),
-            (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => {
+        let path = req.uri().path().to_string();
+        let span = req
+            .extensions()
+            .get::<RequestSpan>()
+            .map(|s| s.0.clone())
+            .unwrap_or_else(tracing::Span::none);
+        match (req.method().clone(), path.as_str()) {
+            (Method::POST, "/v1/calls") => Box::pin(self.create_call.clone().oneshot(req)),
+            (Method::GET, "/v1/calls") => {
+                let reader = self.reader.clone();
+                Box::pin(async move { reader.list(req.headers(), &span, req.uri().query()).await })
+            }
+            (Method::GET, p) if p.starts_with("/v1/calls/") => {
+                let reader = self.reader.clone();
+                let id = p["/v1/calls/".len()..].to_string();
+                Box::pin(async move { reader.get(req.headers(), &span, &id).await })
+            }
+            (Method::POST, p) if p.starts_with("/v1/relay/") => {
+                let relay = self.relay.clone();
+                let limits = self.body_limits;
+                let token = p["/v1/relay/".len()..].to_string();
+                Box::pin(async move {
+                    let body = read_body(req.into_body(), limits).await?;
+                    relay.receive(&token, body).await
+                })
+            }
+            (Method::GET, "/healthz") | (Method::GET, "/readyz") => {
                 Box::pin(async { Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))) })
             }
-            (_, "/v1/calls" | "/healthz" | "/readyz") => {
+            (_, p)
+                if p == "/v1/calls"
+                    || p.starts_with("/v1/calls/")
+                    || p.starts_with("/v1/relay/")
+                    || p == "/healthz"
+                    || p == "/readyz" =>
+            {
                 Box::pin(async { Err(GatewayError::MethodNotAllowed) })
             }
             _ => Box::pin(async { Err(GatewayError::NotFound("no such route")) }),

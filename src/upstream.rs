@@ -42,6 +42,24 @@ impl From<&UpstreamSettings> for ClientOptions {
 /// A pooled client that speaks HTTP/1.1 and HTTP/2 (ALPN) over TLS with the platform's trust
 /// roots (the bundled Mozilla roots where the platform has none), and plain HTTP.
 pub fn build_client(options: ClientOptions) -> HttpClient {
+    build_client_with(options, HttpConnector::new())
+}
+
+/// As [`build_client`], over a given TCP connector (e.g. one with a guarded resolver).
+pub fn build_client_with<R>(
+    options: ClientOptions,
+    mut http: HttpConnector<R>,
+) -> Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>
+where
+    R: tower::Service<hyper_util::client::legacy::connect::dns::Name>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    R::Response: Iterator<Item = std::net::SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let builder = match builder.with_provider_and_native_roots(provider.clone()) {
@@ -53,7 +71,6 @@ pub fn build_client(options: ClientOptions) -> HttpClient {
                 .unwrap_or_else(|_| unreachable_tls())
         }
     };
-    let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(options.connect_timeout));

@@ -330,14 +330,7 @@ async fn routes_health_and_methods() {
 async fn a_policy_reload_takes_effect_and_a_bad_one_is_refused() {
     // A private copy of the policies, so the test can edit them.
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("policies");
-    for sub in ["schemas", "tenants", "lists"] {
-        std::fs::create_dir_all(copy.join(sub)).unwrap();
-        for entry in std::fs::read_dir(repo().join("policies").join(sub)).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), copy.join(sub).join(entry.file_name())).unwrap();
-        }
-    }
+    let copy = copy_policies(dir.path());
     let text = config_text(&simulator_upstream(), fast_simulator()).replace(
         &repo().join("policies").display().to_string(),
         &copy.display().to_string(),

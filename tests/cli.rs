@@ -110,10 +110,12 @@ fn serve_starts_on_the_example_config_and_answers() {
         .local_addr()
         .unwrap()
         .port();
+    let state = tempfile::tempdir().unwrap();
     let mut child = callgate()
         .args(["serve", "--config", "config.example.toml"])
         .env("CALLGATE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("CALLGATE__UPSTREAM__API_KEY", "sk_from_env")
+        .env("CALLGATE__STATE__PATH", state.path().join("callgate.db"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

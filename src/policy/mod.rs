@@ -49,6 +49,10 @@ pub struct Tenant {
     pub webhooks: WebhookPolicy,
     pub metadata: MetadataPolicy,
     pub redaction: Redaction,
+    pub limits: LimitsPolicy,
+    pub budget: BudgetPolicy,
+    /// Signs events relayed to the tenant's webhook.
+    pub webhook_secret: Option<crate::config::Secret>,
 }
 
 /// Compiled destination rules.
@@ -359,6 +363,56 @@ fn load_tenant(
             );
         }
     }
+    if let Some(l) = &file.limits.max_concurrent_calls
+        && *l == 0
+    {
+        err(
+            "max_concurrent_calls",
+            "limits.max_concurrent_calls must be at least 1".into(),
+        );
+    }
+    if file.limits.requests_per_minute == Some(0) || file.limits.burst == Some(0) {
+        err(
+            "[limits]",
+            "limits.requests_per_minute and limits.burst must be at least 1".into(),
+        );
+    }
+    let b = &file.budget;
+    if b.credits.is_some_and(|c| c < 0) || b.price_per_increment < 0 || b.increment_secs == 0 {
+        err(
+            "[budget]",
+            "budget: credits and prices must not be negative, increment_secs at least 1".into(),
+        );
+    }
+    if b.price_by_country
+        .iter()
+        .any(|(c, p)| *p < 0 || c.len() != 2 || c.to_ascii_uppercase() != *c)
+    {
+        err(
+            "price_by_country",
+            "budget.price_by_country: ISO 3166-1 alpha-2 codes (upper case) to non-negative prices"
+                .into(),
+        );
+    }
+    if jiff::tz::TimeZone::get(&b.timezone).is_err() {
+        err(
+            "timezone",
+            format!("budget.timezone {:?} is not an IANA time zone", b.timezone),
+        );
+    }
+    let webhook_secret = match resolve_webhook_secret(&file.webhooks, policy_dir) {
+        Ok(s) => s,
+        Err(reason) => {
+            err("[webhooks]", reason);
+            None
+        }
+    };
+    if webhook_secret.is_none() && !file.webhooks.allowed_hosts.is_empty() {
+        err(
+            "[webhooks]",
+            "webhooks: a secret (secret_env, secret_file or secret) is required to sign relayed events".into(),
+        );
+    }
     let redaction = match Redaction::compile(&file.redaction, hash_key) {
         Ok(r) => r,
         Err(reason) => {
@@ -394,7 +448,38 @@ fn load_tenant(
         webhooks: file.webhooks,
         metadata: file.metadata,
         redaction,
+        limits: file.limits,
+        budget: file.budget,
+        webhook_secret,
     })
+}
+
+fn resolve_webhook_secret(
+    w: &WebhookPolicy,
+    policy_dir: &Path,
+) -> Result<Option<crate::config::Secret>, String> {
+    let given = [
+        w.secret.is_some(),
+        w.secret_env.is_some(),
+        w.secret_file.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err("webhooks: set one of secret, secret_env and secret_file".into());
+    }
+    if let Some(var) = &w.secret_env {
+        return match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(crate::config::Secret::new(v))),
+            _ => Err(format!(
+                "webhooks.secret_env: environment variable {var} is not set"
+            )),
+        };
+    }
+    if let Some(file) = &w.secret_file {
+        return crate::config::read_secret_file(&policy_dir.join(file))
+            .map(Some)
+            .map_err(|e| e.to_string());
+    }
+    Ok(w.secret.clone())
 }
 
 fn errors_push(err: &mut impl FnMut(&str, String), needle: &Path, e: ConfigError) {

@@ -34,6 +34,90 @@ pub struct TenantFile {
     pub metadata: MetadataPolicy,
     #[serde(default)]
     pub redaction: RedactionPolicy,
+    #[serde(default)]
+    pub limits: LimitsPolicy,
+    #[serde(default)]
+    pub budget: BudgetPolicy,
+}
+
+/// Concurrency and request rate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsPolicy {
+    /// Calls the tenant may have in flight at once; none: only the account-wide cap applies.
+    #[serde(default)]
+    pub max_concurrent_calls: Option<u32>,
+    /// Sustained `POST /v1/calls` rate; none: no rate limit.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Requests allowed in a burst above the sustained rate (default: one minute's worth / 6,
+    /// at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Credits: budget, period and price.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetPolicy {
+    /// Credits per period; none: unlimited (spend is still recorded).
+    #[serde(default)]
+    pub credits: Option<i64>,
+    /// `none` (a fixed allowance), `daily` or `monthly`.
+    #[serde(default)]
+    pub period: crate::state::Period,
+    /// IANA zone in which periods start (default `UTC`).
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// Credits per started billing increment.
+    #[serde(default = "one")]
+    pub price_per_increment: i64,
+    /// The billing increment, seconds (default 60: per started minute).
+    #[serde(default = "sixty")]
+    pub increment_secs: u32,
+    /// Price per increment by destination region (ISO 3166-1 alpha-2), overriding the default.
+    #[serde(default)]
+    pub price_by_country: std::collections::BTreeMap<String, i64>,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+fn one() -> i64 {
+    1
+}
+fn sixty() -> u32 {
+    60
+}
+
+impl Default for BudgetPolicy {
+    fn default() -> Self {
+        BudgetPolicy {
+            credits: None,
+            period: crate::state::Period::None,
+            timezone: utc(),
+            price_per_increment: one(),
+            increment_secs: sixty(),
+            price_by_country: Default::default(),
+        }
+    }
+}
+
+impl BudgetPolicy {
+    /// Price per increment for a destination region.
+    pub fn price_for(&self, region: Option<&str>) -> i64 {
+        region
+            .and_then(|r| self.price_by_country.get(r))
+            .copied()
+            .unwrap_or(self.price_per_increment)
+    }
+
+    /// The worst-case cost of a call of `max_duration` seconds.
+    pub fn hold_for(&self, max_duration: u32, region: Option<&str>) -> i64 {
+        let increment = i64::from(self.increment_secs.max(1));
+        let increments = (i64::from(max_duration) + increment - 1) / increment;
+        increments * self.price_for(region)
+    }
 }
 
 /// Caller ids.
@@ -160,6 +244,16 @@ pub struct WebhookPolicy {
     /// Allow plain `http://` webhook URLs (default: HTTPS only).
     #[serde(default)]
     pub allow_http: bool,
+    /// Secret that signs relayed events (`Callgate-Signature`). Prefer `secret_env` or
+    /// `secret_file`; required when `allowed_hosts` is not empty.
+    #[serde(default)]
+    pub secret: Option<crate::config::Secret>,
+    /// Environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// File holding the secret (relative to `policies/`).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
 }
 
 impl WebhookPolicy {

@@ -88,7 +88,10 @@ fn semantic_mistakes_are_caught() {
         format!("{MINIMAL}[destinations]\nnumber_types_deny = [\"premium\"]\n"),
         format!("{MINIMAL}[destinations]\ndo_not_call = [\"lists/missing.txt\"]\n"),
         format!("{MINIMAL}[hours]\nstart = \"9am\"\nend = \"20:00\"\n"),
-        format!("{MINIMAL}[webhooks]\nallowed_hosts = [\"https://x.example/\"]\n"),
+        format!("{MINIMAL}[webhooks]\nallowed_hosts = [\"https://x.example/\"]\nsecret = \"s\"\n"),
+        format!("{MINIMAL}[webhooks]\nallowed_hosts = [\"x.example\"]\n"),
+        format!("{MINIMAL}[limits]\nmax_concurrent_calls = 0\n"),
+        format!("{MINIMAL}[budget]\ntimezone = \"Mars/Olympus\"\n"),
         format!("{MINIMAL}[[redaction.patterns]]\nkind = \"regex\"\npattern = \"(\"\n"),
         format!("{MINIMAL}[numbers]\nfrom_default = \"+18005551234\"\n"),
     ];
@@ -131,7 +134,7 @@ fn do_not_call_lists_report_bad_lines() {
 fn webhook_host_patterns() {
     let p = WebhookPolicy {
         allowed_hosts: vec!["hooks.acme.example".into(), "*.globex.example".into()],
-        allow_http: false,
+        ..Default::default()
     };
     assert!(p.allows_host("hooks.acme.example"));
     assert!(p.allows_host("HOOKS.acme.example"));

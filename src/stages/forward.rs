@@ -1,6 +1,9 @@
 //! Stage 10: forward. The call, as the policy stages left it, is sent to the upstream with the
 //! account's key (the tenant's key goes no further than `authenticate`). The upstream's answer is
 //! relayed unchanged; failures to reach it are `upstream_unavailable` / `upstream_timeout`.
+//! When the call holds a reservation, `webhook_url` is pointed at the gateway's relay with the
+//! call's token, so its events come back through the gateway (which forwards them, signed, to
+//! the tenant's own webhook).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,11 +22,16 @@ use crate::upstream::{Upstream, relay};
 #[derive(Clone, Debug)]
 pub struct Forward {
     upstream: Arc<Upstream>,
+    relay_base: Arc<str>,
 }
 
 impl Forward {
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        Forward { upstream }
+    /// `relay_base` is the gateway's public base URL (`https://callgate.example.com`).
+    pub fn new(upstream: Arc<Upstream>, relay_base: &str) -> Self {
+        Forward {
+            upstream,
+            relay_base: relay_base.trim_end_matches('/').into(),
+        }
     }
 }
 
@@ -38,12 +46,16 @@ impl Service<CallRequest> for Forward {
 
     fn call(&mut self, req: CallRequest) -> Self::Future {
         let upstream = self.upstream.clone();
+        let relay_base = self.relay_base.clone();
         Box::pin(async move {
-            let call = req
+            let mut call = req
                 .call
-                .as_ref()
+                .clone()
                 .ok_or_else(|| GatewayError::Internal("forward ran before validate".into()))?;
-            let body = serde_json::to_vec(call)
+            if let Some(reservation) = &req.reservation {
+                call.webhook_url = Some(format!("{relay_base}/v1/relay/{}", reservation.token));
+            }
+            let body = serde_json::to_vec(&call)
                 .map_err(|e| GatewayError::Internal(format!("serializing the call: {e}")))?;
             let result = upstream
                 .send(

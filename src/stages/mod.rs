@@ -5,11 +5,15 @@
 //! Such a check implements [`Stage`] and becomes a tower layer through [`StageLayer`]; a refusal
 //! short-circuits with a ready error, so nothing after it runs.
 
+pub mod admission;
 pub mod authenticate;
+pub mod detach;
 pub mod fields;
 pub mod forward;
+pub mod idempotency;
 pub mod limits;
 pub mod phone;
+pub mod record;
 pub mod redact;
 pub mod trace;
 pub mod validate;
@@ -62,6 +66,12 @@ pub struct CallRequest {
     pub tenant: Option<Arc<Tenant>>,
     /// Set by `validate`, rewritten by the policy stages.
     pub call: Option<CreateCall>,
+    /// The destination, parsed by the phone stage.
+    pub destination: Option<crate::phone::Number>,
+    /// Set by `admission`: the slot and hold taken for this call.
+    pub reservation: Option<admission::Reservation>,
+    /// Releases the reservation if the request ends without binding or releasing it.
+    pub reservation_guard: Option<admission::ReservationGuard>,
 }
 
 impl CallRequest {
@@ -80,6 +90,9 @@ impl CallRequest {
             policies,
             tenant: None,
             call: None,
+            destination: None,
+            reservation: None,
+            reservation_guard: None,
         }
     }
 

@@ -87,7 +87,9 @@ impl Stage for PhonePolicy {
         if let Some(from) = &call.from_number {
             parse(from, "/from_number")?;
         }
-        check_destination(tenant, &to, self.clock.now())
+        check_destination(tenant, &to, self.clock.now())?;
+        req.destination = Some(to);
+        Ok(())
     }
 }
 

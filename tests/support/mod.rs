@@ -58,6 +58,19 @@ level = "warn"
     )
 }
 
+/// Copy the shipped `policies/` under `dir`, for tests that edit them; returns the copy's path.
+pub fn copy_policies(dir: &std::path::Path) -> PathBuf {
+    let copy = dir.join("policies");
+    for sub in ["schemas", "tenants", "lists", "secrets"] {
+        std::fs::create_dir_all(copy.join(sub)).unwrap();
+        for entry in std::fs::read_dir(repo().join("policies").join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
 pub fn simulator_upstream() -> String {
     format!("url = \"simulator\"\napi_key = \"{ACCOUNT_KEY}\"")
 }

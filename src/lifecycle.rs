@@ -1,0 +1,155 @@
+//! What ends calls when events do not: the lease sweeper and the reconciler.
+//!
+//! The sweeper settles every call whose lease (`max_duration` + grace) has run out, at its full
+//! hold, and frees its slot; it also forgets expired idempotency records. It runs at start-up
+//! (settling what lapsed while the gateway was down) and every `state.sweep_interval_ms`.
+//!
+//! The reconciler, where the upstream has `GET /v1/calls/{id}` (`reconcile.enabled`), asks the
+//! upstream about live calls that have had no event for `reconcile.quiet_after_secs` and applies
+//! its answer: a call the upstream says has ended is settled from that answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::Value;
+
+use crate::clock::SharedClock;
+use crate::config::{ReconcileSettings, RelaySettings};
+use crate::error::GatewayError;
+use crate::state::{CallEvent, CallRecord, StateStore, StoreError};
+use crate::upstream::Upstream;
+
+/// See the module docs.
+pub struct Lifecycle {
+    pub store: Arc<dyn StateStore>,
+    pub clock: SharedClock,
+    pub upstream: Arc<Upstream>,
+    pub reconcile: ReconcileSettings,
+    pub final_statuses: Vec<String>,
+}
+
+impl Lifecycle {
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        clock: SharedClock,
+        upstream: Arc<Upstream>,
+        reconcile: ReconcileSettings,
+        relay: &RelaySettings,
+    ) -> Self {
+        Lifecycle {
+            store,
+            clock,
+            upstream,
+            reconcile,
+            final_statuses: relay.final_statuses.clone(),
+        }
+    }
+
+    /// Settle lapsed leases and purge expired idempotency records; returns the calls settled.
+    pub async fn sweep(&self) -> Result<Vec<CallRecord>, StoreError> {
+        let now = self.clock.now().as_microsecond();
+        let expired = self.store.expire_leases(now).await?;
+        for record in &expired {
+            tracing::warn!(
+                target: "audit",
+                tenant = %record.tenant,
+                call_id = record.call_id.as_deref().unwrap_or(""),
+                reservation = %record.reservation_id,
+                charged = record.charged,
+                "lease expired: settled at the full hold"
+            );
+        }
+        self.store.purge_idempotency(now).await?;
+        Ok(expired)
+    }
+
+    /// Read a call object's status and duration (the call object's own field names).
+    pub fn event_from_object(&self, object: &Value) -> Option<CallEvent> {
+        let status = object.get("status")?.as_str()?.to_string();
+        Some(CallEvent {
+            call_id: object.get("id").and_then(Value::as_str).map(str::to_string),
+            is_final: self.final_statuses.iter().any(|f| f == &status),
+            duration: object.get("duration").and_then(Value::as_i64),
+            status,
+        })
+    }
+
+    /// Ask the upstream about one call and apply its answer.
+    pub async fn refresh(&self, call_id: &str) -> Result<Option<CallRecord>, GatewayError> {
+        let path = format!("/v1/calls/{call_id}");
+        let response = self
+            .upstream
+            .send(Method::GET, &path, None, &uuid::Uuid::now_v7().to_string())
+            .await?;
+        if !response.status().is_success() {
+            return Ok(None);
+        }
+        let object: Value = serde_json::from_slice(response.body()).unwrap_or_default();
+        let Some(event) = self.event_from_object(&object) else {
+            return Ok(None);
+        };
+        let now = self.clock.now().as_microsecond();
+        let record = self
+            .store
+            .apply_upstream_state(call_id, event, Some(object), now)
+            .await?;
+        Ok(record)
+    }
+
+    /// Look up quiet calls at the upstream; returns how many were settled.
+    pub async fn reconcile(&self) -> Result<usize, StoreError> {
+        if !self.reconcile.enabled {
+            return Ok(0);
+        }
+        let now = self.clock.now().as_microsecond();
+        let quiet_since = now - (self.reconcile.quiet_after_secs as i64) * 1_000_000;
+        let mut settled = 0;
+        for call in self.store.quiet_calls(quiet_since, 100).await? {
+            let Some(call_id) = call.call_id.as_deref() else {
+                continue;
+            };
+            match self.refresh(call_id).await {
+                Ok(Some(record)) if !record.live => {
+                    settled += 1;
+                    tracing::info!(
+                        target: "audit",
+                        tenant = %record.tenant,
+                        call_id,
+                        status = %record.status,
+                        charged = record.charged,
+                        "settled by reconciliation"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(call_id, error = %e, "reconciliation failed"),
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Run the sweeper and the reconciler until the returned handle is aborted.
+    pub fn spawn(self: Arc<Self>, sweep_every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(sweep_every);
+            let mut reconcile =
+                tokio::time::interval(Duration::from_millis(self.reconcile.interval_ms.max(100)));
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = sweep.tick() => {
+                        if let Err(e) = self.sweep().await {
+                            tracing::error!(error = %e, "lease sweep failed");
+                        }
+                    }
+                    _ = reconcile.tick() => {
+                        if let Err(e) = self.reconcile().await {
+                            tracing::error!(error = %e, "reconciliation failed");
+                        }
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,336 @@
+//! Stage 9: admission. First the tenant's request-rate limit (GCRA, via `governor`, on the
+//! injected clock), then one atomic step in the state store that takes a concurrency slot (under
+//! the tenant's limit and the account-wide cap) and holds the call's worst-case cost
+//! (`max_duration` in started increments x price) against the tenant's budget. A refusal takes
+//! nothing; a request refused by an earlier stage never got here, so it consumed no quota.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::Response;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+
+use super::CallRequest;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError};
+use crate::policy::Tenant;
+use crate::state::{AdmitOutcome, AdmitRequest, BudgetTerms, StateStore};
+
+/// `governor`'s view of our clock.
+#[derive(Debug, Clone)]
+pub struct GovernorClock(pub SharedClock);
+
+impl governor::clock::Clock for GovernorClock {
+    type Instant = governor::nanos::Nanos;
+    fn now(&self) -> Self::Instant {
+        let micros = self.0.now().as_microsecond().max(0) as u64;
+        governor::nanos::Nanos::from(micros.saturating_mul(1_000))
+    }
+}
+
+type Limiter =
+    RateLimiter<NotKeyed, InMemoryState, GovernorClock, NoOpMiddleware<governor::nanos::Nanos>>;
+
+/// A tenant's limiter and the (rate, burst) it was made for.
+type LimiterEntry = ((u32, u32), Arc<Limiter>);
+
+/// Per-tenant request-rate limiters, made on first use and remade when the policy's rate changes.
+#[derive(Debug)]
+pub struct RateLimits {
+    clock: GovernorClock,
+    limiters: Mutex<HashMap<String, LimiterEntry>>,
+}
+
+impl RateLimits {
+    pub fn new(clock: SharedClock) -> Self {
+        RateLimits {
+            clock: GovernorClock(clock),
+            limiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Take one request from the tenant's allowance, or say how long until one is free.
+    pub fn check(&self, tenant: &Tenant) -> Result<(), Duration> {
+        let Some(rpm) = tenant.limits.requests_per_minute else {
+            return Ok(());
+        };
+        let burst = tenant.limits.burst.unwrap_or((rpm / 6).max(1));
+        let limiter = {
+            let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&tenant.id) {
+                Some((terms, l)) if *terms == (rpm, burst) => l.clone(),
+                _ => {
+                    let period = Duration::from_nanos(60_000_000_000 / u64::from(rpm.max(1)));
+                    let quota = Quota::with_period(period)
+                        .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
+                        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+                    let l = Arc::new(RateLimiter::direct_with_clock(quota, self.clock.clone()));
+                    map.insert(tenant.id.clone(), ((rpm, burst), l.clone()));
+                    l
+                }
+            }
+        };
+        limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+/// A slot and hold taken for a call.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub id: String,
+    /// The relay token handed to the upstream in the webhook URL (only its hash is stored).
+    pub token: String,
+    pub max_duration: u32,
+}
+
+/// Releases a reservation that was neither bound nor released (a panic, a cancelled task).
+#[derive(Debug)]
+pub struct ReservationGuard {
+    id: String,
+    store: Option<Arc<dyn StateStore>>,
+}
+
+impl ReservationGuard {
+    /// The reservation was bound or released: stand down.
+    pub fn disarm(&mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            tracing::warn!(reservation = %self.id, "reservation dropped unsettled; releasing");
+            store.release_detached(&self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for dyn StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateStore")
+    }
+}
+
+/// SHA-256 (hex) of a relay token, as stored.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// What admission needs besides the request.
+#[derive(Clone)]
+pub struct AdmissionContext {
+    pub store: Arc<dyn StateStore>,
+    pub clock: SharedClock,
+    pub rate_limits: Arc<RateLimits>,
+    pub account_max_concurrent: u32,
+    /// Lease of a reservation not yet bound: the upstream's timeout plus `max_duration` + grace,
+    /// since the upstream may place the call even if its answer never arrives.
+    pub pending_lease_extra: Duration,
+}
+
+/// Adds [`Admission`].
+#[derive(Clone)]
+pub struct AdmissionLayer(AdmissionContext);
+
+impl AdmissionLayer {
+    pub fn new(ctx: AdmissionContext) -> Self {
+        AdmissionLayer(ctx)
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Admission {
+            ctx: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Admission<S> {
+    ctx: AdmissionContext,
+    inner: S,
+}
+
+impl<S> Service<CallRequest> for Admission<S>
+where
+    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: CallRequest) -> Self::Future {
+        let ctx = self.ctx.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let refuse = |span: &tracing::Span, e: GatewayError| {
+                span.record("stage", "admission");
+                e
+            };
+            let tenant = req.tenant()?.clone();
+            let call = req
+                .call
+                .as_ref()
+                .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
+            if let Err(wait) = ctx.rate_limits.check(&tenant) {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Err(refuse(
+                    &req.span,
+                    GatewayError::RateLimitExceeded {
+                        message: format!(
+                            "request rate limit of {} per minute exceeded",
+                            tenant.limits.requests_per_minute.unwrap_or(0)
+                        ),
+                        retry_after: Some(secs.max(1)),
+                    },
+                ));
+            }
+            let max_duration = call.max_duration.unwrap_or(tenant.default_max_duration);
+            let region = req.destination.as_ref().and_then(|d| d.region.as_deref());
+            let budget = &tenant.budget;
+            let hold = budget.hold_for(max_duration, region);
+            let now = ctx.clock.now().as_microsecond();
+            let lease = now
+                + i64::from(max_duration) * 1_000_000
+                + ctx.pending_lease_extra.as_micros() as i64;
+            let token = hex::encode(rand::random::<[u8; 32]>());
+            let reservation_id = uuid::Uuid::now_v7().to_string();
+            let outcome = ctx
+                .store
+                .admit(AdmitRequest {
+                    reservation_id: reservation_id.clone(),
+                    tenant: tenant.id.clone(),
+                    token_hash: token_hash(&token),
+                    tenant_max_concurrent: tenant.limits.max_concurrent_calls,
+                    account_max_concurrent: ctx.account_max_concurrent,
+                    budget: budget.credits.map(|credits| BudgetTerms {
+                        credits,
+                        period: budget.period,
+                        timezone: budget.timezone.clone(),
+                    }),
+                    hold,
+                    price: budget.price_for(region),
+                    increment_secs: budget.increment_secs,
+                    max_duration,
+                    lease_expires_at: lease,
+                    now,
+                    tenant_webhook: call.webhook_url.clone(),
+                })
+                .await?;
+            match outcome {
+                AdmitOutcome::Admitted => {}
+                AdmitOutcome::TenantSlotsFull { limit } => {
+                    return Err(refuse(
+                        &req.span,
+                        GatewayError::RateLimitExceeded {
+                            message: format!(
+                                "concurrency limit of {limit} calls in flight reached"
+                            ),
+                            retry_after: None,
+                        },
+                    ));
+                }
+                AdmitOutcome::AccountSlotsFull { limit } => {
+                    return Err(refuse(
+                        &req.span,
+                        GatewayError::RateLimitExceeded {
+                            message: format!(
+                                "the shared account's limit of {limit} calls in flight is reached"
+                            ),
+                            retry_after: None,
+                        },
+                    ));
+                }
+                AdmitOutcome::InsufficientCredits { needed, available } => {
+                    return Err(refuse(
+                        &req.span,
+                        GatewayError::InsufficientCredits(format!(
+                            "the call may cost up to {needed} credits; {available} are available"
+                        )),
+                    ));
+                }
+            }
+            tracing::info!(
+                target: "audit",
+                tenant = %tenant.id,
+                reservation = %reservation_id,
+                hold,
+                max_duration,
+                "admitted"
+            );
+            req.reservation_guard = Some(ReservationGuard {
+                id: reservation_id.clone(),
+                store: Some(ctx.store.clone()),
+            });
+            req.reservation = Some(Reservation {
+                id: reservation_id,
+                token,
+                max_duration,
+            });
+            inner.call(req).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::policy::tests::fixture_policies;
+
+    #[test]
+    fn the_rate_limit_follows_the_injected_clock() {
+        let clock = ManualClock::new("2026-01-05T17:00:00Z".parse().unwrap());
+        let limits = RateLimits::new(clock.clone());
+        let p = fixture_policies();
+        let acme = &p.tenants["acme"];
+        let rpm = acme.limits.requests_per_minute.unwrap();
+        let burst = acme.limits.burst.unwrap();
+        for _ in 0..burst {
+            limits.check(acme).unwrap();
+        }
+        let wait = limits.check(acme).unwrap_err();
+        assert!(
+            wait <= Duration::from_secs(60 / u64::from(rpm) + 1),
+            "{wait:?}"
+        );
+        clock.advance(wait);
+        limits.check(acme).unwrap();
+        assert!(limits.check(acme).is_err());
+    }
+
+    #[test]
+    fn holds_are_the_worst_case_in_started_increments() {
+        let p = fixture_policies();
+        let budget = &p.tenants["acme"].budget;
+        assert_eq!(budget.hold_for(600, Some("US")), 10);
+        assert_eq!(budget.hold_for(61, Some("US")), 2);
+        assert_eq!(budget.hold_for(60, Some("CA")), 2);
+    }
+}

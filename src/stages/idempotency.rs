@@ -1,0 +1,198 @@
+//! Stage 8: idempotency. A `POST /v1/calls` with an `Idempotency-Key` is answered once: a retry
+//! with the same key and the same body gets the first answer again (`Idempotent-Replayed: true`)
+//! and never places a second call, also while the first is still in flight (the retry waits for
+//! it). The same key with another body is `409 idempotency_conflict`. Keys are per tenant and kept
+//! `idempotency.ttl_secs`. Answers worth retrying (rate limits, credits, gateway-side failures)
+//! are not kept: the key is freed so that a retry can succeed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+
+use super::CallRequest;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError};
+use crate::state::{IdempotencyBegin, StateStore, StoredResponse};
+
+/// The request header.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on replayed answers.
+pub const REPLAYED: &str = "idempotent-replayed";
+
+/// What idempotency needs.
+#[derive(Clone)]
+pub struct IdempotencyContext {
+    pub store: Arc<dyn StateStore>,
+    pub clock: SharedClock,
+    pub ttl: Duration,
+    /// How long a retry waits for the first request with its key to finish.
+    pub wait: Duration,
+}
+
+/// Adds [`Idempotency`].
+#[derive(Clone)]
+pub struct IdempotencyLayer(IdempotencyContext);
+
+impl IdempotencyLayer {
+    pub fn new(ctx: IdempotencyContext) -> Self {
+        IdempotencyLayer(ctx)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            ctx: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    ctx: IdempotencyContext,
+    inner: S,
+}
+
+/// The key from the headers, checked: 1-255 visible ASCII characters.
+fn key_of(req: &CallRequest) -> Result<Option<String>, GatewayError> {
+    let Some(value) = req.headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let bad = || {
+        GatewayError::invalid(
+            "Idempotency-Key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+    };
+    let key = value.to_str().map_err(|_| bad())?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// Whether an answer is final for its key (a retry should see it again) or worth retrying.
+fn is_final(status: StatusCode) -> bool {
+    !(status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::PAYMENT_REQUIRED
+        || status.is_server_error())
+}
+
+fn replay(stored: StoredResponse) -> Response<Body> {
+    let mut response = Response::new(Body::from(stored.body));
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    if let Ok(ct) = HeaderValue::from_str(&stored.content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+impl<S> Service<CallRequest> for Idempotency<S>
+where
+    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: CallRequest) -> Self::Future {
+        let ctx = self.ctx.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let Some(key) = key_of(&req)? else {
+                return inner.call(req).await;
+            };
+            let tenant = req.tenant()?.id.clone();
+            // The body as the tenant sent it, canonicalised (key order, whitespace).
+            let canonical = serde_json::from_slice::<serde_json::Value>(&req.body)
+                .map(|v| v.to_string().into_bytes())
+                .unwrap_or_else(|_| req.body.to_vec());
+            let body_hash = hex::encode(Sha256::digest(&canonical));
+            let deadline = tokio::time::Instant::now() + ctx.wait;
+            loop {
+                let now = ctx.clock.now().as_microsecond();
+                let expires = now + ctx.ttl.as_micros() as i64;
+                match ctx
+                    .store
+                    .idempotency_begin(&tenant, &key, &body_hash, now, expires)
+                    .await?
+                {
+                    IdempotencyBegin::Proceed => break,
+                    IdempotencyBegin::Replay(stored) => {
+                        req.span.record("decision", "replayed");
+                        return Ok(replay(stored));
+                    }
+                    IdempotencyBegin::Conflict => {
+                        req.span.record("stage", "idempotency");
+                        return Err(GatewayError::IdempotencyConflict(
+                            "this Idempotency-Key was used with a different request body".into(),
+                        ));
+                    }
+                    IdempotencyBegin::InFlight => {
+                        if tokio::time::Instant::now() >= deadline {
+                            req.span.record("stage", "idempotency");
+                            return Err(GatewayError::IdempotencyConflict(
+                                "a request with this Idempotency-Key is still in progress".into(),
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let result = inner.call(req).await;
+            let response = match result {
+                Ok(response) if is_final(response.status()) => response,
+                other => {
+                    ctx.store.idempotency_abandon(&tenant, &key).await?;
+                    return other;
+                }
+            };
+            let (parts, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let content_type = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/json")
+                .to_string();
+            ctx.store
+                .idempotency_complete(
+                    &tenant,
+                    &key,
+                    StoredResponse {
+                        status: parts.status.as_u16(),
+                        body: bytes.to_vec(),
+                        content_type,
+                    },
+                )
+                .await?;
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! Stage 11: record. Wraps the forward stage: when the upstream accepts the call, the reservation's
+//! slot and hold are bound to the upstream's call id with a lease ending at `max_duration` + grace;
+//! when it refuses, fails or times out, they are released at once and nothing is charged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Response;
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+use super::CallRequest;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError};
+use crate::state::StateStore;
+
+/// Adds [`Record`].
+#[derive(Clone)]
+pub struct RecordLayer {
+    store: Arc<dyn StateStore>,
+    clock: SharedClock,
+    grace: Duration,
+}
+
+impl RecordLayer {
+    pub fn new(store: Arc<dyn StateStore>, clock: SharedClock, grace: Duration) -> Self {
+        RecordLayer {
+            store,
+            clock,
+            grace,
+        }
+    }
+}
+
+impl<S> Layer<S> for RecordLayer {
+    type Service = Record<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Record {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Record<S> {
+    layer: RecordLayer,
+    inner: S,
+}
+
+impl<S> Service<CallRequest> for Record<S>
+where
+    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: CallRequest) -> Self::Future {
+        let RecordLayer {
+            store,
+            clock,
+            grace,
+        } = self.layer.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let Some((id, max_duration)) = req
+                .reservation
+                .as_ref()
+                .map(|r| (r.id.clone(), r.max_duration))
+            else {
+                return inner.call(req).await;
+            };
+            let span = req.span.clone();
+            // Hold the drop guard here: it stands down only once the reservation is bound or
+            // released.
+            let mut req = req;
+            let mut guard = req.reservation_guard.take();
+            let result = inner.call(req).await;
+            let accepted = matches!(&result, Ok(response) if response.status().is_success());
+            if !accepted {
+                let released = store.release(&id).await;
+                if let Some(g) = guard.as_mut() {
+                    g.disarm();
+                }
+                released?;
+                tracing::info!(target: "audit", reservation = %id, "released: the upstream did not place the call");
+                return result;
+            }
+            let response = result?;
+            let (parts, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let object: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            match object.get("id").and_then(|v| v.as_str()) {
+                Some(call_id) => {
+                    let now = clock.now().as_microsecond();
+                    let lease =
+                        now + i64::from(max_duration) * 1_000_000 + grace.as_micros() as i64;
+                    store.bind(&id, call_id, object.clone(), lease, now).await?;
+                    span.record("call_id", call_id);
+                    tracing::info!(target: "audit", reservation = %id, call_id, "bound");
+                }
+                None => {
+                    // Accepted, but with no id we cannot follow the call: keep the slot and hold
+                    // until the lease ends rather than free what may be in use.
+                    tracing::error!(reservation = %id, "the upstream accepted the call without an id; holding until the lease ends");
+                }
+            }
+            if let Some(g) = guard.as_mut() {
+                g.disarm();
+            }
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        })
+    }
+}

@@ -1,0 +1,345 @@
+//! Durable state: concurrency slots, credit holds, spend, call records and idempotency records.
+//!
+//! One [`StateStore`] trait; the embedded SQLite backend ([`sqlite::SqliteStore`]) is the default.
+//! Every operation that changes accounting is one atomic step in the store, so two requests can
+//! never both take the last slot or the last credit, and each is durable before the gateway acts
+//! on it. Times are passed in (from the injected clock), never read inside the store.
+//!
+//! A call's accounting life:
+//!
+//! ```text
+//! admit ──> (forward) ──> bind ──> event(s) ──> settle (final event, reconciliation)
+//!   │                      │                └─> expire (lease ends: settled at the full hold)
+//!   └── refused: nothing taken          release (upstream error, timeout, failure): nothing kept
+//! ```
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A boxed store future.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The store failed (I/O, corruption, closed). Requests that need it are answered 500.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<StoreError> for crate::error::GatewayError {
+    fn from(e: StoreError) -> Self {
+        crate::error::GatewayError::Internal(e.to_string())
+    }
+}
+
+/// How often a budget starts afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// Never: a fixed allowance.
+    #[default]
+    None,
+    Daily,
+    Monthly,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::None => "none",
+            Period::Daily => "daily",
+            Period::Monthly => "monthly",
+        }
+    }
+
+    pub fn parse(s: &str) -> Period {
+        match s {
+            "daily" => Period::Daily,
+            "monthly" => Period::Monthly,
+            _ => Period::None,
+        }
+    }
+
+    /// The start (unix microseconds) of the period containing `now`, in `tz`.
+    pub fn start(self, tz: &str, now_us: i64) -> i64 {
+        let Ok(ts) = jiff::Timestamp::from_microsecond(now_us) else {
+            return 0;
+        };
+        let Ok(zoned) = ts.in_tz(tz) else {
+            return 0;
+        };
+        let start = match self {
+            Period::None => return 0,
+            Period::Daily => zoned.start_of_day(),
+            Period::Monthly => zoned.first_of_month().and_then(|z| z.start_of_day()),
+        };
+        start.map(|z| z.timestamp().as_microsecond()).unwrap_or(0)
+    }
+}
+
+/// A tenant's budget terms, as its policy says now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetTerms {
+    /// Credits per period.
+    pub credits: i64,
+    pub period: Period,
+    /// IANA zone in which periods start.
+    pub timezone: String,
+}
+
+/// Everything admission needs, decided by the caller from the tenant's policy.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    /// The gateway's id for this reservation (a UUIDv7).
+    pub reservation_id: String,
+    pub tenant: String,
+    /// SHA-256 (hex) of the call's relay token.
+    pub token_hash: String,
+    /// The tenant's concurrency limit; `None`: only the account-wide cap applies.
+    pub tenant_max_concurrent: Option<u32>,
+    pub account_max_concurrent: u32,
+    /// `None`: no budget (spend is still recorded).
+    pub budget: Option<BudgetTerms>,
+    /// Credits held: the worst-case cost.
+    pub hold: i64,
+    /// Credits per billing increment, and the increment, for settlement.
+    pub price: i64,
+    pub increment_secs: u32,
+    pub max_duration: u32,
+    /// When the slot and hold lapse if nothing else ends them.
+    pub lease_expires_at: i64,
+    pub now: i64,
+    /// The tenant's own webhook, to relay events to.
+    pub tenant_webhook: Option<String>,
+}
+
+/// Admission's verdict. A refusal took nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmitOutcome {
+    Admitted,
+    TenantSlotsFull { limit: u32 },
+    AccountSlotsFull { limit: u32 },
+    InsufficientCredits { needed: i64, available: i64 },
+}
+
+/// A call as the gateway records it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    pub reservation_id: String,
+    pub tenant: String,
+    /// The upstream's call id, once bound.
+    pub call_id: Option<String>,
+    /// `pending` until the upstream answers; then the upstream's status; `expired` when the lease
+    /// ran out.
+    pub status: String,
+    /// The call object the upstream returned.
+    pub object: Option<Value>,
+    /// Whether the call still holds a concurrency slot (and its hold).
+    pub live: bool,
+    pub hold: i64,
+    pub charged: i64,
+    pub duration: Option<i64>,
+    pub max_duration: i64,
+    pub lease_expires_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub tenant_webhook: Option<String>,
+}
+
+impl CallRecord {
+    /// The call object as a tenant sees it: the upstream's object with the current status.
+    pub fn public_view(&self) -> Value {
+        let mut object = self.object.clone().unwrap_or_else(|| serde_json::json!({}));
+        if let Some(map) = object.as_object_mut() {
+            if let Some(id) = &self.call_id {
+                map.insert("id".into(), Value::String(id.clone()));
+            }
+            map.insert("status".into(), Value::String(self.status.clone()));
+            if let Some(d) = self.duration {
+                map.insert("duration".into(), Value::from(d));
+            }
+        }
+        object
+    }
+}
+
+/// A call event, read from the upstream's webhook payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallEvent {
+    pub call_id: Option<String>,
+    pub status: String,
+    /// Talk time, seconds.
+    pub duration: Option<i64>,
+    /// Whether `status` ends the call.
+    pub is_final: bool,
+}
+
+/// What an event did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    /// No call has this token: refused, nothing changed.
+    UnknownToken,
+    /// The event names another call than the token's: refused, nothing changed.
+    CallMismatch,
+    /// Applied; `settled` when this event ended the call's accounting.
+    Applied {
+        record: Box<CallRecord>,
+        settled: bool,
+    },
+}
+
+/// A tenant's live usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Concurrency slots held.
+    pub slots: i64,
+    /// Credits held by live calls.
+    pub holds: i64,
+    /// Credits spent in the current period.
+    pub spent: i64,
+    /// Start of the current period (unix microseconds; 0 for `none`).
+    pub period_start: i64,
+}
+
+/// A stored answer to replay for an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub content_type: String,
+}
+
+/// The state of an idempotency key when a request arrives with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// New (or expired): this request owns the key now.
+    Proceed,
+    /// Done before: replay this.
+    Replay(StoredResponse),
+    /// Another request with the key is in flight.
+    InFlight,
+    /// The key was used with a different body.
+    Conflict,
+}
+
+/// The durable state behind admission, the lifecycle and idempotency.
+pub trait StateStore: Send + Sync + 'static {
+    /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
+    fn admit(&self, req: AdmitRequest) -> StoreFuture<'_, AdmitOutcome>;
+    /// The upstream accepted the call: bind the reservation to its id, object and lease.
+    fn bind(
+        &self,
+        reservation_id: &str,
+        call_id: &str,
+        object: Value,
+        lease_expires_at: i64,
+        now: i64,
+    ) -> StoreFuture<'_, ()>;
+    /// The call was not placed: free the slot and the hold, charge nothing, forget the reservation.
+    fn release(&self, reservation_id: &str) -> StoreFuture<'_, ()>;
+    /// [`StateStore::release`] without waiting, for drop guards.
+    fn release_detached(&self, reservation_id: &str);
+    /// Apply an event received on the relay with this token's hash.
+    fn record_event(
+        &self,
+        token_hash: &str,
+        event: CallEvent,
+        now: i64,
+    ) -> StoreFuture<'_, EventOutcome>;
+    /// Apply the upstream's view of a call (reconciliation, refresh on read).
+    fn apply_upstream_state(
+        &self,
+        call_id: &str,
+        event: CallEvent,
+        object: Option<Value>,
+        now: i64,
+    ) -> StoreFuture<'_, Option<CallRecord>>;
+    /// Settle every call whose lease ended by `now` at its full hold; returns them.
+    fn expire_leases(&self, now: i64) -> StoreFuture<'_, Vec<CallRecord>>;
+    /// Live calls bound to an upstream id and not updated since `quiet_since`.
+    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'_, Vec<CallRecord>>;
+    /// One of a tenant's calls by upstream id.
+    fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'_, Option<CallRecord>>;
+    /// A tenant's bound calls, newest first, after the reservation id `before` if given.
+    fn list_calls(
+        &self,
+        tenant: &str,
+        limit: usize,
+        before: Option<String>,
+    ) -> StoreFuture<'_, Vec<CallRecord>>;
+    /// A tenant's slots, holds and spend.
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'_, Usage>;
+    /// Claim or look up an idempotency key.
+    fn idempotency_begin(
+        &self,
+        tenant: &str,
+        key: &str,
+        body_hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreFuture<'_, IdempotencyBegin>;
+    /// Store the answer for a claimed key.
+    fn idempotency_complete(
+        &self,
+        tenant: &str,
+        key: &str,
+        response: StoredResponse,
+    ) -> StoreFuture<'_, ()>;
+    /// Give a claimed key up (the request failed in a way worth retrying).
+    fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'_, ()>;
+    /// Forget idempotency records that expired by `now`.
+    fn purge_idempotency(&self, now: i64) -> StoreFuture<'_, usize>;
+}
+
+/// Credits charged for `duration` seconds: started increments times the price, capped by the hold.
+pub fn charge_for(duration: i64, increment_secs: i64, price: i64, hold: i64) -> i64 {
+    let increment = increment_secs.max(1);
+    let increments = (duration.max(0) + increment - 1) / increment;
+    (increments * price).min(hold)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_round_up_to_the_increment_and_stop_at_the_hold() {
+        assert_eq!(charge_for(0, 60, 2, 100), 0);
+        assert_eq!(charge_for(1, 60, 2, 100), 2);
+        assert_eq!(charge_for(60, 60, 2, 100), 2);
+        assert_eq!(charge_for(61, 60, 2, 100), 4);
+        assert_eq!(charge_for(10_000, 60, 2, 20), 20);
+        assert_eq!(charge_for(7, 1, 3, 100), 21);
+    }
+
+    #[test]
+    fn periods_start_in_their_zone() {
+        let now = jiff::Timestamp::from_second(1_767_650_400).unwrap(); // 2026-01-05T22:00Z
+        let us = now.as_microsecond();
+        let day_ny = Period::Daily.start("America/New_York", us);
+        assert_eq!(
+            jiff::Timestamp::from_microsecond(day_ny)
+                .unwrap()
+                .to_string(),
+            "2026-01-05T05:00:00Z"
+        );
+        let month_tokyo = Period::Monthly.start("Asia/Tokyo", us);
+        // 07:00 on the 6th in Tokyo: still January there; the month began at 2025-12-31T15:00Z.
+        assert_eq!(
+            jiff::Timestamp::from_microsecond(month_tokyo)
+                .unwrap()
+                .to_string(),
+            "2025-12-31T15:00:00Z"
+        );
+        assert_eq!(Period::None.start("UTC", us), 0);
+    }
+}
