@@ -311,6 +311,102 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+    use crate::policy::Policies;
+    use crate::policy::tests::tree;
+    use crate::state::sqlite::{SqliteStore, Synchronous};
+
+    const TENANT: &str = r#"key_sha256 = ["a2fb8545fcd457204e9fee11be92013aa3240b1b146fe262ba608fdfc159041c"]
+[agents]
+allow = ["agent_abc123"]
+"#;
+
+    /// A receiver on loopback that counts what it gets.
+    async fn receiver() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    #[tokio::test]
+    async fn deliveries_to_private_addresses_need_the_host_named_explicitly() {
+        let guarded_toml = format!(
+            "id = \"guarded\"\n{TENANT}[webhooks]\nallowed_hosts = [\"*.0.0.1\", \"*.localhost\"]\nsecret = \"s\"\n"
+        );
+        let named_toml = format!(
+            "id = \"named\"\n{}[webhooks]\nallowed_hosts = [\"127.0.0.1\", \"localhost\"]\nsecret = \"s\"\n",
+            TENANT.replace("a2fb", "b2fb")
+        );
+        let dir = tree(&[
+            ("guarded.toml", guarded_toml.as_str()),
+            ("named.toml", named_toml.as_str()),
+        ]);
+        let policies = PolicyHandle::new(Policies::load(dir.path(), b"k").unwrap());
+        let state = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SqliteStore::open(&state.path().join("s.db"), Synchronous::Normal).unwrap());
+        let settings = RelaySettings {
+            delivery_attempts: 1,
+            ..Default::default()
+        };
+        let relay = Relay::new(store, Arc::new(SystemClock), policies.clone(), settings);
+        let (addr, hits) = receiver().await;
+        let current = policies.current();
+        let (guarded, named) = (&current.tenants["guarded"], &current.tenants["named"]);
+        let by_ip = format!("http://127.0.0.1:{}/hook", addr.port());
+        assert!(
+            !relay
+                .deliver(guarded, &by_ip, Bytes::from_static(b"{}"))
+                .await
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(
+            relay
+                .deliver(named, &by_ip, Bytes::from_static(b"{}"))
+                .await
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // By name: the resolver drops loopback answers unless a policy names the host.
+        let mut resolver = GuardedResolver {
+            policies: policies.clone(),
+        };
+        let name: Name = "localhost".parse().unwrap();
+        assert!(tower::Service::call(&mut resolver, name).await.is_ok());
+        let unnamed = PolicyHandle::new(
+            Policies::load(
+                tree(&[("guarded.toml", guarded_toml.as_str())]).path(),
+                b"k",
+            )
+            .unwrap(),
+        );
+        let mut resolver = GuardedResolver { policies: unnamed };
+        let name: Name = "localhost".parse().unwrap();
+        let err = tower::Service::call(&mut resolver, name).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    }
 
     #[test]
     fn signatures_are_stripe_style() {

@@ -16,7 +16,7 @@ pub(crate) fn globex_tenant() -> Arc<Tenant> {
 }
 
 /// A policy tree with the shipped schema and the given tenant files.
-fn tree(tenants: &[(&str, &str)]) -> tempfile::TempDir {
+pub(crate) fn tree(tenants: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
     std::fs::create_dir_all(dir.path().join("schemas")).unwrap();

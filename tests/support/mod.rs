@@ -84,6 +84,7 @@ pub struct TestGateway {
     pub clock: Arc<ManualClock>,
     pub client: Client<HttpConnector, Full<Bytes>>,
     _dir: tempfile::TempDir,
+    _extra_dir: Option<tempfile::TempDir>,
 }
 
 pub struct Answer {
@@ -130,6 +131,7 @@ impl TestGateway {
             clock,
             client: http_client(),
             _dir: dir,
+            _extra_dir: None,
         }
     }
 
@@ -271,4 +273,117 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A tenant policy file for tests: key `key`, agent `agent_abc123`, caller id `+18005551234`,
+/// no rate limit, plus `extra` TOML sections.
+pub fn tenant_file(id: &str, key: &str, extra: &str) -> String {
+    use sha2::Digest;
+    format!(
+        r#"id = "{id}"
+key_sha256 = ["{hash}"]
+[numbers]
+from_allow = ["+18005551234"]
+from_default = "+18005551234"
+[agents]
+allow = ["agent_abc123"]
+{extra}
+"#,
+        hash = hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
+impl TestGateway {
+    /// The gateway on a private copy of the shipped policies plus `tenants` (file name, text),
+    /// with `extra` config appended.
+    pub async fn start_custom(tenants: &[(&str, String)], extra: &str) -> TestGateway {
+        Self::start_custom_upstream(tenants, &simulator_upstream(), extra).await
+    }
+
+    pub async fn start_custom_upstream(
+        tenants: &[(&str, String)],
+        upstream: &str,
+        extra: &str,
+    ) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = copy_policies(dir.path());
+        for (name, text) in tenants {
+            std::fs::write(policies.join("tenants").join(name), text).unwrap();
+        }
+        let text = config_text(upstream, extra).replace(
+            &repo().join("policies").display().to_string(),
+            &policies.display().to_string(),
+        );
+        let mut gw = Self::start_with_config(&text).await;
+        gw._extra_dir = Some(dir);
+        gw
+    }
+
+    pub async fn usage(&self, tenant: &str) -> callgate::state::Usage {
+        self.gateway.usage(tenant).await.unwrap()
+    }
+
+    /// Poll `usage` until `done` holds, within a bound.
+    pub async fn wait_usage(
+        &self,
+        tenant: &str,
+        done: impl Fn(&callgate::state::Usage) -> bool,
+    ) -> callgate::state::Usage {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let usage = self.usage(tenant).await;
+            if done(&usage) || tokio::time::Instant::now() >= deadline {
+                return usage;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How a deliberately broken upstream misbehaves.
+#[derive(Debug, Clone, Copy)]
+pub enum Broken {
+    /// Accepts and never answers.
+    Hang,
+    /// Answers 500 with an error body.
+    Status500,
+    /// Reads the request, starts an answer, then drops the connection mid-response.
+    ResetMidResponse,
+}
+
+/// Start a broken upstream on loopback; returns its address.
+pub async fn broken_upstream(mode: Broken) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            match mode {
+                Broken::Hang => held.push(stream),
+                Broken::Status500 | Broken::ResetMidResponse => {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf))
+                                .await;
+                        if let Broken::Status500 = mode {
+                            let body = r#"{"error":{"code":"internal","message":"boom"}}"#;
+                            let answer = format!(
+                                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = stream.write_all(answer.as_bytes()).await;
+                        } else {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"id\": \"call_")
+                                .await;
+                            drop(stream);
+                        }
+                    });
+                }
+            }
+        }
+    });
+    addr
 }
