@@ -215,6 +215,17 @@ pub struct ServerSettings {
     pub body_read_timeout_ms: u64,
     /// Time allowed for in-flight requests to finish on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Serve HTTPS with this certificate (reloaded on SIGHUP); none: plain HTTP, for use behind
+    /// a load balancer that terminates TLS.
+    pub tls: Option<TlsSettings>,
+}
+
+/// A listener's certificate chain and private key, PEM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerSettings {
@@ -226,6 +237,7 @@ impl Default for ServerSettings {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            tls: None,
         }
     }
 }
@@ -248,6 +260,16 @@ pub struct UpstreamSettings {
     /// Time for the upstream to answer a request, connection included.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    /// Extra trusted CA certificates (PEM), for private upstreams; the platform's roots stay.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP CONNECT proxy for the upstream and webhook deliveries (`http://proxy:3128`);
+    /// default: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` from the environment.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// Hosts that bypass the proxy (comma-separated, as `NO_PROXY`).
+    #[serde(default)]
+    pub no_proxy: Option<String>,
     /// Idle connections kept per host.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
@@ -470,6 +492,13 @@ impl Settings {
         };
         resolve(&mut self.policies.dir);
         resolve(&mut self.state.path);
+        if let Some(p) = self.upstream.ca_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(tls) = self.server.tls.as_mut() {
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+        }
         if let Some(p) = self.upstream.api_key_file.as_mut() {
             resolve(p);
         }
@@ -518,6 +547,16 @@ impl Settings {
                 "account_max_concurrent_calls",
                 "admission.account_max_concurrent_calls must be at least 1".into(),
             ));
+        }
+        if let Some(proxy) = &self.upstream.proxy {
+            let ok = url::Url::parse(proxy)
+                .is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some());
+            if !ok {
+                return Err(at(
+                    "proxy",
+                    format!("upstream.proxy {proxy:?} must be an http:// URL of a CONNECT proxy"),
+                ));
+            }
         }
         if let Some(public) = &self.relay.public_url
             && url::Url::parse(public).is_err()

@@ -21,4 +21,5 @@ pub mod stack;
 pub mod stages;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -121,14 +121,21 @@ async fn wait_for_signals(gateway: &Gateway) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return,
             _ = term.recv() => return,
-            _ = hup.recv() => match gateway.reload_policies() {
-                Ok(tenants) => tracing::info!(tenants, "policies reloaded"),
-                Err(errors) => {
-                    for e in errors {
-                        tracing::error!(error = %e, "policy reload refused; the old policies stay in force");
+            _ = hup.recv() => {
+                match gateway.reload_policies() {
+                    Ok(tenants) => tracing::info!(tenants, "policies reloaded"),
+                    Err(errors) => {
+                        for e in errors {
+                            tracing::error!(error = %e, "policy reload refused; the old policies stay in force");
+                        }
                     }
                 }
-            },
+                match gateway.reload_tls() {
+                    Ok(true) => tracing::info!("TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "TLS reload refused; the old certificate stays in use"),
+                }
+            }
         }
     }
 }

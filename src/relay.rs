@@ -27,6 +27,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::proxy::matcher::Matcher;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -36,7 +37,7 @@ use crate::error::{Body, GatewayError, json_response};
 use crate::policy::{PolicyHandle, Tenant};
 use crate::stages::admission::token_hash;
 use crate::state::{CallEvent, EventOutcome, StateStore};
-use crate::upstream::{ClientOptions, build_client_with, error_chain};
+use crate::upstream::{ClientOptions, ProxyConnector, build_client_with, error_chain};
 
 /// The signature header on relayed events.
 pub const SIGNATURE: &str = "callgate-signature";
@@ -94,10 +95,28 @@ fn named_explicitly(policies: &PolicyHandle, host: &str) -> bool {
     })
 }
 
-/// A resolver that drops non-public addresses unless the host is named explicitly by a policy.
+/// A resolver that drops non-public addresses unless the host is named explicitly by a policy
+/// (or is the configured egress proxy, which deliveries must reach).
 #[derive(Clone)]
 pub struct GuardedResolver {
     policies: PolicyHandle,
+    proxy_hosts: Arc<Vec<String>>,
+}
+
+/// Resolve `host`, keeping only public addresses unless `explicit`; refuse if none is left.
+async fn check_resolved(host: &str, explicit: bool) -> Result<Vec<SocketAddr>, std::io::Error> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| explicit || is_public(a.ip()))
+        .collect();
+    if allowed.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{host} resolves only to non-public addresses"),
+        ));
+    }
+    Ok(allowed)
 }
 
 impl tower::Service<Name> for GuardedResolver {
@@ -111,26 +130,17 @@ impl tower::Service<Name> for GuardedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let host = name.as_str().to_string();
-        let explicit = named_explicitly(&self.policies, &host);
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| explicit || is_public(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("{host} resolves only to non-public addresses"),
-                ));
-            }
-            Ok(allowed.into_iter())
-        })
+        let explicit = named_explicitly(&self.policies, &host)
+            || self
+                .proxy_hosts
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(&host));
+        Box::pin(async move { Ok(check_resolved(&host, explicit).await?.into_iter()) })
     }
 }
 
-type DeliveryClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+type DeliveryClient =
+    Client<HttpsConnector<ProxyConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
 
 /// Everything the relay needs.
 #[derive(Clone)]
@@ -140,32 +150,46 @@ pub struct Relay {
     policies: PolicyHandle,
     settings: Arc<RelaySettings>,
     client: DeliveryClient,
+    proxy: Option<Arc<Matcher>>,
 }
 
 impl Relay {
+    /// `options` are the upstream client's (trust roots, proxy); deliveries share them.
     pub fn new(
         store: Arc<dyn StateStore>,
         clock: SharedClock,
         policies: PolicyHandle,
         settings: RelaySettings,
+        options: &ClientOptions,
     ) -> Self {
+        // A proxied delivery connects to the proxy: its host must resolve whatever it is.
+        let proxy_hosts: Vec<String> = options
+            .proxy
+            .iter()
+            .flat_map(|m| {
+                ["http://probe.invalid/", "https://probe.invalid/"]
+                    .iter()
+                    .filter_map(|u| m.intercept(&u.parse().ok()?))
+                    .filter_map(|i| i.uri().host().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let connector = HttpConnector::new_with_resolver(GuardedResolver {
             policies: policies.clone(),
+            proxy_hosts: Arc::new(proxy_hosts),
         });
-        let client = build_client_with(
-            ClientOptions {
-                connect_timeout: Duration::from_millis(settings.delivery_timeout_ms),
-                pool_idle_timeout: Duration::from_secs(60),
-                pool_max_idle_per_host: 8,
-            },
-            connector,
-        );
+        let options = ClientOptions {
+            connect_timeout: Duration::from_millis(settings.delivery_timeout_ms),
+            ..options.clone()
+        };
+        let client = build_client_with(&options, connector);
         Relay {
             store,
             clock,
             policies,
             settings: Arc::new(settings),
             client,
+            proxy: options.proxy.clone(),
         }
     }
 
@@ -258,6 +282,24 @@ impl Relay {
                 .any(|h| h.trim_matches(['[', ']']) == host);
             if ip.is_some_and(|ip| !is_public(ip)) && !explicit {
                 tracing::warn!(tenant = %tenant.id, %host, "webhook address is not public; event not relayed");
+                return false;
+            }
+        }
+        // Through a proxy, the proxy resolves the name: check what it will find first.
+        let proxied = self.proxy.as_ref().is_some_and(|m| {
+            url.parse::<http::Uri>()
+                .ok()
+                .and_then(|u| m.intercept(&u))
+                .is_some()
+        });
+        if proxied && let Some(url::Host::Domain(host)) = parsed.host() {
+            let explicit = tenant
+                .webhooks
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host));
+            if let Err(e) = check_resolved(host, explicit).await {
+                tracing::warn!(tenant = %tenant.id, error = %e, "webhook host refused; event not relayed");
                 return false;
             }
         }
@@ -371,7 +413,14 @@ allow = ["agent_abc123"]
             delivery_attempts: 1,
             ..Default::default()
         };
-        let relay = Relay::new(store, Arc::new(SystemClock), policies.clone(), settings);
+        let options = ClientOptions::direct(Duration::from_secs(2));
+        let relay = Relay::new(
+            store,
+            Arc::new(SystemClock),
+            policies.clone(),
+            settings,
+            &options,
+        );
         let (addr, hits) = receiver().await;
         let current = policies.current();
         let (guarded, named) = (&current.tenants["guarded"], &current.tenants["named"]);
@@ -392,6 +441,7 @@ allow = ["agent_abc123"]
         // By name: the resolver drops loopback answers unless a policy names the host.
         let mut resolver = GuardedResolver {
             policies: policies.clone(),
+            proxy_hosts: Arc::default(),
         };
         let name: Name = "localhost".parse().unwrap();
         assert!(tower::Service::call(&mut resolver, name).await.is_ok());
@@ -402,7 +452,10 @@ allow = ["agent_abc123"]
             )
             .unwrap(),
         );
-        let mut resolver = GuardedResolver { policies: unnamed };
+        let mut resolver = GuardedResolver {
+            policies: unnamed,
+            proxy_hosts: Arc::default(),
+        };
         let name: Name = "localhost".parse().unwrap();
         let err = tower::Service::call(&mut resolver, name).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);

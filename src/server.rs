@@ -29,6 +29,7 @@ use crate::stages::idempotency::IdempotencyContext;
 use crate::stages::limits::BodyLimits;
 use crate::state::sqlite::SqliteStore;
 use crate::state::{StateStore, StoreError, Usage};
+use crate::tls::ReloadableTls;
 use crate::upstream::{ClientOptions, Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -60,6 +61,7 @@ pub struct Gateway {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     background: JoinHandle<()>,
+    tls: Option<Arc<ReloadableTls>>,
 }
 
 /// The key for the redaction hash: configured, or random for this process.
@@ -128,7 +130,8 @@ impl Gateway {
             &settings.state.path,
             settings.state.synchronous,
         )?);
-        let client = build_client(ClientOptions::from(&settings.upstream));
+        let client_options = ClientOptions::from_settings(&settings.upstream)?;
+        let client = build_client(&client_options);
         let upstream = Arc::new(Upstream::new(
             &base,
             key,
@@ -136,6 +139,10 @@ impl Gateway {
             settings.upstream.request_timeout(),
         ));
 
+        let tls = match &settings.server.tls {
+            Some(t) => Some(Arc::new(ReloadableTls::load(&t.cert_file, &t.key_file)?)),
+            None => None,
+        };
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(settings.server.listen)
@@ -165,11 +172,10 @@ impl Gateway {
             );
         }
         let grace = Duration::from_secs(settings.admission.lease_grace_secs);
-        let relay_base = settings
-            .relay
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
+        let relay_base = settings.relay.public_url.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{addr}")
+        });
         let service = app::<hyper::body::Incoming>(AppContext {
             policies: policies.clone(),
             upstream: upstream.clone(),
@@ -199,6 +205,7 @@ impl Gateway {
                 clock.clone(),
                 policies.clone(),
                 settings.relay.clone(),
+                &client_options,
             ),
             reader: CallReader {
                 policies: policies.clone(),
@@ -211,7 +218,14 @@ impl Gateway {
         let (stop, stopped) = oneshot::channel();
         let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
-        let task = tokio::spawn(serve(listener, service, header_timeout, grace, stopped));
+        let task = tokio::spawn(serve(
+            listener,
+            service,
+            tls.clone(),
+            header_timeout,
+            grace,
+            stopped,
+        ));
         tracing::info!(%addr, upstream = %base, "callgate listening");
         Ok(Gateway {
             addr,
@@ -225,6 +239,7 @@ impl Gateway {
             stop: Some(stop),
             task,
             background,
+            tls,
         })
     }
 
@@ -268,6 +283,15 @@ impl Gateway {
         Ok(count)
     }
 
+    /// Reload the listener's certificate and key from their files, for new connections; open
+    /// connections carry on. On error the old certificate stays. Without TLS, does nothing.
+    pub fn reload_tls(&self) -> Result<bool, ConfigError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Stop accepting, drain in-flight requests, and return.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -285,6 +309,7 @@ async fn serve(
         http::Response<crate::error::Body>,
         std::convert::Infallible,
     >,
+    tls: Option<Arc<ReloadableTls>>,
     header_timeout: Duration,
     grace: Duration,
     mut stopped: oneshot::Receiver<()>,
@@ -308,16 +333,42 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service.clone()),
-                );
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                let service = TowerToHyperService::new(service.clone());
+                match &tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let conn = graceful.watch(conn.into_owned());
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
                     }
-                });
+                    Some(tls) => {
+                        // The handshake runs in the connection's task, bounded like a header
+                        // read, so a slow client cannot stall the accept loop.
+                        let acceptor = tls.acceptor();
+                        let watcher = graceful.watcher();
+                        let builder = builder.clone();
+                        tokio::spawn(async move {
+                            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
             _ = &mut stopped => break,
         }

@@ -2,54 +2,142 @@
 //! request timeouts, and the account key. Failures are mapped to `upstream_unavailable` (502) and
 //! `upstream_timeout` (504); upstream answers, errors included, are passed through unchanged.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Secret, UpstreamSettings};
+use crate::config::{ConfigError, Secret, UpstreamSettings};
 use crate::error::{Body, GatewayError};
 
 /// Largest upstream answer the gateway will relay.
 const MAX_UPSTREAM_BODY: usize = 1024 * 1024;
 
-/// The pooled HTTP client used for the upstream (and, later, webhook deliveries).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The pooled HTTP client used for the upstream and for webhook deliveries.
+pub type HttpClient = Client<HttpsConnector<ProxyConnector<HttpConnector>>, Full<Bytes>>;
 
-/// Pool and timeout settings for [`build_client`].
-#[derive(Debug, Clone, Copy)]
+/// TLS, proxy, pool and timeout settings for [`build_client`].
+#[derive(Clone)]
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Trust roots and protocol versions.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Which destinations go through an HTTP CONNECT proxy, and which proxy.
+    pub proxy: Option<Arc<Matcher>>,
 }
 
-impl From<&UpstreamSettings> for ClientOptions {
-    fn from(s: &UpstreamSettings) -> Self {
-        ClientOptions {
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("proxy", &self.proxy.is_some())
+            .finish()
+    }
+}
+
+impl ClientOptions {
+    /// From the upstream settings: `ca_file`, `proxy` / `no_proxy` (else `HTTPS_PROXY`,
+    /// `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` from the environment), pool and timeouts.
+    pub fn from_settings(s: &UpstreamSettings) -> Result<Self, ConfigError> {
+        Ok(ClientOptions {
             connect_timeout: s.connect_timeout(),
             pool_idle_timeout: Duration::from_millis(s.pool_idle_timeout_ms),
             pool_max_idle_per_host: s.pool_max_idle_per_host,
+            tls: Arc::new(crate::tls::client_config(s.ca_file.as_deref())?),
+            proxy: Some(Arc::new(proxy_matcher(s))),
+        })
+    }
+
+    /// Platform roots, no proxy: for the simulator's own webhook deliveries.
+    pub fn direct(connect_timeout: Duration) -> Self {
+        ClientOptions {
+            connect_timeout,
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 8,
+            tls: Arc::new(crate::tls::default_client_config()),
+            proxy: None,
         }
     }
 }
 
-/// A pooled client that speaks HTTP/1.1 and HTTP/2 (ALPN) over TLS with the platform's trust
-/// roots (the bundled Mozilla roots where the platform has none), and plain HTTP.
-pub fn build_client(options: ClientOptions) -> HttpClient {
+/// The proxy rules: explicit settings win over the environment.
+pub fn proxy_matcher(s: &UpstreamSettings) -> Matcher {
+    match &s.proxy {
+        Some(proxy) => Matcher::builder()
+            .all(proxy.clone())
+            .no(s.no_proxy.clone().unwrap_or_default())
+            .build(),
+        None => Matcher::from_env(),
+    }
+}
+
+/// A connector that tunnels through an HTTP CONNECT proxy where the rules say so, and connects
+/// directly otherwise.
+#[derive(Clone)]
+pub struct ProxyConnector<C> {
+    inner: C,
+    proxy: Option<Arc<Matcher>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower::Service<Uri> for ProxyConnector<C>
+where
+    C: tower::Service<Uri> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
+        match intercept {
+            Some(intercept) => {
+                let mut tunnel = Tunnel::new(intercept.uri().clone(), self.inner.clone());
+                if let Some(auth) = intercept.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move { tunnel.call(dst).await.map_err(Into::into) })
+            }
+            None => {
+                let connecting = self.inner.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// A pooled client that speaks HTTP/1.1 and HTTP/2 (ALPN) over TLS with the configured trust
+/// roots, and plain HTTP where a URL says `http://`; through the proxy where configured.
+pub fn build_client(options: &ClientOptions) -> HttpClient {
     build_client_with(options, HttpConnector::new())
 }
 
 /// As [`build_client`], over a given TCP connector (e.g. one with a guarded resolver).
 pub fn build_client_with<R>(
-    options: ClientOptions,
+    options: &ClientOptions,
     mut http: HttpConnector<R>,
-) -> Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>
+) -> Client<HttpsConnector<ProxyConnector<HttpConnector<R>>>, Full<Bytes>>
 where
     R: tower::Service<hyper_util::client::legacy::connect::dns::Name>
         + Clone
@@ -60,36 +148,24 @@ where
     R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     R::Future: Send,
 {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_provider_and_native_roots(provider.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no platform trust roots; using the bundled Mozilla roots");
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_webpki_roots(provider)
-                .unwrap_or_else(|_| unreachable_tls())
-        }
-    };
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(options.connect_timeout));
-    let connector = builder
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*options.tls).clone())
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(ProxyConnector {
+            inner: http,
+            proxy: options.proxy.clone(),
+        });
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(options.pool_idle_timeout)
         .pool_max_idle_per_host(options.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector)
-}
-
-fn unreachable_tls() -> ! {
-    // ring supports every protocol version rustls offers; this cannot fail.
-    panic!("the ring provider does not support the default TLS versions")
 }
 
 /// The upstream calls API, with the account key.

@@ -66,6 +66,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Simulator {
     addr: SocketAddr,
     state: Arc<State>,
+    tls: bool,
 }
 
 impl std::fmt::Debug for Simulator {
@@ -79,6 +80,16 @@ impl std::fmt::Debug for Simulator {
 impl Simulator {
     /// Serve on `listener` until the process ends; requests must carry `Bearer <api_key>`.
     pub fn spawn(listener: TcpListener, settings: SimulatorSettings, api_key: String) -> Simulator {
+        Self::spawn_with_tls(listener, settings, api_key, None)
+    }
+
+    /// As [`Simulator::spawn`], serving HTTPS with `tls` when given (for tests of the TLS client).
+    pub fn spawn_with_tls(
+        listener: TcpListener,
+        settings: SimulatorSettings,
+        api_key: String,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Simulator {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -88,35 +99,55 @@ impl Simulator {
             api_key,
             calls: Mutex::new(HashMap::new()),
             received: Mutex::new(Vec::new()),
-            client: build_client(ClientOptions {
-                connect_timeout: Duration::from_secs(2),
-                pool_idle_timeout: Duration::from_secs(30),
-                pool_max_idle_per_host: 8,
-            }),
+            client: build_client(&ClientOptions::direct(Duration::from_secs(2))),
         });
         let serving = state.clone();
+        let is_tls = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = serving.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(
+                    let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    );
+                    let _ = match acceptor {
+                        None => {
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => {
+                                builder
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                    .await
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "simulator TLS handshake failed");
+                                Ok(())
+                            }
+                        },
+                    };
                 });
             }
         });
-        Simulator { addr, state }
+        Simulator {
+            addr,
+            state,
+            tls: is_tls,
+        }
     }
 
-    /// The simulator's base URL (`http://127.0.0.1:PORT`).
+    /// The simulator's base URL (`http://127.0.0.1:PORT`, `https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
