@@ -69,6 +69,23 @@ pub struct Settings {
     /// `Idempotency-Key` records.
     #[serde(default)]
     pub idempotency: IdempotencySettings,
+    /// The admin API's own listener.
+    #[serde(default)]
+    pub admin: AdminSettings,
+}
+
+/// The admin API: off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin listener (keep it private: `127.0.0.1:9091`).
+    pub listen: Option<SocketAddr>,
+    /// The admin bearer token. Prefer `CALLGATE__ADMIN__TOKEN` or `token_file`.
+    pub token: Option<Secret>,
+    /// A file holding the admin token.
+    pub token_file: Option<PathBuf>,
+    /// HTTPS on the admin listener, with its own certificate (reloaded with the tenant one).
+    pub tls: Option<TlsSettings>,
 }
 
 /// Account-wide admission.
@@ -492,6 +509,13 @@ impl Settings {
         };
         resolve(&mut self.policies.dir);
         resolve(&mut self.state.path);
+        if let Some(p) = self.admin.token_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(tls) = self.admin.tls.as_mut() {
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+        }
         if let Some(p) = self.upstream.ca_file.as_mut() {
             resolve(p);
         }
@@ -542,6 +566,21 @@ impl Settings {
                 "server.max_body_bytes and server.max_json_depth must be positive".into(),
             ));
         }
+        if self.admin.listen.is_some()
+            && self.admin.token.is_none()
+            && self.admin.token_file.is_none()
+        {
+            return Err(at(
+                "[admin]",
+                "admin.listen is set but there is no admin token: set CALLGATE__ADMIN__TOKEN or admin.token_file".into(),
+            ));
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return Err(at(
+                "token",
+                "set one of admin.token and admin.token_file, not both".into(),
+            ));
+        }
         if self.admission.account_max_concurrent_calls == 0 {
             return Err(at(
                 "account_max_concurrent_calls",
@@ -584,6 +623,15 @@ impl Settings {
         Ok(())
     }
 
+    /// The admin token, from wherever it is configured.
+    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
+        match (&self.admin.token, &self.admin.token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(file)) => read_secret_file(file).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The upstream account key, from wherever it is configured.
     pub fn upstream_key(&self) -> Result<Option<Secret>, ConfigError> {
         match (&self.upstream.api_key, &self.upstream.api_key_file) {
@@ -600,7 +648,11 @@ impl Settings {
             return Vec::new();
         };
         let mut found = Vec::new();
-        for (section, key) in [("upstream", "api_key"), ("redaction", "hash_key")] {
+        for (section, key) in [
+            ("upstream", "api_key"),
+            ("redaction", "hash_key"),
+            ("admin", "token"),
+        ] {
             if table.get(section).and_then(|s| s.get(key)).is_some() {
                 found.push(format!("{section}.{key}"));
             }

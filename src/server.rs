@@ -48,20 +48,49 @@ pub enum StartupError {
     },
 }
 
+/// Reloads what can change without a restart: the policies and the TLS certificates.
+pub struct Reloader {
+    pub policies: PolicyHandle,
+    policy_dir: PathBuf,
+    hash_key: Vec<u8>,
+    tls: Vec<Arc<ReloadableTls>>,
+}
+
+impl Reloader {
+    /// Reload the policies from disk; on any error the old policies stay in force.
+    pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
+        let policies = Policies::load(&self.policy_dir, &self.hash_key)?;
+        let count = policies.tenants.len();
+        self.policies.replace(policies);
+        Ok(count)
+    }
+
+    /// Reload every listener's certificate for new connections (open ones carry on); on error
+    /// the old certificates stay. Returns how many were reloaded.
+    pub fn reload_tls(&self) -> Result<usize, ConfigError> {
+        // Read them all before swapping any, so a bad file changes nothing.
+        for tls in &self.tls {
+            tls.check()?;
+        }
+        for tls in &self.tls {
+            tls.reload()?;
+        }
+        Ok(self.tls.len())
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     simulator: Option<Simulator>,
-    policies: PolicyHandle,
-    policy_dir: PathBuf,
-    hash_key: Vec<u8>,
+    reloader: Arc<Reloader>,
     store: Arc<dyn StateStore>,
     lifecycle: Arc<Lifecycle>,
     clock: SharedClock,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    stop: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
     background: JoinHandle<()>,
-    tls: Option<Arc<ReloadableTls>>,
 }
 
 /// The key for the redaction hash: configured, or random for this process.
@@ -226,20 +255,69 @@ impl Gateway {
             grace,
             stopped,
         ));
+        let mut stops = vec![stop];
+        let mut tasks = vec![task];
+        let mut tls_listeners: Vec<Arc<ReloadableTls>> = tls.iter().cloned().collect();
+        let reloader_policies = policies.clone();
+        let mut admin_addr = None;
+        let mut admin_pending = None;
+        if let Some(admin_listen) = settings.admin.listen {
+            let token = settings.admin_token()?.ok_or_else(|| {
+                ConfigError::new("admin", None, "admin.listen needs an admin token")
+            })?;
+            let admin_tls = match &settings.admin.tls {
+                Some(t) => Some(Arc::new(ReloadableTls::load(&t.cert_file, &t.key_file)?)),
+                None => None,
+            };
+            tls_listeners.extend(admin_tls.iter().cloned());
+            let admin_listener =
+                TcpListener::bind(admin_listen)
+                    .await
+                    .map_err(|source| StartupError::Bind {
+                        addr: admin_listen,
+                        source,
+                    })?;
+            admin_addr = admin_listener.local_addr().ok();
+            admin_pending = Some((admin_listener, token, admin_tls));
+        }
+        let reloader = Arc::new(Reloader {
+            policies: reloader_policies,
+            policy_dir: settings.policies.dir.clone(),
+            hash_key: hash_key.clone(),
+            tls: tls_listeners,
+        });
+        if let Some((admin_listener, token, admin_tls)) = admin_pending {
+            let service =
+                crate::admin::admin_app::<hyper::body::Incoming>(crate::admin::AdminContext {
+                    token,
+                    reloader: reloader.clone(),
+                    store: store.clone(),
+                    clock: clock.clone(),
+                });
+            let (admin_stop, admin_stopped) = oneshot::channel();
+            stops.push(admin_stop);
+            tasks.push(tokio::spawn(serve(
+                admin_listener,
+                service,
+                admin_tls,
+                header_timeout,
+                grace,
+                admin_stopped,
+            )));
+            tracing::info!(addr = ?admin_addr, "admin API listening");
+        }
         tracing::info!(%addr, upstream = %base, "callgate listening");
         Ok(Gateway {
             addr,
+            admin_addr,
             simulator,
-            policies,
-            policy_dir: settings.policies.dir.clone(),
-            hash_key,
+            reloader,
             store,
             lifecycle,
             clock,
-            stop: Some(stop),
-            task,
+            stop: stops,
+            tasks,
             background,
-            tls,
         })
     }
 
@@ -275,29 +353,30 @@ impl Gateway {
         self.simulator.as_ref()
     }
 
+    /// The admin listener's address, when it is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let policies = Policies::load(&self.policy_dir, &self.hash_key)?;
-        let count = policies.tenants.len();
-        self.policies.replace(policies);
-        Ok(count)
+        self.reloader.reload_policies()
     }
 
     /// Reload the listener's certificate and key from their files, for new connections; open
     /// connections carry on. On error the old certificate stays. Without TLS, does nothing.
     pub fn reload_tls(&self) -> Result<bool, ConfigError> {
-        match &self.tls {
-            Some(tls) => tls.reload().map(|()| true),
-            None => Ok(false),
-        }
+        self.reloader.reload_tls().map(|n| n > 0)
     }
 
     /// Stop accepting, drain in-flight requests, and return.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
+        for stop in self.stop.drain(..) {
             let _ = stop.send(());
         }
-        let _ = (&mut self.task).await;
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
         self.background.abort();
     }
 }

@@ -99,6 +99,11 @@ impl ReloadableTls {
         })
     }
 
+    /// Whether the files currently make a valid configuration.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        server_config(&self.cert_file, &self.key_file).map(|_| ())
+    }
+
     /// Read the files again; on error the old certificate stays in use.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let fresh = server_config(&self.cert_file, &self.key_file)?;

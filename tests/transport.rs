@@ -306,3 +306,30 @@ async fn webhook_deliveries_go_through_the_proxy_too() {
         "{targets:?}"
     );
 }
+
+#[tokio::test]
+async fn the_admin_listener_has_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = TestCa::new("admin CA").write(dir.path(), "admin");
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"adm\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let gw = TestGateway::start_with_config(&config_text(&simulator_upstream(), &extra)).await;
+    let port = gw.gateway.admin_addr().unwrap().port();
+    let client = https_client(&ca);
+    let req = Request::get(format!("https://127.0.0.1:{port}/admin/tenants"))
+        .header("authorization", "Bearer adm")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The tenant listener stays plain HTTP.
+    assert_eq!(
+        gw.send(Method::GET, "/healthz", &[], "").await.status,
+        StatusCode::OK
+    );
+    // One reload covers every listener's certificate.
+    assert!(gw.gateway.reload_tls().unwrap());
+}

@@ -1,0 +1,181 @@
+//! The admin API, on its own listener with its own token (and, optionally, its own TLS
+//! certificate): tenants, live usage, reload.
+//!
+//! ```text
+//! GET  /admin/tenants              every tenant with its limits and budget terms
+//! GET  /admin/tenants/{id}/usage   slots, holds, spend and what is left of the budget now
+//! POST /admin/reload               reload the policies and TLS certificates
+//! ```
+//!
+//! Every request needs `Authorization: Bearer <admin token>`; the token is compared by its
+//! SHA-256 digest in constant time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response, StatusCode, header};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use crate::clock::SharedClock;
+use crate::config::Secret;
+use crate::error::{Body, GatewayError, json_response};
+use crate::policy::Tenant;
+use crate::server::Reloader;
+use crate::stages::trace::TraceLayer;
+use crate::state::StateStore;
+
+/// What the admin API needs.
+#[derive(Clone)]
+pub struct AdminContext {
+    pub token: Secret,
+    pub reloader: Arc<Reloader>,
+    pub store: Arc<dyn StateStore>,
+    pub clock: SharedClock,
+}
+
+/// The admin service, with the same request ids and error envelope as the tenant API.
+pub fn admin_app<B: Send + 'static>(
+    ctx: AdminContext,
+) -> BoxCloneService<Request<B>, Response<Body>, Infallible> {
+    ServiceBuilder::new()
+        .layer(TraceLayer)
+        .service(AdminRouter(Arc::new(ctx)))
+        .boxed_clone()
+}
+
+#[derive(Clone)]
+struct AdminRouter(Arc<AdminContext>);
+
+fn authorized(ctx: &AdminContext, headers: &http::HeaderMap) -> Result<(), GatewayError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .ok_or(GatewayError::Unauthorized(
+            "missing Authorization: Bearer <admin token>",
+        ))?;
+    let a = Sha256::digest(given.trim().as_bytes());
+    let b = Sha256::digest(ctx.token.expose().as_bytes());
+    if bool::from(a.as_slice().ct_eq(b.as_slice())) {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized("invalid admin token"))
+    }
+}
+
+fn tenant_view(t: &Tenant) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "max_concurrent_calls": t.limits.max_concurrent_calls,
+        "requests_per_minute": t.limits.requests_per_minute,
+        "max_duration": t.max_duration,
+        "budget": {
+            "credits": t.budget.credits,
+            "period": t.budget.period.as_str(),
+            "timezone": t.budget.timezone,
+            "price_per_increment": t.budget.price_per_increment,
+            "increment_secs": t.budget.increment_secs,
+        },
+    })
+}
+
+impl AdminContext {
+    async fn route(&self, method: Method, path: &str) -> Result<Response<Body>, GatewayError> {
+        let policies = self.reloader.policies.current();
+        match (method, path) {
+            (Method::GET, "/admin/tenants") => {
+                let data: Vec<_> = policies.tenants.values().map(|t| tenant_view(t)).collect();
+                Ok(json_response(StatusCode::OK, &json!({ "data": data })))
+            }
+            (Method::GET, p) if p.starts_with("/admin/tenants/") && p.ends_with("/usage") => {
+                let id = &p["/admin/tenants/".len()..p.len() - "/usage".len()];
+                let tenant = policies
+                    .tenants
+                    .get(id)
+                    .ok_or(GatewayError::NotFound("no such tenant"))?;
+                let usage = self
+                    .store
+                    .usage(id, self.clock.now().as_microsecond())
+                    .await?;
+                let available = tenant
+                    .budget
+                    .credits
+                    .map(|c| (c - usage.spent - usage.holds).max(0));
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "tenant": id,
+                        "slots": usage.slots,
+                        "max_concurrent_calls": tenant.limits.max_concurrent_calls,
+                        "holds": usage.holds,
+                        "spent": usage.spent,
+                        "credits": tenant.budget.credits,
+                        "available": available,
+                        "period_start": jiff::Timestamp::from_microsecond(usage.period_start).ok().map(|t| t.to_string()),
+                    }),
+                ))
+            }
+            (Method::POST, "/admin/reload") => {
+                let tenants = self.reloader.reload_policies().map_err(|errors| {
+                    GatewayError::InvalidRequest {
+                        message: format!(
+                            "policies not reloaded; the old ones stay in force: {}",
+                            errors
+                                .iter()
+                                .map(|e| e.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
+                        param: None,
+                    }
+                })?;
+                let certificates =
+                    self.reloader
+                        .reload_tls()
+                        .map_err(|e| GatewayError::InvalidRequest {
+                            message: format!(
+                                "TLS not reloaded; the old certificates stay in use: {e}"
+                            ),
+                            param: None,
+                        })?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"tenants": tenants, "certificates": certificates}),
+                ))
+            }
+            (_, "/admin/tenants" | "/admin/reload") => Err(GatewayError::MethodNotAllowed),
+            _ => Err(GatewayError::NotFound("no such route")),
+        }
+    }
+}
+
+impl<B: Send + 'static> Service<Request<B>> for AdminRouter {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let ctx = self.0.clone();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let auth = authorized(&ctx, req.headers());
+        Box::pin(async move {
+            auth?;
+            ctx.route(method, &path).await
+        })
+    }
+}

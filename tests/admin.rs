@@ -1,0 +1,126 @@
+//! The admin API: its own listener and token, tenants, live usage, reload; TLS of its own.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use support::*;
+
+const ADMIN: &str = "admin-token-for-tests";
+
+fn admin_config(extra: &str) -> String {
+    let long = "[simulator]\nqueue_ms = 20\nring_ms = 20\ntalk_ms = 60000\n";
+    config_text(
+        &simulator_upstream(),
+        &format!("{long}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN}\"\n{extra}"),
+    )
+}
+
+async fn admin(gw: &TestGateway, method: Method, path: &str, token: &str) -> Answer {
+    let addr: SocketAddr = gw.gateway.admin_addr().unwrap();
+    let auth = format!("Bearer {token}");
+    send(
+        &gw.client,
+        addr,
+        method,
+        path,
+        &[("authorization", &auth)],
+        "",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_own_token() {
+    let gw = TestGateway::start_with_config(&admin_config("")).await;
+    assert_ne!(gw.gateway.admin_addr().unwrap(), gw.addr());
+    for token in ["", "wrong", ACME_KEY] {
+        let answer = admin(&gw, Method::GET, "/admin/tenants", token).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{token}");
+        assert_eq!(answer.code(), "unauthorized");
+    }
+    // And the admin token is no tenant key.
+    assert_eq!(
+        gw.create_call(ADMIN, &json!({})).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let tenants = admin(&gw, Method::GET, "/admin/tenants", ADMIN)
+        .await
+        .json();
+    let ids: Vec<_> = tenants["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["acme", "globex"]);
+    assert_eq!(tenants["data"][0]["max_concurrent_calls"], 5);
+}
+
+#[tokio::test]
+async fn live_usage_and_reload() {
+    let gw = TestGateway::start_with_config(&admin_config("")).await;
+    for _ in 0..2 {
+        let answer = gw
+            .create_call(
+                ACME_KEY,
+                &json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let usage = admin(&gw, Method::GET, "/admin/tenants/acme/usage", ADMIN)
+        .await
+        .json();
+    assert_eq!(usage["slots"], 2);
+    assert_eq!(usage["holds"], 20);
+    assert_eq!(usage["spent"], 0);
+    assert_eq!(usage["available"], 980);
+    assert_eq!(
+        admin(&gw, Method::GET, "/admin/tenants/nobody/usage", ADMIN)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let reload = admin(&gw, Method::POST, "/admin/reload", ADMIN).await;
+    assert_eq!(reload.status, StatusCode::OK);
+    assert_eq!(reload.json(), json!({"tenants": 2, "certificates": 0}));
+    assert_eq!(
+        admin(&gw, Method::DELETE, "/admin/reload", ADMIN)
+            .await
+            .status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_needs_a_token_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        config_text(&simulator_upstream(), "[admin]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let err = callgate::config::Settings::load_with_env(&path, Vec::new()).unwrap_err();
+    assert!(err.reason.contains("admin token"), "{err}");
+    // From a file, it is fine.
+    let token = dir.path().join("admin_token");
+    std::fs::write(&token, format!("{ADMIN}\n")).unwrap();
+    let text = config_text(
+        &simulator_upstream(),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    assert_eq!(
+        admin(&gw, Method::GET, "/admin/tenants", ADMIN)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
