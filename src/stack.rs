@@ -25,19 +25,19 @@ use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::PolicyHandle;
 use crate::relay::Relay;
-use crate::stages::StageLayer;
-use crate::stages::admission::{AdmissionContext, AdmissionLayer};
+use crate::stages::admission::AdmissionContext;
 use crate::stages::authenticate::Authenticate;
 use crate::stages::detach::DetachLayer;
 use crate::stages::fields::FieldPolicy;
 use crate::stages::forward::Forward;
-use crate::stages::idempotency::{IdempotencyContext, IdempotencyLayer};
+use crate::stages::idempotency::IdempotencyContext;
 use crate::stages::limits::{BodyLimits, LimitsLayer, read_body};
 use crate::stages::phone::PhonePolicy;
-use crate::stages::record::RecordLayer;
+use crate::stages::record::Record;
 use crate::stages::redact::Redact;
 use crate::stages::trace::{RequestSpan, TraceLayer};
 use crate::stages::validate::Validate;
+use crate::stages::{AsyncStageLayer, StageLayer};
 use crate::upstream::Upstream;
 
 /// What the request path needs.
@@ -83,15 +83,15 @@ where
         // 8a. From here a slot may be taken: a client leaving must not cut the accounting short.
         .layer(DetachLayer)
         // 8. A retried request is answered once, and never places a second call.
-        .layer(IdempotencyLayer::new(ctx.idempotency.clone()))
+        .layer(AsyncStageLayer::new(ctx.idempotency.clone()))
         // 9. Rate limit, then one atomic step: a slot and the worst-case cost, or nothing.
-        .layer(AdmissionLayer::new(ctx.admission.clone()))
+        .layer(AsyncStageLayer::new(ctx.admission.clone()))
         // 11. Bind slot and hold to the upstream's call id, or release them at once.
-        .layer(RecordLayer::new(
-            ctx.admission.store.clone(),
-            ctx.clock.clone(),
-            ctx.lease_grace,
-        ))
+        .layer(AsyncStageLayer::new(Record {
+            store: ctx.admission.store.clone(),
+            clock: ctx.clock.clone(),
+            grace: ctx.lease_grace,
+        }))
         // 10. Swap in the account key, point events at the relay, call the upstream.
         .service(Forward::new(ctx.upstream.clone(), &ctx.relay_base));
 

@@ -5,11 +5,8 @@
 //! nothing; a request refused by an earlier stage never got here, so it consumed no quota.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::clock::Clock as _;
@@ -18,9 +15,9 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::Response;
 use sha2::{Digest, Sha256};
-use tower::{Layer, Service};
+use tower::Service;
 
-use super::CallRequest;
+use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::policy::Tenant;
@@ -141,54 +138,14 @@ pub struct AdmissionContext {
     pub pending_lease_extra: Duration,
 }
 
-/// Adds [`Admission`].
-#[derive(Clone)]
-pub struct AdmissionLayer(AdmissionContext);
-
-impl AdmissionLayer {
-    pub fn new(ctx: AdmissionContext) -> Self {
-        AdmissionLayer(ctx)
-    }
-}
-
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Admission {
-            ctx: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-/// See the module docs.
-#[derive(Clone)]
-pub struct Admission<S> {
-    ctx: AdmissionContext,
-    inner: S,
-}
-
-impl<S> Service<CallRequest> for Admission<S>
-where
-    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: CallRequest) -> Self::Future {
-        let ctx = self.ctx.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl AsyncStage for AdmissionContext {
+    fn run<N>(self: Arc<Self>, mut req: CallRequest, next: N) -> StageFuture
+    where
+        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
+        N::Future: Send,
+    {
         Box::pin(async move {
+            let ctx = self;
             let refuse = |span: &tracing::Span, e: GatewayError| {
                 span.record("stage", "admission");
                 e
@@ -293,7 +250,7 @@ where
                 token,
                 max_duration,
             });
-            inner.call(req).await
+            call_next(next, req).await
         })
     }
 }

@@ -5,18 +5,15 @@
 //! `idempotency.ttl_secs`. Answers worth retrying (rate limits, credits, gateway-side failures)
 //! are not kept: the key is freed so that a retry can succeed.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use tower::{Layer, Service};
+use tower::Service;
 
-use super::CallRequest;
+use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::state::{IdempotencyBegin, StateStore, StoredResponse};
@@ -34,33 +31,6 @@ pub struct IdempotencyContext {
     pub ttl: Duration,
     /// How long a retry waits for the first request with its key to finish.
     pub wait: Duration,
-}
-
-/// Adds [`Idempotency`].
-#[derive(Clone)]
-pub struct IdempotencyLayer(IdempotencyContext);
-
-impl IdempotencyLayer {
-    pub fn new(ctx: IdempotencyContext) -> Self {
-        IdempotencyLayer(ctx)
-    }
-}
-
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Idempotency {
-            ctx: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-/// See the module docs.
-#[derive(Clone)]
-pub struct Idempotency<S> {
-    ctx: IdempotencyContext,
-    inner: S,
 }
 
 /// The key from the headers, checked: 1-255 visible ASCII characters.
@@ -100,29 +70,16 @@ fn replay(stored: StoredResponse) -> Response<Body> {
     response
 }
 
-impl<S> Service<CallRequest> for Idempotency<S>
-where
-    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: CallRequest) -> Self::Future {
-        let ctx = self.ctx.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl AsyncStage for IdempotencyContext {
+    fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
+    where
+        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
+        N::Future: Send,
+    {
         Box::pin(async move {
+            let ctx = self;
             let Some(key) = key_of(&req)? else {
-                return inner.call(req).await;
+                return call_next(next, req).await;
             };
             let tenant = req.tenant()?.id.clone();
             // The body as the tenant sent it, canonicalised (key order, whitespace).
@@ -161,7 +118,7 @@ where
                     }
                 }
             }
-            let result = inner.call(req).await;
+            let result = call_next(next, req).await;
             let response = match result {
                 Ok(response) if is_final(response.status()) => response,
                 other => {

@@ -26,7 +26,9 @@ use futures_util::future::{Either, Ready, ready};
 use http::{HeaderMap, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tower::{Layer, Service};
+use std::future::Future;
+use std::pin::Pin;
+use tower::{Layer, Service, ServiceExt};
 
 use crate::error::{Body, GatewayError};
 use crate::policy::{Policies, Tenant};
@@ -186,4 +188,91 @@ where
             }
         }
     }
+}
+
+/// The future an [`AsyncStage`] returns.
+pub type StageFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+/// A stage that must await something (the state store, the upstream's answer) and may act on
+/// what the rest of the stack answers. `next` is the rest of the stack.
+pub trait AsyncStage: Send + Sync + 'static {
+    fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
+    where
+        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
+        N::Future: Send;
+}
+
+/// Turns an [`AsyncStage`] into a tower layer.
+#[derive(Debug)]
+pub struct AsyncStageLayer<S>(Arc<S>);
+
+impl<S> AsyncStageLayer<S> {
+    pub fn new(stage: S) -> Self {
+        AsyncStageLayer(Arc::new(stage))
+    }
+}
+
+impl<S> Clone for AsyncStageLayer<S> {
+    fn clone(&self) -> Self {
+        AsyncStageLayer(self.0.clone())
+    }
+}
+
+impl<S, I> Layer<I> for AsyncStageLayer<S> {
+    type Service = AsyncStageService<S, I>;
+    fn layer(&self, inner: I) -> Self::Service {
+        AsyncStageService {
+            stage: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service an [`AsyncStageLayer`] makes.
+#[derive(Debug)]
+pub struct AsyncStageService<S, I> {
+    stage: Arc<S>,
+    inner: I,
+}
+
+impl<S, I: Clone> Clone for AsyncStageService<S, I> {
+    fn clone(&self) -> Self {
+        AsyncStageService {
+            stage: self.stage.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S, I> Service<CallRequest> for AsyncStageService<S, I>
+where
+    S: AsyncStage,
+    I: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    I::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = StageFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: CallRequest) -> Self::Future {
+        // Hand the stage the service that was driven to readiness; keep a fresh clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        self.stage.clone().run(req, inner)
+    }
+}
+
+/// Call the rest of the stack from an [`AsyncStage`].
+pub async fn call_next<N>(next: N, req: CallRequest) -> Result<Response<Body>, GatewayError>
+where
+    N: Service<CallRequest, Response = Response<Body>, Error = GatewayError>,
+{
+    next.oneshot(req).await
 }

@@ -2,94 +2,52 @@
 //! slot and hold are bound to the upstream's call id with a lease ending at `max_duration` + grace;
 //! when it refuses, fails or times out, they are released at once and nothing is charged.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Response;
 use http_body_util::BodyExt;
-use tower::{Layer, Service};
+use tower::Service;
 
-use super::CallRequest;
+use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::state::StateStore;
 
-/// Adds [`Record`].
-#[derive(Clone)]
-pub struct RecordLayer {
-    store: Arc<dyn StateStore>,
-    clock: SharedClock,
-    grace: Duration,
-}
-
-impl RecordLayer {
-    pub fn new(store: Arc<dyn StateStore>, clock: SharedClock, grace: Duration) -> Self {
-        RecordLayer {
-            store,
-            clock,
-            grace,
-        }
-    }
-}
-
-impl<S> Layer<S> for RecordLayer {
-    type Service = Record<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Record {
-            layer: self.clone(),
-            inner,
-        }
-    }
-}
-
 /// See the module docs.
 #[derive(Clone)]
-pub struct Record<S> {
-    layer: RecordLayer,
-    inner: S,
+pub struct Record {
+    pub store: Arc<dyn StateStore>,
+    pub clock: SharedClock,
+    /// Added to `max_duration` for a bound call's lease.
+    pub grace: Duration,
 }
 
-impl<S> Service<CallRequest> for Record<S>
-where
-    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: CallRequest) -> Self::Future {
-        let RecordLayer {
-            store,
-            clock,
-            grace,
-        } = self.layer.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl AsyncStage for Record {
+    fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
+    where
+        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
+        N::Future: Send,
+    {
         Box::pin(async move {
+            let Record {
+                store,
+                clock,
+                grace,
+            } = &*self;
             let Some((id, max_duration)) = req
                 .reservation
                 .as_ref()
                 .map(|r| (r.id.clone(), r.max_duration))
             else {
-                return inner.call(req).await;
+                return call_next(next, req).await;
             };
             let span = req.span.clone();
             // Hold the drop guard here: it stands down only once the reservation is bound or
             // released.
             let mut req = req;
             let mut guard = req.reservation_guard.take();
-            let result = inner.call(req).await;
+            let result = call_next(next, req).await;
             let accepted = matches!(&result, Ok(response) if response.status().is_success());
             if !accepted {
                 let released = store.release(&id).await;
