@@ -379,24 +379,8 @@ async fn a_client_that_disconnects_mid_request_leaves_nothing_behind() {
 async fn idempotent_retries_place_one_call() {
     let gw = TestGateway::start_custom(&[("t.toml", tenant_file("t", KEY, ""))], LONG_CALLS).await;
     let send_with = |key: &'static str, body: serde_json::Value| {
-        let client = gw.client.clone();
-        let addr = gw.addr();
-        async move {
-            let auth = format!("Bearer {KEY}");
-            send(
-                &client,
-                addr,
-                Method::POST,
-                "/v1/calls",
-                &[
-                    ("authorization", &auth),
-                    ("content-type", "application/json"),
-                    ("idempotency-key", key),
-                ],
-                body.to_string(),
-            )
-            .await
-        }
+        let gw = &gw;
+        async move { gw.create_call_keyed(KEY, key, &body).await }
     };
     let first = send_with("order-1", call(60)).await;
     assert_eq!(first.status, StatusCode::OK);
@@ -437,24 +421,8 @@ async fn idempotency_keys_are_per_tenant_and_retryable_failures_free_them() {
     let b = tenant_file("b", "key-b", "");
     let gw = TestGateway::start_custom(&[("a.toml", a), ("b.toml", b)], LONG_CALLS).await;
     let with_key = |key: &'static str, tenant_key: &'static str| {
-        let client = gw.client.clone();
-        let addr = gw.addr();
-        async move {
-            let auth = format!("Bearer {tenant_key}");
-            send(
-                &client,
-                addr,
-                Method::POST,
-                "/v1/calls",
-                &[
-                    ("authorization", &auth),
-                    ("content-type", "application/json"),
-                    ("idempotency-key", key),
-                ],
-                call(60).to_string(),
-            )
-            .await
-        }
+        let gw = &gw;
+        async move { gw.create_call_keyed(tenant_key, key, &call(60)).await }
     };
     let a1 = with_key("same", "key-a").await;
     let b1 = with_key("same", "key-b").await;

@@ -159,6 +159,23 @@ impl TestGateway {
         send(&self.client, self.addr(), method, path, headers, body).await
     }
 
+    /// `POST /v1/calls` as a tenant with an `Idempotency-Key`.
+    pub async fn create_call_keyed(
+        &self,
+        key: &str,
+        idempotency_key: &str,
+        body: &Value,
+    ) -> Answer {
+        let auth = format!("Bearer {key}");
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+            ("idempotency-key", idempotency_key),
+        ];
+        self.send(Method::POST, "/v1/calls", &headers, body.to_string())
+            .await
+    }
+
     /// `POST /v1/calls` as a tenant with a JSON body.
     pub async fn create_call(&self, key: &str, body: &Value) -> Answer {
         let auth = format!("Bearer {key}");
