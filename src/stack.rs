@@ -8,8 +8,6 @@
 //! Record (11) wraps forward (10): it acts on the upstream's answer.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,7 +35,7 @@ use crate::stages::record::Record;
 use crate::stages::redact::Redact;
 use crate::stages::trace::{RequestSpan, TraceLayer};
 use crate::stages::validate::Validate;
-use crate::stages::{AsyncStageLayer, StageLayer};
+use crate::stages::{AsyncStageLayer, StageFuture, StageLayer};
 use crate::upstream::Upstream;
 
 /// What the request path needs.
@@ -126,8 +124,6 @@ impl<B> Clone for Router<B> {
     }
 }
 
-type RouteFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
-
 impl<B> Service<Request<B>> for Router<B>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -135,7 +131,7 @@ where
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = RouteFuture;
+    type Future = StageFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))

@@ -3,8 +3,6 @@
 //! its request future) cannot cut it short between "admitted" and "bound or released". The
 //! client still gets the answer if it waits; the accounting is right either way.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::Response;
@@ -37,7 +35,7 @@ where
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    type Future = crate::stages::StageFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)

@@ -5,8 +5,6 @@
 //! call's token, so its events come back through the gateway (which forwards them, signed, to
 //! the tenant's own webhook).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -38,7 +36,7 @@ impl Forward {
 impl Service<CallRequest> for Forward {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    type Future = crate::stages::StageFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))

@@ -190,7 +190,7 @@ where
     }
 }
 
-/// The future an [`AsyncStage`] returns.
+/// The future every call-path service returns.
 pub type StageFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
 
 /// A stage that must await something (the state store, the upstream's answer) and may act on
