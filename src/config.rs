@@ -120,6 +120,9 @@ pub struct StateSettings {
     pub synchronous: crate::state::sqlite::Synchronous,
     /// How often lapsed leases and idempotency records are swept.
     pub sweep_interval_ms: u64,
+    /// Operations that may wait for the store's writer. When that many wait, new calls are
+    /// answered `503 gateway_overloaded` with `Retry-After` (nothing taken) rather than queued.
+    pub queue_capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,6 +138,7 @@ impl Default for StateSettings {
             path: PathBuf::from("state/callgate.db"),
             synchronous: Default::default(),
             sweep_interval_ms: 1_000,
+            queue_capacity: 4_096,
         }
     }
 }

@@ -79,6 +79,10 @@ pub enum GatewayError {
     /// The upstream did not answer in time.
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// The gateway is saturated (its state store's queue is full): nothing was taken; retry
+    /// after `retry_after` seconds.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after: u64 },
     /// A bug or an environment failure; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -111,6 +115,7 @@ impl GatewayError {
             IdempotencyConflict(_) => StatusCode::CONFLICT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -136,6 +141,7 @@ impl GatewayError {
             NotFound(_) => "not_found",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
+            Overloaded { .. } => "gateway_overloaded",
             Internal(_) => "internal_error",
         }
     }
@@ -182,14 +188,20 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let GatewayError::RateLimitExceeded {
-            retry_after: Some(secs),
-            ..
-        } = &self
-        {
+        let retry_after = match &self {
+            GatewayError::RateLimitExceeded {
+                retry_after: Some(secs),
+                ..
+            }
+            | GatewayError::Overloaded {
+                retry_after: secs, ..
+            } => Some(*secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self, GatewayError::MethodNotAllowed) {
             response
@@ -242,6 +254,21 @@ mod tests {
         .into_response("r");
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+    }
+
+    #[tokio::test]
+    async fn a_saturated_store_is_503_with_retry_after() {
+        let error: GatewayError = crate::state::StoreError::Busy.into();
+        let response = error.into_response("r");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["code"], "gateway_overloaded");
+        // Any other store failure stays an internal error, its detail not shown.
+        let error: GatewayError = crate::state::StoreError::Backend("disk I/O".into()).into();
+        let body = body_json(error.into_response("r")).await;
+        assert_eq!(body["error"]["code"], "internal_error");
+        assert_eq!(body["error"]["message"], "internal error");
     }
 
     #[tokio::test]

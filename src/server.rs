@@ -27,7 +27,7 @@ use crate::stack::{AppContext, app};
 use crate::stages::admission::{AdmissionContext, RateLimits};
 use crate::stages::idempotency::IdempotencyContext;
 use crate::stages::limits::BodyLimits;
-use crate::state::sqlite::SqliteStore;
+use crate::state::sqlite::{SqliteOptions, SqliteStore};
 use crate::state::{StateStore, StoreError, Usage};
 use crate::tls::ReloadableTls;
 use crate::upstream::{ClientOptions, Upstream, build_client};
@@ -155,9 +155,12 @@ impl Gateway {
             })?;
             (settings.upstream.url.clone(), key, None)
         };
-        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open_with(
             &settings.state.path,
-            settings.state.synchronous,
+            SqliteOptions {
+                synchronous: settings.state.synchronous,
+                queue_capacity: settings.state.queue_capacity,
+            },
         )?);
         let client_options = ClientOptions::from_settings(&settings.upstream)?;
         let client = build_client(&client_options);

@@ -519,3 +519,37 @@ async fn the_example_acme_tenant_allows_five_concurrent_calls() {
     let hold = acme.budget.hold_for(acme.default_max_duration, Some("US"));
     assert!(acme.budget.credits.unwrap() / hold >= 20);
 }
+
+/// A saturated store (its writer held up by another process's write lock, its queue full) turns
+/// new calls away with `503 gateway_overloaded` and `Retry-After`, and takes nothing for them:
+/// every call answered 200 reached the simulator and holds a slot; no other did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_store_answers_503_and_takes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let tenant = tenant_file("t", KEY, "");
+    let extra = format!(
+        "{LONG_CALLS}\n[state]\npath = \"{}\"\nqueue_capacity = 2\n",
+        db.display()
+    );
+    let gw = TestGateway::start_custom(&[("t.toml", tenant)], &extra).await;
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (answers, ()) = tokio::join!(burst(&gw, KEY, 30, call(120)), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        blocker.execute_batch("COMMIT").unwrap();
+    });
+    let ok = count(&answers, StatusCode::OK);
+    let overloaded: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    assert_eq!(ok + overloaded.len(), 30);
+    assert!(!overloaded.is_empty() && ok > 0, "{ok} admitted");
+    for answer in &overloaded {
+        assert_eq!(answer.code(), "gateway_overloaded");
+        assert_eq!(answer.headers["retry-after"], "1");
+    }
+    assert_eq!(gw.simulator().received_calls().len(), ok);
+    assert_eq!(gw.usage("t").await.slots, ok as i64);
+}

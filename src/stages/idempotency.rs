@@ -138,17 +138,22 @@ impl AsyncStage for IdempotencyContext {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/json")
                 .to_string();
-            ctx.store
-                .idempotency_complete(
-                    &tenant,
-                    &key,
-                    StoredResponse {
-                        status: parts.status.as_u16(),
-                        body: bytes.to_vec(),
-                        content_type,
-                    },
-                )
-                .await?;
+            // Queued now and committed with the next batch; the answer does not wait for it. A
+            // retry meanwhile sees the key in flight and waits for the stored answer.
+            let complete = ctx.store.idempotency_complete(
+                &tenant,
+                &key,
+                StoredResponse {
+                    status: parts.status.as_u16(),
+                    body: bytes.to_vec(),
+                    content_type,
+                },
+            );
+            tokio::spawn(async move {
+                if let Err(e) = complete.await {
+                    tracing::error!(%tenant, error = %e, "storing the idempotent answer failed");
+                }
+            });
             Ok(Response::from_parts(parts, Body::from(bytes)))
         })
     }

@@ -71,7 +71,16 @@ impl AsyncStage for Record {
                     let now = clock.now().as_microsecond();
                     let lease =
                         now + i64::from(max_duration) * 1_000_000 + grace.as_micros() as i64;
-                    store.bind(&id, call_id, object.clone(), lease, now).await?;
+                    // Queued now, committed with the next batch: the answer does not wait for
+                    // it (a crash before that commit is recovered from the call's first event
+                    // or its lease; see `state::sqlite`). Later operations see the bind.
+                    let bind = store.bind(&id, call_id, object.clone(), lease, now);
+                    let (reservation, call) = (id.clone(), call_id.to_string());
+                    tokio::spawn(async move {
+                        if let Err(e) = bind.await {
+                            tracing::error!(reservation = %reservation, call_id = %call, error = %e, "bind failed");
+                        }
+                    });
                     span.record("call_id", call_id);
                     tracing::info!(target: "audit", reservation = %id, call_id, "bound");
                 }

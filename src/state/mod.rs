@@ -13,6 +13,7 @@
 //!   └── refused: nothing taken          release (upstream error, timeout, failure): nothing kept
 //! ```
 
+pub mod accounting;
 pub mod sqlite;
 
 use std::future::Future;
@@ -24,20 +25,39 @@ use serde_json::Value;
 /// A boxed store future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// The store failed (I/O, corruption, closed). Requests that need it are answered 500.
+/// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The queue into the store is full: the request is refused (503, `Retry-After`) and
+    /// nothing was taken.
+    #[error("state store: too many operations waiting")]
+    Busy,
+    /// The store has shut down.
+    #[error("state store: closed")]
+    Closed,
+    /// The backend failed (I/O, corruption, a constraint). Requests that need it are answered 500.
+    #[error("state store: {0}")]
+    Backend(String),
+    /// The live counters disagree with the records (a consistency check found it).
+    #[error("state store: counters disagree with the records: {0}")]
+    Inconsistent(String),
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError::Backend(e.to_string())
     }
 }
 
 impl From<StoreError> for crate::error::GatewayError {
     fn from(e: StoreError) -> Self {
-        crate::error::GatewayError::Internal(e.to_string())
+        match e {
+            StoreError::Busy => crate::error::GatewayError::Overloaded {
+                message: "the gateway's state store is saturated; retry shortly".into(),
+                retry_after: 1,
+            },
+            other => crate::error::GatewayError::Internal(other.to_string()),
+        }
     }
 }
 
@@ -71,18 +91,38 @@ impl Period {
 
     /// The start (unix microseconds) of the period containing `now`, in `tz`.
     pub fn start(self, tz: &str, now_us: i64) -> i64 {
+        self.bounds(tz, now_us).0
+    }
+
+    /// The start and end (unix microseconds) of the period containing `now`, in `tz`. `none` is
+    /// one period from 0 to the end of time; an unknown zone likewise (checked at policy load).
+    pub fn bounds(self, tz: &str, now_us: i64) -> (i64, i64) {
+        let forever = (0, i64::MAX);
         let Ok(ts) = jiff::Timestamp::from_microsecond(now_us) else {
-            return 0;
+            return forever;
         };
         let Ok(zoned) = ts.in_tz(tz) else {
-            return 0;
+            return forever;
         };
-        let start = match self {
-            Period::None => return 0,
-            Period::Daily => zoned.start_of_day(),
-            Period::Monthly => zoned.first_of_month().and_then(|z| z.start_of_day()),
+        let bounds = match self {
+            Period::None => return forever,
+            Period::Daily => zoned
+                .start_of_day()
+                .and_then(|start| Ok((start.clone(), start.tomorrow()?.start_of_day()?))),
+            Period::Monthly => zoned.first_of_month().and_then(|first| {
+                let start = first.start_of_day()?;
+                let end = first.last_of_month()?.tomorrow()?.start_of_day()?;
+                Ok((start, end))
+            }),
         };
-        start.map(|z| z.timestamp().as_microsecond()).unwrap_or(0)
+        bounds
+            .map(|(s, e)| {
+                (
+                    s.timestamp().as_microsecond(),
+                    e.timestamp().as_microsecond(),
+                )
+            })
+            .unwrap_or(forever)
     }
 }
 
@@ -234,7 +274,7 @@ pub enum IdempotencyBegin {
 /// The durable state behind admission, the lifecycle and idempotency.
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
-    fn admit(&self, req: AdmitRequest) -> StoreFuture<'_, AdmitOutcome>;
+    fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome>;
     /// The upstream accepted the call: bind the reservation to its id, object and lease.
     fn bind(
         &self,
@@ -243,9 +283,9 @@ pub trait StateStore: Send + Sync + 'static {
         object: Value,
         lease_expires_at: i64,
         now: i64,
-    ) -> StoreFuture<'_, ()>;
+    ) -> StoreFuture<'static, ()>;
     /// The call was not placed: free the slot and the hold, charge nothing, forget the reservation.
-    fn release(&self, reservation_id: &str) -> StoreFuture<'_, ()>;
+    fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()>;
     /// [`StateStore::release`] without waiting, for drop guards.
     fn release_detached(&self, reservation_id: &str);
     /// Apply an event received on the relay with this token's hash.
@@ -254,7 +294,7 @@ pub trait StateStore: Send + Sync + 'static {
         token_hash: &str,
         event: CallEvent,
         now: i64,
-    ) -> StoreFuture<'_, EventOutcome>;
+    ) -> StoreFuture<'static, EventOutcome>;
     /// Apply the upstream's view of a call (reconciliation, refresh on read).
     fn apply_upstream_state(
         &self,
@@ -262,22 +302,22 @@ pub trait StateStore: Send + Sync + 'static {
         event: CallEvent,
         object: Option<Value>,
         now: i64,
-    ) -> StoreFuture<'_, Option<CallRecord>>;
+    ) -> StoreFuture<'static, Option<CallRecord>>;
     /// Settle every call whose lease ended by `now` at its full hold; returns them.
-    fn expire_leases(&self, now: i64) -> StoreFuture<'_, Vec<CallRecord>>;
+    fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>>;
     /// Live calls bound to an upstream id and not updated since `quiet_since`.
-    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'_, Vec<CallRecord>>;
+    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'static, Vec<CallRecord>>;
     /// One of a tenant's calls by upstream id.
-    fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'_, Option<CallRecord>>;
+    fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'static, Option<CallRecord>>;
     /// A tenant's bound calls, newest first, after the reservation id `before` if given.
     fn list_calls(
         &self,
         tenant: &str,
         limit: usize,
         before: Option<String>,
-    ) -> StoreFuture<'_, Vec<CallRecord>>;
+    ) -> StoreFuture<'static, Vec<CallRecord>>;
     /// A tenant's slots, holds and spend.
-    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'_, Usage>;
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage>;
     /// Claim or look up an idempotency key.
     fn idempotency_begin(
         &self,
@@ -286,40 +326,27 @@ pub trait StateStore: Send + Sync + 'static {
         body_hash: &str,
         now: i64,
         expires_at: i64,
-    ) -> StoreFuture<'_, IdempotencyBegin>;
+    ) -> StoreFuture<'static, IdempotencyBegin>;
     /// Store the answer for a claimed key.
     fn idempotency_complete(
         &self,
         tenant: &str,
         key: &str,
         response: StoredResponse,
-    ) -> StoreFuture<'_, ()>;
+    ) -> StoreFuture<'static, ()>;
     /// Give a claimed key up (the request failed in a way worth retrying).
-    fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'_, ()>;
+    fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()>;
     /// Forget idempotency records that expired by `now`.
-    fn purge_idempotency(&self, now: i64) -> StoreFuture<'_, usize>;
+    fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize>;
+    /// Check the live counters against the records (`StoreError::Inconsistent` if they differ).
+    fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()>;
 }
 
-/// Credits charged for `duration` seconds: started increments times the price, capped by the hold.
-pub fn charge_for(duration: i64, increment_secs: i64, price: i64, hold: i64) -> i64 {
-    let increment = increment_secs.max(1);
-    let increments = (duration.max(0) + increment - 1) / increment;
-    (increments * price).min(hold)
-}
+pub use accounting::charge_for;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn charges_round_up_to_the_increment_and_stop_at_the_hold() {
-        assert_eq!(charge_for(0, 60, 2, 100), 0);
-        assert_eq!(charge_for(1, 60, 2, 100), 2);
-        assert_eq!(charge_for(60, 60, 2, 100), 2);
-        assert_eq!(charge_for(61, 60, 2, 100), 4);
-        assert_eq!(charge_for(10_000, 60, 2, 20), 20);
-        assert_eq!(charge_for(7, 1, 3, 100), 21);
-    }
 
     #[test]
     fn periods_start_in_their_zone() {
@@ -341,5 +368,7 @@ mod tests {
             "2025-12-31T15:00:00Z"
         );
         assert_eq!(Period::None.start("UTC", us), 0);
+        let (start, end) = Period::Monthly.bounds("Asia/Tokyo", us);
+        assert_eq!((start, end), (month_tokyo, 1_769_871_600_000_000)); // 2026-01-31T15:00Z
     }
 }

@@ -1,0 +1,475 @@
+//! The embedded backend: SQLite in WAL mode, in one file, with the live counters in memory.
+//!
+//! - [`writer`]: one thread owns the read-write connection and the counters; it runs every change
+//!   and group-commits whatever is waiting. Admission decides from the counters in O(1) and
+//!   records one row.
+//! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
+//! - [`queries`]: every statement, prepared once per connection.
+//! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only
+//!   connections of their own: they see the last commit and never wait behind one. Usage is read
+//!   from the counters.
+//!
+//! What a crash (`kill -9`, power loss with `synchronous = "full"`) leaves behind, step by step:
+//!
+//! | crash ...                                  | the file holds                   | at restart                                 |
+//! |--------------------------------------------|----------------------------------|--------------------------------------------|
+//! | before the admission's commit              | nothing of it                    | nothing taken; the caller got no answer    |
+//! | after it, before the upstream answered     | a pending call: slot and hold    | settled at the full hold when its lease ends (`max_duration` + upstream timeout + grace), or by its events |
+//! | after the answer, before the bind's commit | the same pending call            | the first event (found by its relay token) binds the call id and settles it; else the lease as above |
+//! | after the bind's commit                    | the bound call                   | events, reconciliation or the lease settle it |
+//!
+//! The bind is queued before the answer is sent but not waited for: the request path waits for
+//! one commit (the admission's). An idempotency claim and its stored answer likewise ride on the
+//! commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
+//! is refused, never placed twice) until its TTL ends.
+
+mod queries;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+use serde_json::Value;
+
+use self::queries::CallKey;
+use self::writer::{Urgency, When, Writer};
+use super::accounting::{self, Ending, Ledger, Pricing};
+use super::*;
+
+/// Durability of each commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit: survives power loss.
+    #[default]
+    Full,
+    /// WAL default: survives a process crash (`kill -9`), may lose the last commits on power loss.
+    Normal,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub synchronous: Synchronous,
+    /// Operations that may wait for the writer; past that, new work is refused (`Busy`).
+    pub queue_capacity: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+/// See the module docs.
+pub struct SqliteStore {
+    writer: Writer,
+    readers: Arc<Readers>,
+}
+
+/// Read-only connections, opened on demand and kept for reuse.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// Read-only connections kept open between reads.
+const IDLE_READERS: usize = 4;
+
+impl Readers {
+    fn read<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, R> {
+        let readers = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let conn = match idle {
+                    Some(conn) => conn,
+                    None => schema::open_reader(&readers.path)?,
+                };
+                let result = f(&conn);
+                let mut idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < IDLE_READERS {
+                    idle.push(conn);
+                }
+                result
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Open (or create) the database at `path` with the default queue, and start the writer.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(
+            path,
+            SqliteOptions {
+                synchronous,
+                ..SqliteOptions::default()
+            },
+        )
+    }
+
+    /// Open (or create) the database at `path`, rebuild the counters from it, start the writer.
+    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let conn = schema::open_writer(path, options.synchronous)?;
+        let writer = Writer::start(conn, options.queue_capacity)?;
+        Ok(SqliteStore {
+            writer,
+            readers: Arc::new(Readers {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    fn release_op(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
+        let id = reservation_id.to_string();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            if let Some((tenant, hold, live)) = queries::delete_pending(conn, &id)?
+                && live
+            {
+                ledger.release(&tenant, hold);
+            }
+            Ok(((), When::Committed))
+        }))
+    }
+}
+
+/// End a live call's accounting: charge, free the slot and the hold.
+fn settle(
+    conn: &Connection,
+    ledger: &mut Ledger,
+    record: &CallRecord,
+    pricing: Pricing,
+    status: &str,
+    ending: Ending,
+    now: i64,
+) -> Result<(), StoreError> {
+    let charge = accounting::settlement_charge(ending, pricing, record.hold);
+    let duration = match ending {
+        Ending::Final { duration } => duration,
+        Ending::Expired => None,
+    };
+    let spend = ledger.spend_after(&record.tenant, charge, now);
+    queries::store_spend(conn, &record.tenant, &spend)?;
+    queries::settle_call(conn, &record.reservation_id, charge, status, duration, now)?;
+    ledger.settle(&record.tenant, record.hold, spend);
+    Ok(())
+}
+
+/// Apply an event (or the upstream's answer) to a call; returns whether it settled the call.
+fn apply_event(
+    conn: &Connection,
+    ledger: &mut Ledger,
+    record: &CallRecord,
+    pricing: Pricing,
+    event: &CallEvent,
+    object: Option<&Value>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    if let Some(object) = object {
+        queries::set_object(conn, &record.reservation_id, object)?;
+    }
+    if record.call_id.is_none()
+        && let Some(call_id) = &event.call_id
+    {
+        // The bind was lost (a crash between the answer and its commit): learn the id here.
+        queries::set_call_id(conn, &record.reservation_id, call_id)?;
+    }
+    if !record.live {
+        // Already settled (final event, reconciliation or lease): the first ending counts.
+        return Ok(false);
+    }
+    if event.is_final {
+        let ending = Ending::Final {
+            duration: event.duration,
+        };
+        settle(conn, ledger, record, pricing, &event.status, ending, now)?;
+        return Ok(true);
+    }
+    queries::set_status(conn, &record.reservation_id, &event.status, now)?;
+    Ok(false)
+}
+
+impl StateStore for SqliteStore {
+    fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome> {
+        Box::pin(self.writer.run(Urgency::Shed, move |conn, ledger| {
+            let plan = ledger.plan_admit(&req);
+            if plan.outcome != AdmitOutcome::Admitted {
+                let outcome = plan.outcome.clone();
+                ledger.apply_admit(&req, plan);
+                return Ok((outcome, When::Now));
+            }
+            queries::insert_call(conn, &req)?;
+            if plan.spend_changed {
+                queries::store_spend(conn, &req.tenant, &plan.spend)?;
+            }
+            ledger.apply_admit(&req, plan);
+            Ok((AdmitOutcome::Admitted, When::Committed))
+        }))
+    }
+
+    fn bind(
+        &self,
+        reservation_id: &str,
+        call_id: &str,
+        object: Value,
+        lease_expires_at: i64,
+        now: i64,
+    ) -> StoreFuture<'static, ()> {
+        let (reservation_id, call_id) = (reservation_id.to_string(), call_id.to_string());
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let Some((record, _)) =
+                queries::load_call(conn, CallKey::Reservation, &reservation_id)?
+            else {
+                return Err(StoreError::Backend(format!(
+                    "no reservation {reservation_id} to bind"
+                )));
+            };
+            let answered = object
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("queued");
+            let status = accounting::status_after_bind(&record.status, answered);
+            let lease = accounting::lease_after_bind(
+                record.live,
+                record.lease_expires_at,
+                lease_expires_at,
+            );
+            queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
+        self.release_op(reservation_id)
+    }
+
+    fn release_detached(&self, reservation_id: &str) {
+        // Queued by this call when there is room; otherwise the task below waits for room.
+        let fut = self.release_op(reservation_id);
+        let id = reservation_id.to_string();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::error!(reservation = %id, error = %e, "release failed");
+                }
+            });
+        }
+    }
+
+    fn record_event(
+        &self,
+        token_hash: &str,
+        event: CallEvent,
+        now: i64,
+    ) -> StoreFuture<'static, EventOutcome> {
+        let token_hash = token_hash.to_string();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let Some((record, pricing)) = queries::load_call(conn, CallKey::Token, &token_hash)?
+            else {
+                return Ok((EventOutcome::UnknownToken, When::Now));
+            };
+            if let (Some(bound), Some(named)) = (&record.call_id, &event.call_id)
+                && bound != named
+            {
+                return Ok((EventOutcome::CallMismatch, When::Now));
+            }
+            let settled = apply_event(conn, ledger, &record, pricing, &event, None, now)?;
+            let (record, _) =
+                queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+                    .ok_or_else(|| StoreError::Backend("call vanished".into()))?;
+            let outcome = EventOutcome::Applied {
+                record: Box::new(record),
+                settled,
+            };
+            Ok((outcome, When::Committed))
+        }))
+    }
+
+    fn apply_upstream_state(
+        &self,
+        call_id: &str,
+        event: CallEvent,
+        object: Option<Value>,
+        now: i64,
+    ) -> StoreFuture<'static, Option<CallRecord>> {
+        let call_id = call_id.to_string();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
+            else {
+                return Ok((None, When::Now));
+            };
+            apply_event(conn, ledger, &record, pricing, &event, object.as_ref(), now)?;
+            let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+                .map(|r| r.0);
+            Ok((record, When::Committed))
+        }))
+    }
+
+    fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>> {
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let lapsed = queries::lapsed_calls(conn, now)?;
+            let mut out = Vec::with_capacity(lapsed.len());
+            for (record, pricing) in lapsed {
+                let status = accounting::EXPIRED;
+                settle(conn, ledger, &record, pricing, status, Ending::Expired, now)?;
+                if let Some((r, _)) =
+                    queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+                {
+                    out.push(r);
+                }
+            }
+            let when = if out.is_empty() {
+                When::Now
+            } else {
+                When::Committed
+            };
+            Ok((out, when))
+        }))
+    }
+
+    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'static, Vec<CallRecord>> {
+        self.readers
+            .read(move |conn| queries::quiet_calls(conn, quiet_since, limit))
+    }
+
+    fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'static, Option<CallRecord>> {
+        let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
+        let committed = {
+            let call_id = call_id.clone();
+            self.readers
+                .read(move |conn| queries::load_call(conn, CallKey::Upstream, &call_id))
+        };
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            let found = match committed.await? {
+                Some((record, _)) => Some(record),
+                // Not committed yet (its bind may be queued): ask the writer, which has run
+                // everything queued before this.
+                None => {
+                    writer
+                        .run(Urgency::Shed, move |conn, _| {
+                            let record = queries::load_call(conn, CallKey::Upstream, &call_id)?;
+                            Ok((record.map(|r| r.0), When::Now))
+                        })
+                        .await?
+                }
+            };
+            Ok(found.filter(|r| r.tenant == tenant))
+        })
+    }
+
+    fn list_calls(
+        &self,
+        tenant: &str,
+        limit: usize,
+        before: Option<String>,
+    ) -> StoreFuture<'static, Vec<CallRecord>> {
+        let tenant = tenant.to_string();
+        let readers = self.readers.clone();
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            // A tenant lists the calls it was answered about: wait for the binds queued so far.
+            writer.committed_up_to_now().await?;
+            readers
+                .read(move |conn| queries::list_calls(conn, &tenant, limit, before.as_deref()))
+                .await
+        })
+    }
+
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
+        let usage = self.writer.ledger().usage(tenant, now);
+        Box::pin(std::future::ready(Ok(usage)))
+    }
+
+    fn idempotency_begin(
+        &self,
+        tenant: &str,
+        key: &str,
+        body_hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreFuture<'static, IdempotencyBegin> {
+        let (tenant, key, body_hash) = (tenant.to_string(), key.to_string(), body_hash.to_string());
+        let lookup = {
+            let (tenant, key, body_hash) = (tenant.clone(), key.clone(), body_hash.clone());
+            self.readers
+                .read(move |conn| queries::idempotency_state(conn, &tenant, &key, &body_hash, now))
+        };
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            if let Some(state) = lookup.await? {
+                return Ok(state);
+            }
+            // New to the committed file: claim it in the writer, which sees every claim.
+            writer
+                .run(Urgency::Shed, move |conn, _| {
+                    if let Some(state) =
+                        queries::idempotency_state(conn, &tenant, &key, &body_hash, now)?
+                    {
+                        return Ok((state, When::Now));
+                    }
+                    queries::claim_idempotency(conn, &tenant, &key, &body_hash, now, expires_at)?;
+                    // The admission that follows commits the claim with it.
+                    Ok((IdempotencyBegin::Proceed, When::Now))
+                })
+                .await
+        })
+    }
+
+    fn idempotency_complete(
+        &self,
+        tenant: &str,
+        key: &str,
+        response: StoredResponse,
+    ) -> StoreFuture<'static, ()> {
+        let (tenant, key) = (tenant.to_string(), key.to_string());
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            queries::complete_idempotency(conn, &tenant, &key, &response)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()> {
+        let (tenant, key) = (tenant.to_string(), key.to_string());
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            queries::abandon_idempotency(conn, &tenant, &key)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize> {
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let purged = queries::purge_idempotency(conn, now)?;
+            let when = if purged == 0 {
+                When::Now
+            } else {
+                When::Committed
+            };
+            Ok((purged, when))
+        }))
+    }
+
+    fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let records = schema::load_ledger(conn)?;
+            let differences = ledger.differences(&records, now);
+            if differences.is_empty() {
+                Ok(((), When::Now))
+            } else {
+                Err(StoreError::Inconsistent(differences.join("; ")))
+            }
+        }))
+    }
+}

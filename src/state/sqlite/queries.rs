@@ -1,0 +1,350 @@
+//! Every statement the store runs, each prepared once per connection (`prepare_cached`).
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use crate::state::accounting::{Pricing, Spend};
+use crate::state::{AdmitRequest, CallRecord, IdempotencyBegin, StoreError, StoredResponse};
+
+const RECORD_COLUMNS: &str = "reservation_id, tenant, call_id, status, object, live, hold, charged, \
+     duration, max_duration, lease_expires_at, created_at, updated_at, tenant_webhook, price, increment_secs";
+
+/// Which key finds a call.
+#[derive(Debug, Clone, Copy)]
+pub enum CallKey {
+    Reservation,
+    Token,
+    Upstream,
+}
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(CallRecord, Pricing)> {
+    let object: Option<String> = row.get(4)?;
+    Ok((
+        CallRecord {
+            reservation_id: row.get(0)?,
+            tenant: row.get(1)?,
+            call_id: row.get(2)?,
+            status: row.get(3)?,
+            object: object.and_then(|s| serde_json::from_str(&s).ok()),
+            live: row.get::<_, i64>(5)? == 1,
+            hold: row.get(6)?,
+            charged: row.get(7)?,
+            duration: row.get(8)?,
+            max_duration: row.get(9)?,
+            lease_expires_at: row.get(10)?,
+            created_at: row.get(11)?,
+            updated_at: row.get(12)?,
+            tenant_webhook: row.get(13)?,
+        },
+        Pricing {
+            price: row.get(14)?,
+            increment_secs: row.get(15)?,
+        },
+    ))
+}
+
+/// One call and its pricing.
+pub fn load_call(
+    conn: &Connection,
+    by: CallKey,
+    key: &str,
+) -> Result<Option<(CallRecord, Pricing)>, StoreError> {
+    let sql = match by {
+        CallKey::Reservation => const_format(RECORD_COLUMNS, "reservation_id = ?1"),
+        CallKey::Token => const_format(RECORD_COLUMNS, "token_hash = ?1"),
+        CallKey::Upstream => const_format(RECORD_COLUMNS, "call_id = ?1"),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    Ok(stmt.query_row([key], record_from_row).optional()?)
+}
+
+fn const_format(columns: &str, clause: &str) -> String {
+    format!("SELECT {columns} FROM calls WHERE {clause}")
+}
+
+/// Record an admitted call: live, pending, holding its slot and hold.
+pub fn insert_call(conn: &Connection, req: &AdmitRequest) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO calls (reservation_id, tenant, token_hash, status, live, hold, price, increment_secs,
+                            max_duration, lease_expires_at, created_at, updated_at, tenant_webhook)
+         VALUES (?1, ?2, ?3, 'pending', 1, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+    )?;
+    stmt.execute(params![
+        req.reservation_id,
+        req.tenant,
+        req.token_hash,
+        req.hold,
+        req.price,
+        req.increment_secs,
+        req.max_duration,
+        req.lease_expires_at,
+        req.now,
+        req.tenant_webhook
+    ])?;
+    Ok(())
+}
+
+/// Record a tenant's spend as the counters have it.
+pub fn store_spend(conn: &Connection, tenant: &str, spend: &Spend) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO budgets (tenant, period, timezone, period_start, spent) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(tenant) DO UPDATE SET period = ?2, timezone = ?3, period_start = ?4, spent = ?5",
+    )?;
+    stmt.execute(params![
+        tenant,
+        spend.period.as_str(),
+        spend.timezone,
+        spend.period_start,
+        spend.spent
+    ])?;
+    Ok(())
+}
+
+/// Bind a reservation to the upstream's call.
+pub fn bind_call(
+    conn: &Connection,
+    reservation_id: &str,
+    call_id: &str,
+    object: &Value,
+    status: &str,
+    lease_expires_at: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE calls SET call_id = ?2, object = ?3, status = ?4, lease_expires_at = ?5, updated_at = ?6
+         WHERE reservation_id = ?1",
+    )?;
+    stmt.execute(params![
+        reservation_id,
+        call_id,
+        object.to_string(),
+        status,
+        lease_expires_at,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Learn a call's upstream id from its first event (its bind was never recorded).
+pub fn set_call_id(
+    conn: &Connection,
+    reservation_id: &str,
+    call_id: &str,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE calls SET call_id = ?2 WHERE reservation_id = ?1 AND call_id IS NULL",
+    )?;
+    stmt.execute(params![reservation_id, call_id])?;
+    Ok(())
+}
+
+/// Forget a reservation the upstream never accepted; returns its tenant, hold and liveness.
+pub fn delete_pending(
+    conn: &Connection,
+    reservation_id: &str,
+) -> Result<Option<(String, i64, bool)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM calls WHERE reservation_id = ?1 AND call_id IS NULL RETURNING tenant, hold, live",
+    )?;
+    Ok(stmt
+        .query_row([reservation_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? == 1))
+        })
+        .optional()?)
+}
+
+/// Mark a call settled.
+pub fn settle_call(
+    conn: &Connection,
+    reservation_id: &str,
+    charge: i64,
+    status: &str,
+    duration: Option<i64>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE calls SET live = 0, hold = 0, charged = ?2, status = ?3, duration = COALESCE(?4, duration),
+                          updated_at = ?5 WHERE reservation_id = ?1",
+    )?;
+    stmt.execute(params![reservation_id, charge, status, duration, now])?;
+    Ok(())
+}
+
+/// A live call's new status.
+pub fn set_status(
+    conn: &Connection,
+    reservation_id: &str,
+    status: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE calls SET status = ?2, updated_at = ?3 WHERE reservation_id = ?1",
+    )?;
+    stmt.execute(params![reservation_id, status, now])?;
+    Ok(())
+}
+
+/// The upstream's latest call object.
+pub fn set_object(
+    conn: &Connection,
+    reservation_id: &str,
+    object: &Value,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached("UPDATE calls SET object = ?2 WHERE reservation_id = ?1")?;
+    stmt.execute(params![reservation_id, object.to_string()])?;
+    Ok(())
+}
+
+/// Live calls whose lease ended by `now` (the partial index on lease end finds them).
+pub fn lapsed_calls(conn: &Connection, now: i64) -> Result<Vec<(CallRecord, Pricing)>, StoreError> {
+    let mut stmt = conn.prepare_cached(&const_format(
+        RECORD_COLUMNS,
+        "live = 1 AND lease_expires_at <= ?1",
+    ))?;
+    let rows = stmt
+        .query_map([now], record_from_row)?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Live bound calls not updated since `quiet_since`, oldest first.
+pub fn quiet_calls(
+    conn: &Connection,
+    quiet_since: i64,
+    limit: usize,
+) -> Result<Vec<CallRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&const_format(
+        RECORD_COLUMNS,
+        "live = 1 AND call_id IS NOT NULL AND updated_at <= ?1 ORDER BY updated_at LIMIT ?2",
+    ))?;
+    let rows = stmt
+        .query_map(params![quiet_since, limit as i64], record_from_row)?
+        .map(|r| r.map(|r| r.0))
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// A tenant's bound calls, newest first, before the reservation id `before`.
+pub fn list_calls(
+    conn: &Connection,
+    tenant: &str,
+    limit: usize,
+    before: Option<&str>,
+) -> Result<Vec<CallRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&const_format(
+        RECORD_COLUMNS,
+        "tenant = ?1 AND call_id IS NOT NULL AND reservation_id < ?2 ORDER BY reservation_id DESC LIMIT ?3",
+    ))?;
+    let rows = stmt
+        .query_map(
+            params![tenant, before.unwrap_or("\u{10FFFF}"), limit as i64],
+            record_from_row,
+        )?
+        .map(|r| r.map(|r| r.0))
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// What an idempotency key's record says to a request with `body_hash` at `now`; `None`: no
+/// record, or an expired one.
+pub fn idempotency_state(
+    conn: &Connection,
+    tenant: &str,
+    key: &str,
+    body_hash: &str,
+    now: i64,
+) -> Result<Option<IdempotencyBegin>, StoreError> {
+    type Row = (
+        String,
+        String,
+        Option<i64>,
+        Option<Vec<u8>>,
+        Option<String>,
+        i64,
+    );
+    let mut stmt = conn.prepare_cached(
+        "SELECT body_hash, state, status, body, content_type, expires_at FROM idempotency
+         WHERE tenant = ?1 AND key = ?2",
+    )?;
+    let row: Option<Row> = stmt
+        .query_row(params![tenant, key], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    Ok(match row {
+        Some((hash, state, status, body, content_type, expires)) if expires > now => {
+            Some(if hash != body_hash {
+                IdempotencyBegin::Conflict
+            } else if state == "done" {
+                IdempotencyBegin::Replay(StoredResponse {
+                    status: status.unwrap_or(200) as u16,
+                    body: body.unwrap_or_default(),
+                    content_type: content_type.unwrap_or_else(|| "application/json".into()),
+                })
+            } else {
+                IdempotencyBegin::InFlight
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Claim a key for a request now in flight.
+pub fn claim_idempotency(
+    conn: &Connection,
+    tenant: &str,
+    key: &str,
+    body_hash: &str,
+    now: i64,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO idempotency (tenant, key, body_hash, state, created_at, expires_at)
+         VALUES (?1, ?2, ?3, 'in_flight', ?4, ?5)",
+    )?;
+    stmt.execute(params![tenant, key, body_hash, now, expires_at])?;
+    Ok(())
+}
+
+/// Keep the answer for a claimed key.
+pub fn complete_idempotency(
+    conn: &Connection,
+    tenant: &str,
+    key: &str,
+    response: &StoredResponse,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE idempotency SET state = 'done', status = ?3, body = ?4, content_type = ?5
+         WHERE tenant = ?1 AND key = ?2",
+    )?;
+    stmt.execute(params![
+        tenant,
+        key,
+        response.status,
+        response.body,
+        response.content_type
+    ])?;
+    Ok(())
+}
+
+/// Give a claimed key up.
+pub fn abandon_idempotency(conn: &Connection, tenant: &str, key: &str) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM idempotency WHERE tenant = ?1 AND key = ?2 AND state = 'in_flight'",
+    )?;
+    stmt.execute(params![tenant, key])?;
+    Ok(())
+}
+
+/// Forget expired idempotency records.
+pub fn purge_idempotency(conn: &Connection, now: i64) -> Result<usize, StoreError> {
+    let mut stmt = conn.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?;
+    Ok(stmt.execute([now])?)
+}

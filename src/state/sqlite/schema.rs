@@ -1,0 +1,117 @@
+//! The file's layout, how its connections are opened, and the counters rebuilt from it.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::Synchronous;
+use crate::state::accounting::{Ledger, Spend};
+use crate::state::{Period, StoreError};
+
+/// Tables and indexes. Calls are found by reservation id (primary key), relay token (events),
+/// upstream id (reads, reconciliation), tenant (listing) and lease end (the sweeper); nothing on
+/// the request path counts them: the live counters do.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS calls (
+    reservation_id   TEXT PRIMARY KEY,
+    tenant           TEXT NOT NULL,
+    call_id          TEXT UNIQUE,
+    token_hash       TEXT NOT NULL UNIQUE,
+    status           TEXT NOT NULL,
+    object           TEXT,
+    live             INTEGER NOT NULL,
+    hold             INTEGER NOT NULL,
+    charged          INTEGER NOT NULL DEFAULT 0,
+    price            INTEGER NOT NULL,
+    increment_secs   INTEGER NOT NULL,
+    max_duration     INTEGER NOT NULL,
+    duration         INTEGER,
+    lease_expires_at INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    tenant_webhook   TEXT
+);
+DROP INDEX IF EXISTS calls_live;
+CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, reservation_id);
+CREATE INDEX IF NOT EXISTS calls_lease ON calls(lease_expires_at) WHERE live = 1;
+CREATE TABLE IF NOT EXISTS budgets (
+    tenant       TEXT PRIMARY KEY,
+    period       TEXT NOT NULL,
+    timezone     TEXT NOT NULL,
+    period_start INTEGER NOT NULL,
+    spent        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant       TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    body_hash    TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    status       INTEGER,
+    body         BLOB,
+    content_type TEXT,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
+";
+
+/// Prepared statements kept per connection: every statement the store runs fits.
+const STATEMENT_CACHE: usize = 64;
+
+/// Open (or create) the file for the writer: WAL, the chosen durability, the schema.
+pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// Open a read-only connection to the file (WAL: it reads the last commit, never waits for one).
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// The live counters as the file has them: each tenant's live calls, and its stored spend.
+pub fn load_ledger(conn: &Connection) -> Result<Ledger, StoreError> {
+    let mut live = conn.prepare_cached(
+        "SELECT tenant, COUNT(*), COALESCE(SUM(hold), 0) FROM calls WHERE live = 1 GROUP BY tenant",
+    )?;
+    let live: Vec<(String, i64, i64)> = live
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut spends =
+        conn.prepare_cached("SELECT tenant, period, timezone, period_start, spent FROM budgets")?;
+    let spends: Vec<(String, Spend)> = spends
+        .query_map([], |r| {
+            let period: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                Spend::new(Period::parse(&period), r.get(2)?, r.get(3)?, r.get(4)?),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Ledger::rebuild(live, spends))
+}

@@ -1,0 +1,220 @@
+//! The one writer: a thread that owns the read-write connection and the live counters.
+//!
+//! Operations arrive on a bounded queue. The thread takes all that are waiting (up to a batch),
+//! runs each in its own savepoint inside one transaction, commits once, and only then answers the
+//! operations that wrote (group commit): an admission is on disk before its call is forwarded,
+//! and many admissions share one fsync. Operations that wrote nothing (a refused admission, a
+//! look-up) are answered at once. Since the thread is the only writer and the only one that
+//! changes the counters, each operation is atomic with respect to every other.
+//!
+//! An operation changes the counters only after its SQL succeeded, so a failed operation (its
+//! savepoint rolled back) leaves both untouched. A failed commit rolls the whole batch back; the
+//! counters are then rebuilt from the file, which is what it holds.
+//!
+//! The queue is bounded: new work (admissions, idempotency claims) is refused with
+//! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
+//! settlements) waits for room, so nothing already admitted is ever dropped.
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::schema;
+use crate::state::StoreError;
+use crate::state::accounting::Ledger;
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// When an operation's caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Once the batch is committed: the operation wrote.
+    Committed,
+    /// At once: the operation wrote nothing (or what it wrote needs no fsync of its own, since
+    /// every later operation's commit carries it).
+    Now,
+}
+
+/// Whether an operation may be refused when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// New work: refused with `Busy` when the queue is full.
+    Shed,
+    /// Finishing work: waits for room.
+    Wait,
+}
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
+type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
+
+/// The queue into the writer thread, and what it has committed.
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<(u64, Job)>,
+    /// The sequence number of the last operation queued; locked while queueing so that queue
+    /// order is sequence order.
+    queued: Arc<Mutex<u64>>,
+    /// The sequence number of the last operation committed.
+    committed: watch::Receiver<u64>,
+    /// The live counters, changed only by the writer thread, read by anyone.
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Writer {
+    /// Start the writer thread on `conn`, with room for `capacity` waiting operations.
+    pub fn start(conn: Connection, capacity: usize) -> Result<Writer, StoreError> {
+        let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
+        let (queue, rx) = mpsc::channel(capacity.max(1));
+        let (committed_tx, committed) = watch::channel(0);
+        let thread_ledger = ledger.clone();
+        std::thread::Builder::new()
+            .name("callgate-sqlite".into())
+            .spawn(move || run(conn, rx, thread_ledger, committed_tx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
+        Ok(Writer {
+            queue,
+            queued: Arc::new(Mutex::new(0)),
+            committed,
+            ledger,
+        })
+    }
+
+    /// The live counters.
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `f`; the future answers with its result, when `f` says. `f` is queued by this call
+    /// (not when the future is first polled) unless the queue is full.
+    pub fn run<R: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn, ledger| match f(conn, ledger) {
+            Ok((value, when)) => (
+                Some(when),
+                Box::new(move |commit: Result<(), StoreError>| {
+                    let _ = tx.send(commit.map(|()| value));
+                }),
+            ),
+            Err(e) => (
+                None,
+                Box::new(move |_| {
+                    let _ = tx.send(Err(e));
+                }),
+            ),
+        });
+        let queued = self.try_queue(job);
+        let writer = self.clone();
+        async move {
+            match queued {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
+                Err(mpsc::error::TrySendError::Full(_)) if urgency == Urgency::Shed => {
+                    return Err(StoreError::Busy);
+                }
+                Err(mpsc::error::TrySendError::Full(job)) => writer.queue_waiting(job).await?,
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    fn try_queue(&self, job: Job) -> Result<(), mpsc::error::TrySendError<Job>> {
+        let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let permit = match self.queue.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                return Err(mpsc::error::TrySendError::Full(job));
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err(mpsc::error::TrySendError::Closed(job));
+            }
+        };
+        *seq += 1;
+        permit.send((*seq, job));
+        Ok(())
+    }
+
+    async fn queue_waiting(&self, job: Job) -> Result<(), StoreError> {
+        let permit = self.queue.reserve().await.map_err(|_| StoreError::Closed)?;
+        let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        permit.send((*seq, job));
+        Ok(())
+    }
+
+    /// Wait until everything queued before this call is committed (read-your-writes for the
+    /// read-only connections). Waits for at most the batches already queued.
+    pub async fn committed_up_to_now(&self) -> Result<(), StoreError> {
+        let target = *self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let mut committed = self.committed.clone();
+        committed
+            .wait_for(|c| *c >= target)
+            .await
+            .map(|_| ())
+            .map_err(|_| StoreError::Closed)
+    }
+}
+
+fn run(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<(u64, Job)>,
+    ledger: Arc<Mutex<Ledger>>,
+    committed: watch::Sender<u64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+        let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
+        let mut waiting = Vec::with_capacity(batch.len());
+        let outcome = (|| -> Result<(), rusqlite::Error> {
+            let mut tx = conn.transaction()?;
+            let mut ledger = ledger.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, job) in batch.drain(..) {
+                let mut sp = tx.savepoint()?;
+                let (when, reply) = job(&sp, &mut ledger);
+                match when {
+                    None => {
+                        // It failed: its writes are undone (and it changed no counter).
+                        sp.rollback()?;
+                        sp.commit()?;
+                        reply(Ok(()));
+                    }
+                    Some(When::Now) => {
+                        sp.commit()?;
+                        reply(Ok(()));
+                    }
+                    Some(When::Committed) => {
+                        sp.commit()?;
+                        waiting.push(reply);
+                    }
+                }
+            }
+            drop(ledger);
+            tx.commit()
+        })();
+        let result = match outcome {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
+                match schema::load_ledger(&conn) {
+                    Ok(rebuilt) => *ledger.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "state store: cannot rebuild the counters")
+                    }
+                }
+                // Jobs not reached are dropped with their replies: their callers see `Closed`.
+                batch.clear();
+                Err(StoreError::Backend(e.to_string()))
+            }
+        };
+        for reply in waiting {
+            reply(result.clone());
+        }
+        committed.send_replace(last);
+    }
+}

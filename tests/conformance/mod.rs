@@ -1,0 +1,587 @@
+//! The `StateStore` contract, backend-neutral: every backend runs every case here.
+//!
+//! A backend provides a [`Backend`] (a way to open its store, and to open the same state again
+//! as a restarted gateway would) and calls [`conformance_suite!`] with it. Each case drives the
+//! store through the trait only and ends by checking the live counters against the records.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use callgate::state::{
+    AdmitOutcome, AdmitRequest, BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin, Period,
+    StateStore, StoredResponse, Usage,
+};
+use serde_json::json;
+
+/// Opens a backend's store; a second `open` sees the same state (a restart).
+pub trait Backend {
+    fn open(&self) -> Arc<dyn StateStore>;
+}
+
+/// 2026-01-05T22:00Z (17:00 in New York), in microseconds.
+pub const NOW: i64 = 1_767_650_400_000_000;
+pub const SEC: i64 = 1_000_000;
+
+/// An admission request: `hold` credits at 1 credit per started minute.
+pub fn request(tenant: &str, id: &str, hold: i64) -> AdmitRequest {
+    AdmitRequest {
+        reservation_id: id.to_string(),
+        tenant: tenant.to_string(),
+        token_hash: format!("token-{id}"),
+        tenant_max_concurrent: None,
+        account_max_concurrent: 1_000,
+        budget: None,
+        hold,
+        price: 1,
+        increment_secs: 60,
+        max_duration: (hold * 60) as u32,
+        lease_expires_at: NOW + 3_600 * SEC,
+        now: NOW,
+        tenant_webhook: None,
+    }
+}
+
+fn budget(credits: i64, period: Period) -> Option<BudgetTerms> {
+    Some(BudgetTerms {
+        credits,
+        period,
+        timezone: "America/New_York".into(),
+    })
+}
+
+fn event(call_id: Option<&str>, status: &str, duration: Option<i64>, is_final: bool) -> CallEvent {
+    CallEvent {
+        call_id: call_id.map(str::to_string),
+        status: status.to_string(),
+        duration,
+        is_final,
+    }
+}
+
+fn usage(slots: i64, holds: i64, spent: i64) -> (i64, i64, i64) {
+    (slots, holds, spent)
+}
+
+async fn counters(store: &Arc<dyn StateStore>, tenant: &str, now: i64) -> (i64, i64, i64) {
+    let Usage {
+        slots,
+        holds,
+        spent,
+        ..
+    } = store.usage(tenant, now).await.unwrap();
+    (slots, holds, spent)
+}
+
+async fn consistent(store: &Arc<dyn StateStore>, now: i64) {
+    store.check_consistency(now).await.unwrap();
+}
+
+async fn admit_and_bind(store: &Arc<dyn StateStore>, req: AdmitRequest, call_id: &str) {
+    let id = req.reservation_id.clone();
+    assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    store
+        .bind(
+            &id,
+            call_id,
+            json!({"id": call_id, "status": "queued"}),
+            NOW + 900 * SEC,
+            NOW,
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn tenant_slots_are_exact_and_a_refusal_takes_nothing(b: &impl Backend) {
+    let store = b.open();
+    for i in 0..2 {
+        let mut req = request("a", &format!("r{i}"), 5);
+        req.tenant_max_concurrent = Some(2);
+        assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    }
+    let mut req = request("a", "r2", 5);
+    req.tenant_max_concurrent = Some(2);
+    assert_eq!(
+        store.admit(req).await.unwrap(),
+        AdmitOutcome::TenantSlotsFull { limit: 2 }
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(2, 10, 0));
+    // The refused reservation left nothing behind: its token is unknown.
+    let outcome = store
+        .record_event("token-r2", event(None, "completed", Some(1), true), NOW)
+        .await
+        .unwrap();
+    assert_eq!(outcome, EventOutcome::UnknownToken);
+    consistent(&store, NOW).await;
+}
+
+pub async fn the_account_cap_spans_tenants(b: &impl Backend) {
+    let store = b.open();
+    let cap = |mut r: AdmitRequest| {
+        r.account_max_concurrent = 3;
+        r
+    };
+    for (tenant, id) in [("a", "r0"), ("a", "r1"), ("b", "r2")] {
+        let outcome = store.admit(cap(request(tenant, id, 1))).await.unwrap();
+        assert_eq!(outcome, AdmitOutcome::Admitted);
+    }
+    assert_eq!(
+        store.admit(cap(request("b", "r3", 1))).await.unwrap(),
+        AdmitOutcome::AccountSlotsFull { limit: 3 }
+    );
+    store.release("r0").await.unwrap();
+    assert_eq!(
+        store.admit(cap(request("b", "r3", 1))).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 1, 0));
+    assert_eq!(counters(&store, "b", NOW).await, usage(2, 2, 0));
+    consistent(&store, NOW).await;
+}
+
+pub async fn holds_and_spend_count_against_the_budget(b: &impl Backend) {
+    let store = b.open();
+    let with_budget = |id: &str| {
+        let mut r = request("a", id, 10);
+        r.budget = budget(25, Period::Monthly);
+        r
+    };
+    admit_and_bind(&store, with_budget("r0"), "c0").await;
+    assert_eq!(
+        store.admit(with_budget("r1")).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(
+        store.admit(with_budget("r2")).await.unwrap(),
+        AdmitOutcome::InsufficientCredits {
+            needed: 10,
+            available: 5
+        }
+    );
+    // 61 s are two started minutes: 2 credits charged, 8 of the hold returned.
+    let outcome = store
+        .record_event(
+            "token-r0",
+            event(Some("c0"), "completed", Some(61), true),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let EventOutcome::Applied { record, settled } = outcome else {
+        panic!("not applied: {outcome:?}");
+    };
+    assert!(settled);
+    assert_eq!((record.charged, record.live, record.hold), (2, false, 0));
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 10, 2));
+    assert_eq!(
+        store.admit(with_budget("r2")).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    consistent(&store, NOW).await;
+}
+
+pub async fn a_release_frees_everything_and_charges_nothing(b: &impl Backend) {
+    let store = b.open();
+    let mut req = request("a", "r0", 10);
+    req.budget = budget(100, Period::Daily);
+    assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    store.release("r0").await.unwrap();
+    store.release("r0").await.unwrap();
+    store.release_detached("never-admitted");
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 0));
+    let outcome = store
+        .record_event("token-r0", event(None, "completed", Some(30), true), NOW)
+        .await
+        .unwrap();
+    assert_eq!(outcome, EventOutcome::UnknownToken);
+    consistent(&store, NOW).await;
+}
+
+pub async fn a_call_is_settled_once(b: &impl Backend) {
+    let store = b.open();
+    admit_and_bind(&store, request("a", "r0", 10), "c0").await;
+    let ringing = store
+        .record_event(
+            "token-r0",
+            event(Some("c0"), "ringing", None, false),
+            NOW + SEC,
+        )
+        .await
+        .unwrap();
+    let EventOutcome::Applied { record, settled } = ringing else {
+        panic!("{ringing:?}");
+    };
+    assert!(!settled);
+    assert_eq!((record.status.as_str(), record.live), ("ringing", true));
+    let done = event(Some("c0"), "completed", Some(120), true);
+    let first = store
+        .record_event("token-r0", done.clone(), NOW + 2 * SEC)
+        .await
+        .unwrap();
+    assert!(matches!(first, EventOutcome::Applied { settled: true, .. }));
+    let again = store
+        .record_event("token-r0", done, NOW + 3 * SEC)
+        .await
+        .unwrap();
+    let EventOutcome::Applied { record, settled } = again else {
+        panic!("{again:?}");
+    };
+    assert!(!settled);
+    assert_eq!(record.charged, 2);
+    // Nor does the lease, nor the upstream's late view, settle it again.
+    assert!(
+        store
+            .expire_leases(NOW + 10_000 * SEC)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let late = event(Some("c0"), "completed", Some(600), true);
+    let record = store
+        .apply_upstream_state("c0", late, None, NOW + 4 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.charged, record.duration), (2, Some(120)));
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 2));
+    consistent(&store, NOW).await;
+}
+
+pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
+    let store = b.open();
+    let req = request("a", "r0", 10);
+    let lease = req.lease_expires_at;
+    assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    // The final event outruns the upstream's answer.
+    let outcome = store
+        .record_event(
+            "token-r0",
+            event(Some("c0"), "completed", Some(30), true),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        EventOutcome::Applied { settled: true, .. }
+    ));
+    store
+        .bind(
+            "r0",
+            "c0",
+            json!({"id": "c0", "status": "queued"}),
+            NOW + 99_999 * SEC,
+            NOW,
+        )
+        .await
+        .unwrap();
+    let record = store.get_call("a", "c0").await.unwrap().unwrap();
+    assert_eq!(record.status, "completed");
+    assert!(!record.live);
+    assert_eq!(record.lease_expires_at, lease);
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 1));
+    consistent(&store, NOW).await;
+}
+
+pub async fn a_lapsed_lease_is_charged_the_full_hold(b: &impl Backend) {
+    let store = b.open();
+    let mut req = request("a", "r0", 10);
+    req.budget = budget(100, Period::None);
+    admit_and_bind(&store, req, "c0").await;
+    assert!(
+        store
+            .expire_leases(NOW + 899 * SEC)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let expired = store.expire_leases(NOW + 900 * SEC).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (
+            expired[0].status.as_str(),
+            expired[0].charged,
+            expired[0].live
+        ),
+        ("expired", 10, false)
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 10));
+    // The call's own final event, arriving after, changes nothing.
+    let late = event(Some("c0"), "completed", Some(30), true);
+    let outcome = store
+        .record_event("token-r0", late, NOW + 901 * SEC)
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        EventOutcome::Applied { settled: false, .. }
+    ));
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 10));
+    consistent(&store, NOW).await;
+}
+
+pub async fn events_for_another_call_are_refused(b: &impl Backend) {
+    let store = b.open();
+    admit_and_bind(&store, request("a", "r0", 10), "c0").await;
+    let forged = event(Some("c1"), "completed", Some(1), true);
+    assert_eq!(
+        store.record_event("token-r0", forged, NOW).await.unwrap(),
+        EventOutcome::CallMismatch
+    );
+    assert_eq!(
+        store
+            .record_event("no-such-token", event(None, "completed", None, true), NOW)
+            .await
+            .unwrap(),
+        EventOutcome::UnknownToken
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 10, 0));
+    consistent(&store, NOW).await;
+}
+
+pub async fn reconciliation_settles_from_the_upstreams_view(b: &impl Backend) {
+    let store = b.open();
+    admit_and_bind(&store, request("a", "r0", 10), "c0").await;
+    let object = json!({"id": "c0", "status": "failed", "duration": 0});
+    let record = store
+        .apply_upstream_state(
+            "c0",
+            event(Some("c0"), "failed", Some(0), true),
+            Some(object.clone()),
+            NOW,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (record.status.as_str(), record.live, record.charged),
+        ("failed", false, 0)
+    );
+    assert_eq!(record.object, Some(object));
+    let unknown = event(Some("zz"), "completed", None, true);
+    assert!(
+        store
+            .apply_upstream_state("zz", unknown, None, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 0));
+    consistent(&store, NOW).await;
+}
+
+pub async fn a_budget_starts_afresh_each_period(b: &impl Backend) {
+    let store = b.open();
+    let at = |id: &str, now: i64| {
+        let mut r = request("a", id, 10);
+        r.budget = budget(10, Period::Daily);
+        r.now = now;
+        r.lease_expires_at = now + 900 * SEC;
+        r
+    };
+    admit_and_bind(&store, at("r0", NOW), "c0").await;
+    store
+        .record_event(
+            "token-r0",
+            event(Some("c0"), "completed", Some(600), true),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 10));
+    assert!(matches!(
+        store.admit(at("r1", NOW + 60 * SEC)).await.unwrap(),
+        AdmitOutcome::InsufficientCredits { available: 0, .. }
+    ));
+    // New York's next day begins at 05:00Z, seven hours on.
+    let tomorrow = NOW + 7 * 3_600 * SEC;
+    assert_eq!(counters(&store, "a", tomorrow).await, usage(0, 0, 0));
+    assert_eq!(
+        store.admit(at("r2", tomorrow)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    consistent(&store, tomorrow).await;
+}
+
+pub async fn concurrent_admissions_never_exceed_a_limit(b: &impl Backend) {
+    let store = b.open();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut req = request("a", &format!("r{i:03}"), 2);
+                req.tenant_max_concurrent = Some(7);
+                req.budget = budget(1_000, Period::Monthly);
+                store.admit(req).await.unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        if task.await.unwrap() == AdmitOutcome::Admitted {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 7);
+    assert_eq!(counters(&store, "a", NOW).await, usage(7, 14, 0));
+    consistent(&store, NOW).await;
+}
+
+pub async fn the_counters_survive_a_restart(b: &impl Backend) {
+    {
+        let store = b.open();
+        for i in 0..3 {
+            let mut req = request("a", &format!("r{i}"), 10);
+            req.budget = budget(100, Period::Monthly);
+            admit_and_bind(&store, req, &format!("c{i}")).await;
+        }
+        assert_eq!(
+            store.admit(request("b", "r9", 4)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+        store
+            .record_event(
+                "token-r0",
+                event(Some("c0"), "completed", Some(90), true),
+                NOW,
+            )
+            .await
+            .unwrap();
+        assert_eq!(counters(&store, "a", NOW).await, usage(2, 20, 2));
+    }
+    let store = b.open();
+    assert_eq!(counters(&store, "a", NOW).await, usage(2, 20, 2));
+    assert_eq!(counters(&store, "b", NOW).await, usage(1, 4, 0));
+    consistent(&store, NOW).await;
+    let mut req = request("a", "r5", 80);
+    req.budget = budget(100, Period::Monthly);
+    assert_eq!(
+        store.admit(req).await.unwrap(),
+        AdmitOutcome::InsufficientCredits {
+            needed: 80,
+            available: 78
+        }
+    );
+    let expired = store.expire_leases(NOW + 3_600 * SEC).await.unwrap();
+    assert_eq!(expired.len(), 3);
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 22));
+    consistent(&store, NOW).await;
+}
+
+pub async fn an_event_recovers_a_lost_bind(b: &impl Backend) {
+    let store = b.open();
+    assert_eq!(
+        store.admit(request("a", "r0", 10)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    // No bind (the gateway died before it was recorded); the upstream's event names the call.
+    let ringing = event(Some("c0"), "ringing", None, false);
+    store.record_event("token-r0", ringing, NOW).await.unwrap();
+    let record = store.get_call("a", "c0").await.unwrap().unwrap();
+    assert_eq!((record.status.as_str(), record.live), ("ringing", true));
+    consistent(&store, NOW).await;
+}
+
+pub async fn reads_are_per_tenant_and_paged(b: &impl Backend) {
+    let store = b.open();
+    for i in 0..3 {
+        admit_and_bind(&store, request("a", &format!("r{i}"), 1), &format!("c{i}")).await;
+    }
+    admit_and_bind(&store, request("b", "r9", 1), "c9").await;
+    assert!(store.get_call("b", "c0").await.unwrap().is_none());
+    assert!(store.get_call("a", "nope").await.unwrap().is_none());
+    let page = store.list_calls("a", 2, None).await.unwrap();
+    let ids: Vec<_> = page.iter().map(|r| r.call_id.clone().unwrap()).collect();
+    assert_eq!(ids, ["c2", "c1"]);
+    let rest = store
+        .list_calls("a", 2, Some(page[1].reservation_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].call_id.as_deref(), Some("c0"));
+    let quiet = store.quiet_calls(NOW, 10).await.unwrap();
+    assert_eq!(quiet.len(), 4);
+    assert!(store.quiet_calls(NOW - 1, 10).await.unwrap().is_empty());
+    consistent(&store, NOW).await;
+}
+
+pub async fn idempotency_keys_answer_once(b: &impl Backend) {
+    let store = b.open();
+    let expires = NOW + 60 * SEC;
+    let begin = |key: &'static str, hash: &'static str, now: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .idempotency_begin("a", key, hash, now, now + 60 * SEC)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(begin("k", "h1", NOW).await, IdempotencyBegin::Proceed);
+    assert_eq!(begin("k", "h1", NOW).await, IdempotencyBegin::InFlight);
+    assert_eq!(begin("k", "h2", NOW).await, IdempotencyBegin::Conflict);
+    // Keys are per tenant.
+    let other = store
+        .idempotency_begin("b", "k", "h2", NOW, expires)
+        .await
+        .unwrap();
+    assert_eq!(other, IdempotencyBegin::Proceed);
+    let answer = StoredResponse {
+        status: 200,
+        body: b"{\"id\":\"c0\"}".to_vec(),
+        content_type: "application/json".into(),
+    };
+    store
+        .idempotency_complete("a", "k", answer.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        begin("k", "h1", NOW).await,
+        IdempotencyBegin::Replay(answer)
+    );
+    // An abandoned claim frees the key; a completed one is not abandoned.
+    assert_eq!(begin("j", "h1", NOW).await, IdempotencyBegin::Proceed);
+    store.idempotency_abandon("a", "j").await.unwrap();
+    store.idempotency_abandon("a", "k").await.unwrap();
+    assert_eq!(begin("j", "h2", NOW).await, IdempotencyBegin::Proceed);
+    assert!(matches!(
+        begin("k", "h1", NOW).await,
+        IdempotencyBegin::Replay(_)
+    ));
+    // Expired keys start afresh and are purged.
+    assert_eq!(begin("k", "h2", expires).await, IdempotencyBegin::Proceed);
+    assert!(store.purge_idempotency(expires + 120 * SEC).await.unwrap() >= 2);
+    consistent(&store, NOW).await;
+}
+
+/// One `#[tokio::test]` per case, for the backend `$backend` (an expression of a [`Backend`]).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($backend:expr) => {
+        $crate::conformance_suite!(@cases $backend;
+            tenant_slots_are_exact_and_a_refusal_takes_nothing,
+            the_account_cap_spans_tenants,
+            holds_and_spend_count_against_the_budget,
+            a_release_frees_everything_and_charges_nothing,
+            a_call_is_settled_once,
+            a_late_bind_never_revives_a_settled_call,
+            a_lapsed_lease_is_charged_the_full_hold,
+            events_for_another_call_are_refused,
+            reconciliation_settles_from_the_upstreams_view,
+            a_budget_starts_afresh_each_period,
+            concurrent_admissions_never_exceed_a_limit,
+            the_counters_survive_a_restart,
+            an_event_recovers_a_lost_bind,
+            reads_are_per_tenant_and_paged,
+            idempotency_keys_answer_once,
+        );
+    };
+    (@cases $backend:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let backend = $backend;
+                conformance::$case(&backend).await;
+            }
+        )*
+    };
+}
