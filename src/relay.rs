@@ -1,8 +1,8 @@
 //! The webhook relay.
 //!
 //! Inbound: the upstream POSTs a call's events to `/v1/relay/{token}`, the URL the forward stage
-//! gave it. The token (256 random bits, stored only as its hash) identifies the call; an unknown
-//! token is refused and changes nothing. Fields are read through the configured JSON pointers.
+//! gave it. The token (the reservation id and 256 random bits, stored only as their hash; see
+//! [`RelayToken`]) identifies the call; an unknown token is refused and changes nothing. Fields are read through the configured JSON pointers.
 //! Each event updates the call's status; the final one settles it (actual duration, rounded up to
 //! the billing increment), returns the rest of the hold and frees the slot.
 //!
@@ -35,8 +35,7 @@ use crate::clock::SharedClock;
 use crate::config::RelaySettings;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::{PolicyHandle, Tenant};
-use crate::stages::admission::token_hash;
-use crate::state::{CallEvent, EventOutcome, StateStore};
+use crate::state::{CallEvent, EventOutcome, RelayToken, StateStore};
 use crate::upstream::{ClientOptions, ProxyConnector, build_client_with, error_chain};
 
 /// The signature header on relayed events.
@@ -225,13 +224,11 @@ impl Relay {
         token: &str,
         body: Bytes,
     ) -> Result<http::Response<Body>, GatewayError> {
+        let token =
+            RelayToken::parse(token).ok_or(GatewayError::NotFound("unknown relay token"))?;
         let event = self.parse_event(&body)?;
         let now = self.clock.now().as_microsecond();
-        match self
-            .store
-            .record_event(&token_hash(token), event.clone(), now)
-            .await?
-        {
+        match self.store.record_event(&token, event.clone(), now).await? {
             EventOutcome::UnknownToken => Err(GatewayError::NotFound("unknown relay token")),
             EventOutcome::CallMismatch => Err(GatewayError::invalid(
                 self.settings.call_id_pointer.clone(),

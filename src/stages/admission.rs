@@ -14,14 +14,13 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::Response;
-use sha2::{Digest, Sha256};
 use tower::Service;
 
 use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::policy::Tenant;
-use crate::state::{AdmitOutcome, AdmitRequest, BudgetTerms, StateStore};
+use crate::state::{AdmitOutcome, AdmitRequest, BudgetTerms, RelayToken, StateStore};
 
 /// `governor`'s view of our clock.
 #[derive(Debug, Clone)]
@@ -121,11 +120,6 @@ impl std::fmt::Debug for dyn StateStore {
     }
 }
 
-/// SHA-256 (hex) of a relay token, as stored.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
 /// What admission needs besides the request.
 #[derive(Clone)]
 pub struct AdmissionContext {
@@ -176,14 +170,14 @@ impl AsyncStage for AdmissionContext {
             let lease = now
                 + i64::from(max_duration) * 1_000_000
                 + ctx.pending_lease_extra.as_micros() as i64;
-            let token = hex::encode(rand::random::<[u8; 32]>());
             let reservation_id = uuid::Uuid::now_v7().to_string();
+            let (token, token_hash) = RelayToken::issue(&reservation_id);
             let outcome = ctx
                 .store
                 .admit(AdmitRequest {
                     reservation_id: reservation_id.clone(),
                     tenant: tenant.id.clone(),
-                    token_hash: token_hash(&token),
+                    token_hash,
                     tenant_max_concurrent: tenant.limits.max_concurrent_calls,
                     account_max_concurrent: ctx.account_max_concurrent,
                     budget: budget.credits.map(|credits| BudgetTerms {

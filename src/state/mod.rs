@@ -142,7 +142,7 @@ pub struct AdmitRequest {
     /// The gateway's id for this reservation (a UUIDv7).
     pub reservation_id: String,
     pub tenant: String,
-    /// SHA-256 (hex) of the call's relay token.
+    /// SHA-256 (hex) of the secret of the call's relay token (see [`RelayToken`]).
     pub token_hash: String,
     /// The tenant's concurrency limit; `None`: only the account-wide cap applies.
     pub tenant_max_concurrent: Option<u32>,
@@ -212,6 +212,63 @@ impl CallRecord {
     }
 }
 
+/// A call's relay token, as handed to the upstream in its webhook URL: `<reservation id>.<secret>`.
+/// The reservation id finds the call by its primary key (no index of tokens to keep up on every
+/// admission); the secret (256 random bits, stored only as its SHA-256) proves the sender got
+/// the URL from us.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayToken {
+    pub reservation_id: String,
+    /// SHA-256 (hex) of the secret part.
+    pub secret_hash: String,
+}
+
+impl std::fmt::Debug for RelayToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayToken")
+            .field("reservation_id", &self.reservation_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayToken {
+    /// A new token for a reservation: the token to hand out, and the hash of its secret to store.
+    pub fn issue(reservation_id: &str) -> (String, String) {
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let hash = Self::hash(&secret);
+        (format!("{reservation_id}.{secret}"), hash)
+    }
+
+    /// Read a token from a relay URL; `None` if it is not one we could have issued.
+    pub fn parse(token: &str) -> Option<RelayToken> {
+        let (reservation_id, secret) = token.split_once('.')?;
+        let plausible = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if !plausible(reservation_id, 64) || !plausible(secret, 128) {
+            return None;
+        }
+        Some(RelayToken {
+            reservation_id: reservation_id.to_string(),
+            secret_hash: Self::hash(secret),
+        })
+    }
+
+    /// SHA-256 (hex) of a secret, as stored.
+    pub fn hash(secret: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+    }
+
+    /// Whether `stored` (the hash kept at admission) is this token's, in constant time.
+    pub fn matches(&self, stored: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.secret_hash.as_bytes().ct_eq(stored.as_bytes()).into()
+    }
+}
+
 /// A call event, read from the upstream's webhook payload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEvent {
@@ -226,7 +283,7 @@ pub struct CallEvent {
 /// What an event did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventOutcome {
-    /// No call has this token: refused, nothing changed.
+    /// No call has this token (or its secret is wrong): refused, nothing changed.
     UnknownToken,
     /// The event names another call than the token's: refused, nothing changed.
     CallMismatch,
@@ -288,10 +345,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()>;
     /// [`StateStore::release`] without waiting, for drop guards.
     fn release_detached(&self, reservation_id: &str);
-    /// Apply an event received on the relay with this token's hash.
+    /// Apply an event received on the relay with this token.
     fn record_event(
         &self,
-        token_hash: &str,
+        token: &RelayToken,
         event: CallEvent,
         now: i64,
     ) -> StoreFuture<'static, EventOutcome>;
@@ -347,6 +404,20 @@ pub use accounting::charge_for;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_tokens_name_their_reservation_and_prove_their_secret() {
+        let (token, stored) = RelayToken::issue("0190-abc");
+        let parsed = RelayToken::parse(&token).unwrap();
+        assert_eq!(parsed.reservation_id, "0190-abc");
+        assert!(parsed.matches(&stored));
+        let forged = RelayToken::parse("0190-abc.00ff").unwrap();
+        assert!(!forged.matches(&stored));
+        for bad in ["", "no-dot", ".secret", "res.", "a/b.c", "a.b c"] {
+            assert!(RelayToken::parse(bad).is_none(), "{bad:?}");
+        }
+        assert!(!format!("{parsed:?}").contains(&parsed.secret_hash));
+    }
 
     #[test]
     fn periods_start_in_their_zone() {

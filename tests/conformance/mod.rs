@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use callgate::state::{
     AdmitOutcome, AdmitRequest, BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin, Period,
-    StateStore, StoredResponse, Usage,
+    RelayToken, StateStore, StoredResponse, Usage,
 };
 use serde_json::json;
 
@@ -38,6 +38,14 @@ pub fn request(tenant: &str, id: &str, hold: i64) -> AdmitRequest {
         lease_expires_at: NOW + 3_600 * SEC,
         now: NOW,
         tenant_webhook: None,
+    }
+}
+
+/// The relay token of the reservation `id` made by [`request`].
+pub fn token(id: &str) -> RelayToken {
+    RelayToken {
+        reservation_id: id.to_string(),
+        secret_hash: format!("token-{id}"),
     }
 }
 
@@ -107,7 +115,7 @@ pub async fn tenant_slots_are_exact_and_a_refusal_takes_nothing(b: &impl Backend
     assert_eq!(counters(&store, "a", NOW).await, usage(2, 10, 0));
     // The refused reservation left nothing behind: its token is unknown.
     let outcome = store
-        .record_event("token-r2", event(None, "completed", Some(1), true), NOW)
+        .record_event(&token("r2"), event(None, "completed", Some(1), true), NOW)
         .await
         .unwrap();
     assert_eq!(outcome, EventOutcome::UnknownToken);
@@ -160,7 +168,7 @@ pub async fn holds_and_spend_count_against_the_budget(b: &impl Backend) {
     // 61 s are two started minutes: 2 credits charged, 8 of the hold returned.
     let outcome = store
         .record_event(
-            "token-r0",
+            &token("r0"),
             event(Some("c0"), "completed", Some(61), true),
             NOW,
         )
@@ -189,7 +197,7 @@ pub async fn a_release_frees_everything_and_charges_nothing(b: &impl Backend) {
     store.release_detached("never-admitted");
     assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 0));
     let outcome = store
-        .record_event("token-r0", event(None, "completed", Some(30), true), NOW)
+        .record_event(&token("r0"), event(None, "completed", Some(30), true), NOW)
         .await
         .unwrap();
     assert_eq!(outcome, EventOutcome::UnknownToken);
@@ -201,7 +209,7 @@ pub async fn a_call_is_settled_once(b: &impl Backend) {
     admit_and_bind(&store, request("a", "r0", 10), "c0").await;
     let ringing = store
         .record_event(
-            "token-r0",
+            &token("r0"),
             event(Some("c0"), "ringing", None, false),
             NOW + SEC,
         )
@@ -214,12 +222,12 @@ pub async fn a_call_is_settled_once(b: &impl Backend) {
     assert_eq!((record.status.as_str(), record.live), ("ringing", true));
     let done = event(Some("c0"), "completed", Some(120), true);
     let first = store
-        .record_event("token-r0", done.clone(), NOW + 2 * SEC)
+        .record_event(&token("r0"), done.clone(), NOW + 2 * SEC)
         .await
         .unwrap();
     assert!(matches!(first, EventOutcome::Applied { settled: true, .. }));
     let again = store
-        .record_event("token-r0", done, NOW + 3 * SEC)
+        .record_event(&token("r0"), done, NOW + 3 * SEC)
         .await
         .unwrap();
     let EventOutcome::Applied { record, settled } = again else {
@@ -254,7 +262,7 @@ pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
     // The final event outruns the upstream's answer.
     let outcome = store
         .record_event(
-            "token-r0",
+            &token("r0"),
             event(Some("c0"), "completed", Some(30), true),
             NOW,
         )
@@ -308,7 +316,7 @@ pub async fn a_lapsed_lease_is_charged_the_full_hold(b: &impl Backend) {
     // The call's own final event, arriving after, changes nothing.
     let late = event(Some("c0"), "completed", Some(30), true);
     let outcome = store
-        .record_event("token-r0", late, NOW + 901 * SEC)
+        .record_event(&token("r0"), late, NOW + 901 * SEC)
         .await
         .unwrap();
     assert!(matches!(
@@ -324,12 +332,28 @@ pub async fn events_for_another_call_are_refused(b: &impl Backend) {
     admit_and_bind(&store, request("a", "r0", 10), "c0").await;
     let forged = event(Some("c1"), "completed", Some(1), true);
     assert_eq!(
-        store.record_event("token-r0", forged, NOW).await.unwrap(),
+        store.record_event(&token("r0"), forged, NOW).await.unwrap(),
         EventOutcome::CallMismatch
     );
     assert_eq!(
         store
-            .record_event("no-such-token", event(None, "completed", None, true), NOW)
+            .record_event(&token("r9"), event(None, "completed", None, true), NOW)
+            .await
+            .unwrap(),
+        EventOutcome::UnknownToken
+    );
+    // The right reservation with a wrong secret is no better.
+    let wrong_secret = RelayToken {
+        reservation_id: "r0".into(),
+        secret_hash: "token-r1".into(),
+    };
+    assert_eq!(
+        store
+            .record_event(
+                &wrong_secret,
+                event(Some("c0"), "completed", Some(1), true),
+                NOW
+            )
             .await
             .unwrap(),
         EventOutcome::UnknownToken
@@ -381,7 +405,7 @@ pub async fn a_budget_starts_afresh_each_period(b: &impl Backend) {
     admit_and_bind(&store, at("r0", NOW), "c0").await;
     store
         .record_event(
-            "token-r0",
+            &token("r0"),
             event(Some("c0"), "completed", Some(600), true),
             NOW,
         )
@@ -440,7 +464,7 @@ pub async fn the_counters_survive_a_restart(b: &impl Backend) {
         );
         store
             .record_event(
-                "token-r0",
+                &token("r0"),
                 event(Some("c0"), "completed", Some(90), true),
                 NOW,
             )
@@ -475,7 +499,10 @@ pub async fn an_event_recovers_a_lost_bind(b: &impl Backend) {
     );
     // No bind (the gateway died before it was recorded); the upstream's event names the call.
     let ringing = event(Some("c0"), "ringing", None, false);
-    store.record_event("token-r0", ringing, NOW).await.unwrap();
+    store
+        .record_event(&token("r0"), ringing, NOW)
+        .await
+        .unwrap();
     let record = store.get_call("a", "c0").await.unwrap().unwrap();
     assert_eq!((record.status.as_str(), record.live), ("ringing", true));
     consistent(&store, NOW).await;

@@ -270,13 +270,18 @@ impl StateStore for SqliteStore {
 
     fn record_event(
         &self,
-        token_hash: &str,
+        token: &RelayToken,
         event: CallEvent,
         now: i64,
     ) -> StoreFuture<'static, EventOutcome> {
-        let token_hash = token_hash.to_string();
+        let token = token.clone();
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
-            let Some((record, pricing)) = queries::load_call(conn, CallKey::Token, &token_hash)?
+            let stored = queries::token_hash(conn, &token.reservation_id)?;
+            if !stored.is_some_and(|hash| token.matches(&hash)) {
+                return Ok((EventOutcome::UnknownToken, When::Now));
+            }
+            let Some((record, pricing)) =
+                queries::load_call(conn, CallKey::Reservation, &token.reservation_id)?
             else {
                 return Ok((EventOutcome::UnknownToken, When::Now));
             };

@@ -6,14 +6,22 @@ use serde_json::Value;
 use crate::state::accounting::{Pricing, Spend};
 use crate::state::{AdmitRequest, CallRecord, IdempotencyBegin, StoreError, StoredResponse};
 
-const RECORD_COLUMNS: &str = "reservation_id, tenant, call_id, status, object, live, hold, charged, \
-     duration, max_duration, lease_expires_at, created_at, updated_at, tenant_webhook, price, increment_secs";
+/// `SELECT` of a call's columns (as [`record_from_row`] reads them) `WHERE` the clause.
+macro_rules! select_calls {
+    ($clause:literal $(,)?) => {
+        concat!(
+            "SELECT reservation_id, tenant, call_id, status, object, live, hold, charged, duration, ",
+            "max_duration, lease_expires_at, created_at, updated_at, tenant_webhook, price, increment_secs ",
+            "FROM calls WHERE ",
+            $clause
+        )
+    };
+}
 
 /// Which key finds a call.
 #[derive(Debug, Clone, Copy)]
 pub enum CallKey {
     Reservation,
-    Token,
     Upstream,
 }
 
@@ -50,16 +58,17 @@ pub fn load_call(
     key: &str,
 ) -> Result<Option<(CallRecord, Pricing)>, StoreError> {
     let sql = match by {
-        CallKey::Reservation => const_format(RECORD_COLUMNS, "reservation_id = ?1"),
-        CallKey::Token => const_format(RECORD_COLUMNS, "token_hash = ?1"),
-        CallKey::Upstream => const_format(RECORD_COLUMNS, "call_id = ?1"),
+        CallKey::Reservation => select_calls!("reservation_id = ?1"),
+        CallKey::Upstream => select_calls!("call_id = ?1"),
     };
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(sql)?;
     Ok(stmt.query_row([key], record_from_row).optional()?)
 }
 
-fn const_format(columns: &str, clause: &str) -> String {
-    format!("SELECT {columns} FROM calls WHERE {clause}")
+/// The stored hash of a reservation's relay token secret.
+pub fn token_hash(conn: &Connection, reservation_id: &str) -> Result<Option<String>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT token_hash FROM calls WHERE reservation_id = ?1")?;
+    Ok(stmt.query_row([reservation_id], |r| r.get(0)).optional()?)
 }
 
 /// Record an admitted call: live, pending, holding its slot and hold.
@@ -197,10 +206,7 @@ pub fn set_object(
 
 /// Live calls whose lease ended by `now` (the partial index on lease end finds them).
 pub fn lapsed_calls(conn: &Connection, now: i64) -> Result<Vec<(CallRecord, Pricing)>, StoreError> {
-    let mut stmt = conn.prepare_cached(&const_format(
-        RECORD_COLUMNS,
-        "live = 1 AND lease_expires_at <= ?1",
-    ))?;
+    let mut stmt = conn.prepare_cached(select_calls!("live = 1 AND lease_expires_at <= ?1",))?;
     let rows = stmt
         .query_map([now], record_from_row)?
         .collect::<Result<_, _>>()?;
@@ -213,8 +219,7 @@ pub fn quiet_calls(
     quiet_since: i64,
     limit: usize,
 ) -> Result<Vec<CallRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(&const_format(
-        RECORD_COLUMNS,
+    let mut stmt = conn.prepare_cached(select_calls!(
         "live = 1 AND call_id IS NOT NULL AND updated_at <= ?1 ORDER BY updated_at LIMIT ?2",
     ))?;
     let rows = stmt
@@ -231,8 +236,7 @@ pub fn list_calls(
     limit: usize,
     before: Option<&str>,
 ) -> Result<Vec<CallRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(&const_format(
-        RECORD_COLUMNS,
+    let mut stmt = conn.prepare_cached(select_calls!(
         "tenant = ?1 AND call_id IS NOT NULL AND reservation_id < ?2 ORDER BY reservation_id DESC LIMIT ?3",
     ))?;
     let rows = stmt
