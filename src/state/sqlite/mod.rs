@@ -5,6 +5,7 @@
 //!   records one row.
 //! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
 //! - [`queries`]: every statement, prepared once per connection.
+//! - [`checkpoint`]: folds the write-ahead log into the file on its own thread.
 //! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only
 //!   connections of their own: they see the last commit and never wait behind one. Usage is read
 //!   from the counters.
@@ -23,6 +24,7 @@
 //! commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 
+mod checkpoint;
 mod queries;
 mod schema;
 mod writer;
@@ -122,7 +124,8 @@ impl SqliteStore {
     /// Open (or create) the database at `path`, rebuild the counters from it, start the writer.
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let conn = schema::open_writer(path, options.synchronous)?;
-        let writer = Writer::start(conn, options.queue_capacity)?;
+        let checkpointer = checkpoint::start(path)?;
+        let writer = Writer::start(conn, options.queue_capacity, checkpointer)?;
         Ok(SqliteStore {
             writer,
             readers: Arc::new(Readers {

@@ -86,9 +86,9 @@ pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, 
     // The writer's page cache: the recent end of every index, and the upstream-id index's pages
     // that new calls land on at random, stay in memory instead of being read back each commit.
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    // Fold the log into the file every 4000 pages (16 MB) rather than 1000: hot pages written
-    // many times in between are copied once.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000)?;
+    // The checkpointer thread folds the log into the file; the writer does it itself only if
+    // the log ever passes 400 MB.
+    conn.pragma_update(None, "wal_autocheckpoint", 100_000)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(SCHEMA)?;
     Ok(conn)

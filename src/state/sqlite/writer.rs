@@ -65,14 +65,22 @@ pub struct Writer {
 
 impl Writer {
     /// Start the writer thread on `conn`, with room for `capacity` waiting operations.
-    pub fn start(conn: Connection, capacity: usize) -> Result<Writer, StoreError> {
+    pub fn start(
+        conn: Connection,
+        capacity: usize,
+        checkpointer: std::sync::mpsc::Sender<()>,
+    ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
         let (queue, rx) = mpsc::channel(capacity.max(1));
         let (committed_tx, committed) = watch::channel(0);
         let thread_ledger = ledger.clone();
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
-            .spawn(move || run(conn, rx, thread_ledger, committed_tx))
+            .spawn(move || {
+                run(conn, rx, thread_ledger, committed_tx);
+                // The checkpointer stops with the writer.
+                drop(checkpointer);
+            })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
         Ok(Writer {
             queue,
@@ -162,7 +170,7 @@ impl Writer {
 }
 
 fn run(
-    mut conn: Connection,
+    conn: Connection,
     mut queue: mpsc::Receiver<(u64, Job)>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
@@ -172,35 +180,33 @@ fn run(
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let mut waiting = Vec::with_capacity(batch.len());
         let outcome = (|| -> Result<(), rusqlite::Error> {
-            let mut tx = conn.transaction()?;
+            // Transaction control through cached statements: parsed once, not once per operation.
+            let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
+            control("BEGIN")?;
             let mut ledger = ledger.lock().unwrap_or_else(|p| p.into_inner());
             for (_, job) in batch.drain(..) {
-                let mut sp = tx.savepoint()?;
-                let (when, reply) = job(&sp, &mut ledger);
+                control("SAVEPOINT op")?;
+                let (when, reply) = job(&conn, &mut ledger);
+                if when.is_none() {
+                    // It failed: its writes are undone (and it changed no counter).
+                    control("ROLLBACK TO op")?;
+                }
+                control("RELEASE op")?;
                 match when {
-                    None => {
-                        // It failed: its writes are undone (and it changed no counter).
-                        sp.rollback()?;
-                        sp.commit()?;
-                        reply(Ok(()));
-                    }
-                    Some(When::Now) => {
-                        sp.commit()?;
-                        reply(Ok(()));
-                    }
-                    Some(When::Committed) => {
-                        sp.commit()?;
-                        waiting.push(reply);
-                    }
+                    Some(When::Committed) => waiting.push(reply),
+                    None | Some(When::Now) => reply(Ok(())),
                 }
             }
             drop(ledger);
-            tx.commit()
+            control("COMMIT")
         })();
         let result = match outcome {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
                 match schema::load_ledger(&conn) {
                     Ok(rebuilt) => *ledger.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt,
                     Err(e) => {
