@@ -381,6 +381,11 @@ impl Gateway {
             let _ = task.await;
         }
         self.background.abort();
+        // Binds and idempotent answers are queued, not awaited, on the request path: make them
+        // durable before the process exits.
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "state store: flush at shutdown failed");
+        }
     }
 }
 

@@ -552,4 +552,14 @@ async fn a_saturated_store_answers_503_and_takes_nothing() {
     }
     assert_eq!(gw.simulator().received_calls().len(), ok);
     assert_eq!(gw.usage("t").await.slots, ok as i64);
+    // Every call answered 200 can be read back at once (its bind is queued before the answer).
+    for answer in answers.iter().filter(|a| a.status == StatusCode::OK) {
+        let id = answer.json()["id"].as_str().unwrap().to_string();
+        let auth = format!("Bearer {KEY}");
+        let path = format!("/v1/calls/{id}");
+        let read = gw
+            .send(Method::GET, &path, &[("authorization", &auth)], "")
+            .await;
+        assert_eq!(read.status, StatusCode::OK, "{id}");
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callgate::state::sqlite::{SqliteOptions, SqliteStore, Synchronous};
-use callgate::state::{AdmitOutcome, StateStore, StoreError};
+use callgate::state::{AdmitOutcome, CallEvent, EventOutcome, RelayToken, StateStore, StoreError};
 use conformance::{Backend, NOW, request};
 
 /// A store in a file of its own; opening it again is a restart.
@@ -74,4 +74,65 @@ async fn a_full_queue_refuses_new_work_and_loses_nothing() {
     drop(store);
     let again = SqliteStore::open(&path, Synchronous::Full).unwrap();
     assert_eq!(again.usage("a", NOW).await.unwrap().slots, admitted);
+}
+
+/// One process owns a state file: a second store on it is refused (the counters of two would
+/// drift apart), and the file is free again once the first has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_owns_a_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let first = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    let again = path.clone();
+    let second = tokio::task::spawn_blocking(move || SqliteStore::open(&again, Synchronous::Full))
+        .await
+        .unwrap();
+    match second {
+        Err(StoreError::Backend(message)) => assert!(message.contains("in use"), "{message}"),
+        Err(other) => panic!("unexpected {other:?}"),
+        Ok(_) => panic!("a second store opened the same file"),
+    }
+    drop(first);
+    let third = tokio::task::spawn_blocking(move || SqliteStore::open(&path, Synchronous::Full))
+        .await
+        .unwrap();
+    assert!(third.is_ok());
+}
+
+/// Forged relay tokens are answered from a read-only connection: they never wait for, or take
+/// room in front of, the writer (here held up behind another process's write lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_relay_tokens_never_reach_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&path, Synchronous::Full).unwrap());
+    let (token, stored) = RelayToken::issue("r0");
+    let mut req = request("a", "r0", 10);
+    req.token_hash = stored;
+    assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let stuck = tokio::spawn(store.admit(request("a", "r1", 10)));
+    let (_, secret) = token.split_once('.').unwrap();
+    for forged in [format!("r0.{}", "0".repeat(64)), format!("r9.{secret}")] {
+        let forged = RelayToken::parse(&forged).unwrap();
+        let event = CallEvent {
+            call_id: Some("c0".into()),
+            status: "completed".into(),
+            duration: Some(1),
+            is_final: true,
+        };
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(2),
+            store.record_event(&forged, event, NOW),
+        )
+        .await
+        .expect("answered without the writer")
+        .unwrap();
+        assert_eq!(outcome, EventOutcome::UnknownToken);
+    }
+    blocker.execute_batch("COMMIT").unwrap();
+    assert_eq!(stuck.await.unwrap().unwrap(), AdmitOutcome::Admitted);
+    assert_eq!(store.usage("a", NOW).await.unwrap().slots, 2);
+    store.check_consistency(NOW).await.unwrap();
 }

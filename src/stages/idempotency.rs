@@ -16,7 +16,7 @@ use tower::Service;
 use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
-use crate::state::{IdempotencyBegin, StateStore, StoredResponse};
+use crate::state::{IdempotencyBegin, IdempotencyClaim, StateStore, StoredResponse};
 
 /// The request header.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -88,7 +88,7 @@ impl AsyncStage for IdempotencyContext {
                 .unwrap_or_else(|_| req.body.to_vec());
             let body_hash = hex::encode(Sha256::digest(&canonical));
             let deadline = tokio::time::Instant::now() + ctx.wait;
-            loop {
+            let claim = loop {
                 let now = ctx.clock.now().as_microsecond();
                 let expires = now + ctx.ttl.as_micros() as i64;
                 match ctx
@@ -96,7 +96,13 @@ impl AsyncStage for IdempotencyContext {
                     .idempotency_begin(&tenant, &key, &body_hash, now, expires)
                     .await?
                 {
-                    IdempotencyBegin::Proceed => break,
+                    IdempotencyBegin::Proceed => {
+                        break IdempotencyClaim {
+                            body_hash,
+                            created_at: now,
+                            expires_at: expires,
+                        };
+                    }
                     IdempotencyBegin::Replay(stored) => {
                         req.span.record("decision", "replayed");
                         return Ok(replay(stored));
@@ -117,7 +123,7 @@ impl AsyncStage for IdempotencyContext {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-            }
+            };
             let result = call_next(next, req).await;
             let response = match result {
                 Ok(response) if is_final(response.status()) => response,
@@ -138,17 +144,21 @@ impl AsyncStage for IdempotencyContext {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/json")
                 .to_string();
-            // Queued now and committed with the next batch; the answer does not wait for it. A
-            // retry meanwhile sees the key in flight and waits for the stored answer.
-            let complete = ctx.store.idempotency_complete(
-                &tenant,
-                &key,
-                StoredResponse {
-                    status: parts.status.as_u16(),
-                    body: bytes.to_vec(),
-                    content_type,
-                },
-            );
+            // Queued before the answer goes out, committed with the next batch: the answer does
+            // not wait for the commit. A retry meanwhile sees the key in flight and waits.
+            let complete = ctx
+                .store
+                .idempotency_complete(
+                    &tenant,
+                    &key,
+                    claim,
+                    StoredResponse {
+                        status: parts.status.as_u16(),
+                        body: bytes.to_vec(),
+                        content_type,
+                    },
+                )
+                .await?;
             tokio::spawn(async move {
                 if let Err(e) = complete.await {
                     tracing::error!(%tenant, error = %e, "storing the idempotent answer failed");

@@ -71,10 +71,11 @@ impl AsyncStage for Record {
                     let now = clock.now().as_microsecond();
                     let lease =
                         now + i64::from(max_duration) * 1_000_000 + grace.as_micros() as i64;
-                    // Queued now, committed with the next batch: the answer does not wait for
-                    // it (a crash before that commit is recovered from the call's first event
-                    // or its lease; see `state::sqlite`). Later operations see the bind.
-                    let bind = store.bind(&id, call_id, object.clone(), lease, now);
+                    // Queued (in order: later operations see it) before the answer goes out, and
+                    // committed with the next batch: the answer does not wait for the commit. A
+                    // crash before it is recovered from the call's first event or its lease
+                    // (see `state::sqlite`).
+                    let bind = store.bind(&id, call_id, object.clone(), lease, now).await?;
                     let (reservation, call) = (id.clone(), call_id.to_string());
                     tokio::spawn(async move {
                         if let Err(e) = bind.await {

@@ -257,12 +257,18 @@ impl Ledger {
         }
     }
 
-    /// Take what an admitted plan decided: a slot (tenant and account) and the hold. Also keeps a
-    /// refused plan's spend, so a new period is computed once.
+    /// Take what an admitted plan decided: a slot (tenant and account) and the hold, and its
+    /// spend (recorded with it). A refused plan's spend is kept only as a new period under the
+    /// same terms (so it is computed once): new terms take effect with the first admission,
+    /// which records them.
     pub fn apply_admit(&mut self, req: &AdmitRequest, plan: AdmitPlan) {
         let admitted = plan.outcome == AdmitOutcome::Admitted;
         let book = self.book_mut(&req.tenant);
-        book.spend = plan.spend;
+        let same_terms =
+            book.spend.period == plan.spend.period && book.spend.timezone == plan.spend.timezone;
+        if admitted || same_terms {
+            book.spend = plan.spend;
+        }
         if admitted {
             book.slots += 1;
             book.holds += req.hold;

@@ -25,6 +25,10 @@ use serde_json::Value;
 /// A boxed store future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// An operation that is queued, in order behind everything queued before it: every later
+/// operation sees it. Awaiting this waits until it is durable.
+pub type Queued = StoreFuture<'static, ()>;
+
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -241,7 +245,14 @@ impl RelayToken {
 
     /// Read a token from a relay URL; `None` if it is not one we could have issued.
     pub fn parse(token: &str) -> Option<RelayToken> {
-        let (reservation_id, secret) = token.split_once('.')?;
+        let Some((reservation_id, secret)) = token.split_once('.') else {
+            // Issued before tokens named their reservation: 64 hex digits, found by their hash.
+            let legacy = token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit());
+            return legacy.then(|| RelayToken {
+                reservation_id: String::new(),
+                secret_hash: Self::hash(token),
+            });
+        };
         let plausible = |s: &str, max: usize| {
             !s.is_empty()
                 && s.len() <= max
@@ -254,6 +265,12 @@ impl RelayToken {
             reservation_id: reservation_id.to_string(),
             secret_hash: Self::hash(secret),
         })
+    }
+
+    /// Whether this token was issued before tokens named their reservation (only its hash finds
+    /// its call).
+    pub fn is_legacy(&self) -> bool {
+        self.reservation_id.is_empty()
     }
 
     /// SHA-256 (hex) of a secret, as stored.
@@ -315,6 +332,14 @@ pub struct StoredResponse {
     pub content_type: String,
 }
 
+/// What a key was claimed with: the request's body hash and the key's lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    pub body_hash: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
 /// The state of an idempotency key when a request arrives with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
@@ -332,7 +357,9 @@ pub enum IdempotencyBegin {
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome>;
-    /// The upstream accepted the call: bind the reservation to its id, object and lease.
+    /// The upstream accepted the call: bind the reservation to its id, object and lease. Resolves
+    /// once the bind is queued (so the answer can go out without waiting for a commit); the
+    /// [`Queued`] it gives resolves once it is durable.
     fn bind(
         &self,
         reservation_id: &str,
@@ -340,7 +367,7 @@ pub trait StateStore: Send + Sync + 'static {
         object: Value,
         lease_expires_at: i64,
         now: i64,
-    ) -> StoreFuture<'static, ()>;
+    ) -> StoreFuture<'static, Queued>;
     /// The call was not placed: free the slot and the hold, charge nothing, forget the reservation.
     fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()>;
     /// [`StateStore::release`] without waiting, for drop guards.
@@ -384,19 +411,23 @@ pub trait StateStore: Send + Sync + 'static {
         now: i64,
         expires_at: i64,
     ) -> StoreFuture<'static, IdempotencyBegin>;
-    /// Store the answer for a claimed key.
+    /// Store the answer for a key (claimed, or its claim lost to a failed commit), queued like
+    /// [`StateStore::bind`].
     fn idempotency_complete(
         &self,
         tenant: &str,
         key: &str,
+        claim: IdempotencyClaim,
         response: StoredResponse,
-    ) -> StoreFuture<'static, ()>;
+    ) -> StoreFuture<'static, Queued>;
     /// Give a claimed key up (the request failed in a way worth retrying).
     fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()>;
     /// Forget idempotency records that expired by `now`.
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize>;
     /// Check the live counters against the records (`StoreError::Inconsistent` if they differ).
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()>;
+    /// Wait until everything queued so far is durable (graceful shutdown).
+    fn flush(&self) -> StoreFuture<'static, ()>;
 }
 
 pub use accounting::charge_for;
@@ -413,6 +444,9 @@ mod tests {
         assert!(parsed.matches(&stored));
         let forged = RelayToken::parse("0190-abc.00ff").unwrap();
         assert!(!forged.matches(&stored));
+        let legacy = RelayToken::parse(&"ab".repeat(32)).unwrap();
+        assert!(legacy.is_legacy());
+        assert!(legacy.matches(&RelayToken::hash(&"ab".repeat(32))));
         for bad in ["", "no-dot", ".secret", "res.", "a/b.c", "a.b c"] {
             assert!(RelayToken::parse(bad).is_none(), "{bad:?}");
         }

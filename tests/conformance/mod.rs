@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use callgate::state::{
-    AdmitOutcome, AdmitRequest, BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin, Period,
-    RelayToken, StateStore, StoredResponse, Usage,
+    AdmitOutcome, AdmitRequest, BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin,
+    IdempotencyClaim, Period, RelayToken, StateStore, StoredResponse, Usage,
 };
 use serde_json::json;
 
@@ -87,7 +87,7 @@ async fn consistent(store: &Arc<dyn StateStore>, now: i64) {
 async fn admit_and_bind(store: &Arc<dyn StateStore>, req: AdmitRequest, call_id: &str) {
     let id = req.reservation_id.clone();
     assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
-    store
+    let bound = store
         .bind(
             &id,
             call_id,
@@ -97,6 +97,7 @@ async fn admit_and_bind(store: &Arc<dyn StateStore>, req: AdmitRequest, call_id:
         )
         .await
         .unwrap();
+    bound.await.unwrap();
 }
 
 pub async fn tenant_slots_are_exact_and_a_refusal_takes_nothing(b: &impl Backend) {
@@ -194,8 +195,25 @@ pub async fn a_release_frees_everything_and_charges_nothing(b: &impl Backend) {
     assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
     store.release("r0").await.unwrap();
     store.release("r0").await.unwrap();
-    store.release_detached("never-admitted");
+    store.release("never-admitted").await.unwrap();
     assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 0));
+    // A bound call is not the gateway's to release: its slot and hold stay until it ends.
+    admit_and_bind(&store, request("a", "r1", 10), "c1").await;
+    store.release("r1").await.unwrap();
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 10, 0));
+    // The drop guard's release, without waiting, still lands.
+    assert_eq!(
+        store.admit(request("a", "r2", 5)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    store.release_detached("r2");
+    for _ in 0..100 {
+        if counters(&store, "a", NOW).await == usage(1, 10, 0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 10, 0));
     let outcome = store
         .record_event(&token("r0"), event(None, "completed", Some(30), true), NOW)
         .await
@@ -272,7 +290,7 @@ pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
         outcome,
         EventOutcome::Applied { settled: true, .. }
     ));
-    store
+    let bound = store
         .bind(
             "r0",
             "c0",
@@ -282,6 +300,7 @@ pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
         )
         .await
         .unwrap();
+    bound.await.unwrap();
     let record = store.get_call("a", "c0").await.unwrap().unwrap();
     assert_eq!(record.status, "completed");
     assert!(!record.live);
@@ -557,13 +576,19 @@ pub async fn idempotency_keys_answer_once(b: &impl Backend) {
         body: b"{\"id\":\"c0\"}".to_vec(),
         content_type: "application/json".into(),
     };
-    store
-        .idempotency_complete("a", "k", answer.clone())
+    let claim = IdempotencyClaim {
+        body_hash: "h1".into(),
+        created_at: NOW,
+        expires_at: expires,
+    };
+    let stored = store
+        .idempotency_complete("a", "k", claim.clone(), answer.clone())
         .await
         .unwrap();
+    stored.await.unwrap();
     assert_eq!(
         begin("k", "h1", NOW).await,
-        IdempotencyBegin::Replay(answer)
+        IdempotencyBegin::Replay(answer.clone())
     );
     // An abandoned claim frees the key; a completed one is not abandoned.
     assert_eq!(begin("j", "h1", NOW).await, IdempotencyBegin::Proceed);
@@ -577,6 +602,45 @@ pub async fn idempotency_keys_answer_once(b: &impl Backend) {
     // Expired keys start afresh and are purged.
     assert_eq!(begin("k", "h2", expires).await, IdempotencyBegin::Proceed);
     assert!(store.purge_idempotency(expires + 120 * SEC).await.unwrap() >= 2);
+    // An answer whose claim was lost (a failed commit) is still kept: a retry replays it.
+    let stored = store
+        .idempotency_complete("a", "lost", claim, answer.clone())
+        .await
+        .unwrap();
+    stored.await.unwrap();
+    assert_eq!(
+        begin("lost", "h1", NOW).await,
+        IdempotencyBegin::Replay(answer)
+    );
+    consistent(&store, NOW).await;
+}
+
+pub async fn issued_relay_tokens_find_their_call(b: &impl Backend) {
+    let store = b.open();
+    let (token, stored) = RelayToken::issue("r0");
+    let mut req = request("a", "r0", 10);
+    req.token_hash = stored;
+    admit_and_bind(&store, req, "c0").await;
+    let parsed = RelayToken::parse(&token).unwrap();
+    let outcome = store
+        .record_event(&parsed, event(Some("c0"), "completed", Some(60), true), NOW)
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        EventOutcome::Applied { settled: true, .. }
+    ));
+    // Another reservation's id with this secret, or this id with another secret: unknown.
+    let (_, secret) = token.split_once('.').unwrap();
+    for forged in [format!("r1.{secret}"), format!("r0.{}", "0".repeat(64))] {
+        let forged = RelayToken::parse(&forged).unwrap();
+        let outcome = store
+            .record_event(&forged, event(Some("c0"), "completed", Some(1), true), NOW)
+            .await
+            .unwrap();
+        assert_eq!(outcome, EventOutcome::UnknownToken);
+    }
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 1));
     consistent(&store, NOW).await;
 }
 
@@ -600,6 +664,7 @@ macro_rules! conformance_suite {
             an_event_recovers_a_lost_bind,
             reads_are_per_tenant_and_paged,
             idempotency_keys_answer_once,
+            issued_relay_tokens_find_their_call,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

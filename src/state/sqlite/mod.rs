@@ -72,6 +72,9 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writer: Writer,
     readers: Arc<Readers>,
+    /// The file predates relay tokens that name their reservation and has an index on token
+    /// hashes: tokens issued then are still found by their hash.
+    legacy_tokens: bool,
 }
 
 /// Read-only connections, opened on demand and kept for reuse.
@@ -123,11 +126,14 @@ impl SqliteStore {
 
     /// Open (or create) the database at `path`, rebuild the counters from it, start the writer.
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let lock = schema::lock(path)?;
         let conn = schema::open_writer(path, options.synchronous)?;
+        let legacy_tokens = schema::has_token_index(&conn)?;
         let checkpointer = checkpoint::start(path)?;
-        let writer = Writer::start(conn, options.queue_capacity, checkpointer)?;
+        let writer = Writer::start(conn, options.queue_capacity, checkpointer, lock)?;
         Ok(SqliteStore {
             writer,
+            legacy_tokens,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
@@ -204,6 +210,33 @@ fn apply_event(
     Ok(false)
 }
 
+/// The writer's half of [`StateStore::record_event`], for a reservation whose token was checked.
+fn apply_relayed_event(
+    conn: &Connection,
+    ledger: &mut Ledger,
+    reservation_id: &str,
+    event: &CallEvent,
+    now: i64,
+) -> Result<(EventOutcome, When), StoreError> {
+    let Some((record, pricing)) = queries::load_call(conn, CallKey::Reservation, reservation_id)?
+    else {
+        return Ok((EventOutcome::UnknownToken, When::Now));
+    };
+    if let (Some(bound), Some(named)) = (&record.call_id, &event.call_id)
+        && bound != named
+    {
+        return Ok((EventOutcome::CallMismatch, When::Now));
+    }
+    let settled = apply_event(conn, ledger, &record, pricing, event, None, now)?;
+    let (record, _) = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+        .ok_or_else(|| StoreError::Backend("call vanished".into()))?;
+    let outcome = EventOutcome::Applied {
+        record: Box::new(record),
+        settled,
+    };
+    Ok((outcome, When::Committed))
+}
+
 impl StateStore for SqliteStore {
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome> {
         Box::pin(self.writer.run(Urgency::Shed, move |conn, ledger| {
@@ -229,9 +262,9 @@ impl StateStore for SqliteStore {
         object: Value,
         lease_expires_at: i64,
         now: i64,
-    ) -> StoreFuture<'static, ()> {
+    ) -> StoreFuture<'static, Queued> {
         let (reservation_id, call_id) = (reservation_id.to_string(), call_id.to_string());
-        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+        let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
             let Some((record, _)) =
                 queries::load_call(conn, CallKey::Reservation, &reservation_id)?
             else {
@@ -251,7 +284,11 @@ impl StateStore for SqliteStore {
             );
             queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
             Ok(((), When::Committed))
-        }))
+        });
+        Box::pin(async move {
+            let answer = queued.await?;
+            Ok(Box::pin(answer.into_future()) as Queued)
+        })
     }
 
     fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
@@ -277,32 +314,36 @@ impl StateStore for SqliteStore {
         event: CallEvent,
         now: i64,
     ) -> StoreFuture<'static, EventOutcome> {
-        let token = token.clone();
-        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
-            let stored = queries::token_hash(conn, &token.reservation_id)?;
-            if !stored.is_some_and(|hash| token.matches(&hash)) {
-                return Ok((EventOutcome::UnknownToken, When::Now));
-            }
-            let Some((record, pricing)) =
-                queries::load_call(conn, CallKey::Reservation, &token.reservation_id)?
-            else {
-                return Ok((EventOutcome::UnknownToken, When::Now));
+        // Who holds a token is checked on a read-only connection first: forged or stale tokens
+        // (the relay route is open to the internet) never take room in the writer's queue.
+        let legacy_tokens = self.legacy_tokens;
+        let check = {
+            let token = token.clone();
+            self.readers.read(move |conn| {
+                let reservation = if token.is_legacy() {
+                    match legacy_tokens {
+                        true => queries::reservation_of_token(conn, &token.secret_hash)?,
+                        false => None,
+                    }
+                } else {
+                    queries::token_hash(conn, &token.reservation_id)?
+                        .filter(|hash| token.matches(hash))
+                        .map(|_| token.reservation_id.clone())
+                };
+                Ok(reservation)
+            })
+        };
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            let Some(reservation_id) = check.await? else {
+                return Ok(EventOutcome::UnknownToken);
             };
-            if let (Some(bound), Some(named)) = (&record.call_id, &event.call_id)
-                && bound != named
-            {
-                return Ok((EventOutcome::CallMismatch, When::Now));
-            }
-            let settled = apply_event(conn, ledger, &record, pricing, &event, None, now)?;
-            let (record, _) =
-                queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
-                    .ok_or_else(|| StoreError::Backend("call vanished".into()))?;
-            let outcome = EventOutcome::Applied {
-                record: Box::new(record),
-                settled,
-            };
-            Ok((outcome, When::Committed))
-        }))
+            writer
+                .run(Urgency::Wait, move |conn, ledger| {
+                    apply_relayed_event(conn, ledger, &reservation_id, &event, now)
+                })
+                .await
+        })
     }
 
     fn apply_upstream_state(
@@ -440,13 +481,18 @@ impl StateStore for SqliteStore {
         &self,
         tenant: &str,
         key: &str,
+        claim: IdempotencyClaim,
         response: StoredResponse,
-    ) -> StoreFuture<'static, ()> {
+    ) -> StoreFuture<'static, Queued> {
         let (tenant, key) = (tenant.to_string(), key.to_string());
-        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
-            queries::complete_idempotency(conn, &tenant, &key, &response)?;
+        let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
+            queries::complete_idempotency(conn, &tenant, &key, &claim, &response)?;
             Ok(((), When::Committed))
-        }))
+        });
+        Box::pin(async move {
+            let answer = queued.await?;
+            Ok(Box::pin(answer.into_future()) as Queued)
+        })
     }
 
     fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()> {
@@ -467,6 +513,11 @@ impl StateStore for SqliteStore {
             };
             Ok((purged, when))
         }))
+    }
+
+    fn flush(&self) -> StoreFuture<'static, ()> {
+        let writer = self.writer.clone();
+        Box::pin(async move { writer.committed_up_to_now().await })
     }
 
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {

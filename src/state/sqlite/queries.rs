@@ -4,7 +4,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use crate::state::accounting::{Pricing, Spend};
-use crate::state::{AdmitRequest, CallRecord, IdempotencyBegin, StoreError, StoredResponse};
+use crate::state::{
+    AdmitRequest, CallRecord, IdempotencyBegin, IdempotencyClaim, StoreError, StoredResponse,
+};
 
 /// `SELECT` of a call's columns (as [`record_from_row`] reads them) `WHERE` the clause.
 macro_rules! select_calls {
@@ -69,6 +71,12 @@ pub fn load_call(
 pub fn token_hash(conn: &Connection, reservation_id: &str) -> Result<Option<String>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT token_hash FROM calls WHERE reservation_id = ?1")?;
     Ok(stmt.query_row([reservation_id], |r| r.get(0)).optional()?)
+}
+
+/// The reservation whose relay token (issued before tokens named their reservation) hashes so.
+pub fn reservation_of_token(conn: &Connection, hash: &str) -> Result<Option<String>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT reservation_id FROM calls WHERE token_hash = ?1")?;
+    Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
 }
 
 /// Record an admitted call: live, pending, holding its slot and hold.
@@ -317,23 +325,29 @@ pub fn claim_idempotency(
     Ok(())
 }
 
-/// Keep the answer for a claimed key.
+/// Keep the answer for a key: its claim's record becomes the answer, or (the claim was lost to
+/// a failed commit) the answer is recorded afresh.
 pub fn complete_idempotency(
     conn: &Connection,
     tenant: &str,
     key: &str,
+    claim: &IdempotencyClaim,
     response: &StoredResponse,
 ) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
-        "UPDATE idempotency SET state = 'done', status = ?3, body = ?4, content_type = ?5
-         WHERE tenant = ?1 AND key = ?2",
+        "INSERT INTO idempotency (tenant, key, body_hash, state, status, body, content_type, created_at, expires_at)
+         VALUES (?1, ?2, ?3, 'done', ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(tenant, key) DO UPDATE SET state = 'done', status = ?4, body = ?5, content_type = ?6",
     )?;
     stmt.execute(params![
         tenant,
         key,
+        claim.body_hash,
         response.status,
         response.body,
-        response.content_type
+        response.content_type,
+        claim.created_at,
+        claim.expires_at
     ])?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The file's layout, how its connections are opened, and the counters rebuilt from it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -66,12 +66,7 @@ const STATEMENT_CACHE: usize = 64;
 
 /// Open (or create) the file for the writer: WAL, the chosen durability, the schema.
 pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
-    }
+    create_parent(path)?;
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
@@ -94,6 +89,53 @@ pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, 
     Ok(conn)
 }
 
+fn create_parent(path: &Path) -> Result<(), StoreError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Take the file for this process: an exclusive lock on `<file>.lock`, held until the returned
+/// handle is dropped. Waits up to [`LOCK_WAIT`] for a gateway that is stopping to let go.
+pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    create_parent(path)?;
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", lock_path.display())))?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Backend(format!(
+                    "{} is in use by another callgate process (one process owns a state file)",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Backend(format!(
+                    "cannot lock {}: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+    }
+}
+
+/// How long [`lock`] waits for another process to let the file go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Open a read-only connection to the file (WAL: it reads the last commit, never waits for one).
 pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
@@ -103,6 +145,25 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
+}
+
+/// Whether the file has the unique index on relay token hashes of files made before tokens named
+/// their reservation.
+pub fn has_token_index(conn: &Connection) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_index_info(?1)")?;
+    let mut indexes = conn.prepare("SELECT name FROM pragma_index_list('calls')")?;
+    let names: Vec<String> = indexes
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in names {
+        let columns: Vec<String> = stmt
+            .query_map([&name], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if columns == ["token_hash"] {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The live counters as the file has them: each tenant's live calls, and its stored spend.

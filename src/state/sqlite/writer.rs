@@ -7,9 +7,14 @@
 //! look-up) are answered at once. Since the thread is the only writer and the only one that
 //! changes the counters, each operation is atomic with respect to every other.
 //!
-//! An operation changes the counters only after its SQL succeeded, so a failed operation (its
-//! savepoint rolled back) leaves both untouched. A failed commit rolls the whole batch back; the
-//! counters are then rebuilt from the file, which is what it holds.
+//! An operation changes the counters after its SQL succeeded; should one fail part-way (its
+//! savepoint rolled back), the counters are rebuilt from the file, as after a failed commit,
+//! which rolls the whole batch back. (A failed commit is a failing disk: the operations in it are
+//! answered with the error, and those not reached are dropped, their callers told `Closed`.)
+//!
+//! One process owns the file: the counters are only exact if no other writes it. A lock file
+//! (`<file>.lock`) held while the writer runs makes a second gateway on the same file fail to
+//! start instead of silently drifting.
 //!
 //! The queue is bounded: new work (admissions, idempotency claims) is refused with
 //! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
@@ -50,6 +55,21 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
 type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
 
+/// The result of a queued operation, when it is given.
+pub struct Answer<R>(oneshot::Receiver<Result<R, StoreError>>);
+
+impl<R> std::future::IntoFuture for Answer<R>
+where
+    R: Send + 'static,
+{
+    type Output = Result<R, StoreError>;
+    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.0.await.map_err(|_| StoreError::Closed)? })
+    }
+}
+
 /// The queue into the writer thread, and what it has committed.
 #[derive(Clone)]
 pub struct Writer {
@@ -69,6 +89,7 @@ impl Writer {
         conn: Connection,
         capacity: usize,
         checkpointer: std::sync::mpsc::Sender<()>,
+        lock: std::fs::File,
     ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
         let (queue, rx) = mpsc::channel(capacity.max(1));
@@ -78,8 +99,9 @@ impl Writer {
             .name("callgate-sqlite".into())
             .spawn(move || {
                 run(conn, rx, thread_ledger, committed_tx);
-                // The checkpointer stops with the writer.
+                // The checkpointer stops with the writer, and the file is free for another.
                 drop(checkpointer);
+                drop(lock);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
         Ok(Writer {
@@ -95,13 +117,23 @@ impl Writer {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue `f`; the future answers with its result, when `f` says. `f` is queued by this call
-    /// (not when the future is first polled) unless the queue is full.
+    /// Queue `f` and wait for its result, which `f` says when to give.
     pub fn run<R: Send + 'static>(
         &self,
         urgency: Urgency,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
+        let queued = self.submit(urgency, f);
+        async move { queued.await?.await }
+    }
+
+    /// Queue `f`: the future resolves once it is queued, in order (at once, unless the queue is
+    /// full: `f` is queued by this call when there is room), with a future of its result.
+    pub fn submit<R: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, ledger| match f(conn, ledger) {
             Ok((value, when)) => (
@@ -128,7 +160,7 @@ impl Writer {
                 }
                 Err(mpsc::error::TrySendError::Full(job)) => writer.queue_waiting(job).await?,
             }
-            rx.await.map_err(|_| StoreError::Closed)?
+            Ok(Answer(rx))
         }
     }
 
@@ -183,21 +215,29 @@ fn run(
             // Transaction control through cached statements: parsed once, not once per operation.
             let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
             control("BEGIN")?;
-            let mut ledger = ledger.lock().unwrap_or_else(|p| p.into_inner());
             for (_, job) in batch.drain(..) {
                 control("SAVEPOINT op")?;
-                let (when, reply) = job(&conn, &mut ledger);
+                // Locked per operation, so that readers of the counters never wait out a commit.
+                let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
+                let (when, reply) = job(&conn, &mut counters);
                 if when.is_none() {
-                    // It failed: its writes are undone (and it changed no counter).
+                    // It failed: its writes are undone. An operation that settles several calls
+                    // may have changed counters before the failure: take them from the file.
                     control("ROLLBACK TO op")?;
+                    match schema::load_ledger(&conn) {
+                        Ok(rebuilt) => *counters = rebuilt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "state store: cannot rebuild the counters")
+                        }
+                    }
                 }
+                drop(counters);
                 control("RELEASE op")?;
                 match when {
                     Some(When::Committed) => waiting.push(reply),
                     None | Some(When::Now) => reply(Ok(())),
                 }
             }
-            drop(ledger);
             control("COMMIT")
         })();
         let result = match outcome {
