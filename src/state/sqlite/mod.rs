@@ -5,7 +5,6 @@
 //!   records one row.
 //! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
 //! - [`queries`]: every statement, prepared once per connection.
-//! - [`checkpoint`]: folds the write-ahead log into the file on its own thread.
 //! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only
 //!   connections of their own: they see the last commit and never wait behind one. Usage is read
 //!   from the counters.
@@ -24,7 +23,6 @@
 //! commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 
-mod checkpoint;
 mod queries;
 mod schema;
 mod writer;
@@ -129,8 +127,7 @@ impl SqliteStore {
         let lock = schema::lock(path)?;
         let conn = schema::open_writer(path, options.synchronous)?;
         let legacy_tokens = schema::has_token_index(&conn)?;
-        let checkpointer = checkpoint::start(path)?;
-        let writer = Writer::start(conn, options.queue_capacity, checkpointer, lock)?;
+        let writer = Writer::start(conn, options.queue_capacity, lock)?;
         Ok(SqliteStore {
             writer,
             legacy_tokens,

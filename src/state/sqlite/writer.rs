@@ -88,7 +88,6 @@ impl Writer {
     pub fn start(
         conn: Connection,
         capacity: usize,
-        checkpointer: std::sync::mpsc::Sender<()>,
         lock: std::fs::File,
     ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
@@ -99,8 +98,7 @@ impl Writer {
             .name("callgate-sqlite".into())
             .spawn(move || {
                 run(conn, rx, thread_ledger, committed_tx);
-                // The checkpointer stops with the writer, and the file is free for another.
-                drop(checkpointer);
+                // The file is free for another process once the writer has stopped.
                 drop(lock);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
