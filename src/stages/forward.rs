@@ -17,6 +17,25 @@ use crate::error::{Body, GatewayError};
 use crate::upstream::{Upstream, relay};
 
 /// See the module docs.
+/// The call the upstream accepted, read once from its answer: carried to the record stage (in
+/// the response's extensions) so that it need not read the answer again.
+#[derive(Clone, Debug)]
+pub struct AcceptedCall {
+    /// The upstream's call id.
+    pub id: String,
+    /// The call object as the upstream answered it.
+    pub object: serde_json::Value,
+}
+
+impl AcceptedCall {
+    /// The call in a successful answer; `None` if the answer has no call id.
+    pub fn read(body: &[u8]) -> Option<AcceptedCall> {
+        let object: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let id = object.get("id")?.as_str()?.to_string();
+        Some(AcceptedCall { id, object })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Forward {
     upstream: Arc<Upstream>,
@@ -66,19 +85,38 @@ impl Service<CallRequest> for Forward {
             let response = result.inspect_err(|_| {
                 req.span.record("stage", "forward");
             })?;
-            if response.status().is_success() {
+            let accepted = if response.status().is_success() {
                 req.span.record("decision", "forwarded");
-                if let Some(id) = serde_json::from_slice::<serde_json::Value>(response.body())
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
-                {
-                    req.span.record("call_id", id.as_str());
+                let accepted = AcceptedCall::read(response.body());
+                if let Some(call) = &accepted {
+                    req.span.record("call_id", call.id.as_str());
                 }
+                accepted
             } else {
                 req.span.record("decision", "upstream_refused");
                 req.span.record("status", response.status().as_u16());
+                None
+            };
+            let mut response = relay(response);
+            if let Some(call) = accepted {
+                response.extensions_mut().insert(call);
             }
-            Ok(relay(response))
+            Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accepted_call_is_read_once_from_the_answer() {
+        let call = AcceptedCall::read(br#"{"id":"call_1","status":"queued"}"#).unwrap();
+        assert_eq!(call.id, "call_1");
+        assert_eq!(call.object["status"], "queued");
+        assert!(AcceptedCall::read(br#"{"status":"queued"}"#).is_none());
+        assert!(AcceptedCall::read(br#"{"id":7}"#).is_none());
+        assert!(AcceptedCall::read(b"not json").is_none());
     }
 }

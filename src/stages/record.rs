@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Response;
-use http_body_util::BodyExt;
 use tower::Service;
 
+use super::forward::AcceptedCall;
 use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
@@ -58,16 +58,12 @@ impl AsyncStage for Record {
                 tracing::info!(target: "audit", reservation = %id, "released: the upstream did not place the call");
                 return result;
             }
-            let response = result?;
-            let (parts, body) = response.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            let object: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            match object.get("id").and_then(|v| v.as_str()) {
-                Some(call_id) => {
+            let mut response = result?;
+            match response.extensions_mut().remove::<AcceptedCall>() {
+                Some(AcceptedCall {
+                    id: call_id,
+                    object,
+                }) => {
                     let now = clock.now().as_microsecond();
                     let lease =
                         now + i64::from(max_duration) * 1_000_000 + grace.as_micros() as i64;
@@ -75,15 +71,15 @@ impl AsyncStage for Record {
                     // committed with the next batch: the answer does not wait for the commit. A
                     // crash before it is recovered from the call's first event or its lease
                     // (see `state::sqlite`).
-                    let bind = store.bind(&id, call_id, object.clone(), lease, now).await?;
-                    let (reservation, call) = (id.clone(), call_id.to_string());
+                    let bind = store.bind(&id, &call_id, object, lease, now).await?;
+                    span.record("call_id", call_id.as_str());
+                    tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
+                    let reservation = id.clone();
                     tokio::spawn(async move {
                         if let Err(e) = bind.await {
-                            tracing::error!(reservation = %reservation, call_id = %call, error = %e, "bind failed");
+                            tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
                         }
                     });
-                    span.record("call_id", call_id);
-                    tracing::info!(target: "audit", reservation = %id, call_id, "bound");
                 }
                 None => {
                     // Accepted, but with no id we cannot follow the call: keep the slot and hold
@@ -94,7 +90,7 @@ impl AsyncStage for Record {
             if let Some(g) = guard.as_mut() {
                 g.disarm();
             }
-            Ok(Response::from_parts(parts, Body::from(bytes)))
+            Ok(response)
         })
     }
 }
