@@ -87,6 +87,13 @@ fn tenant_view(t: &Tenant) -> serde_json::Value {
     })
 }
 
+/// The tenant id in `/admin/tenants/{id}/usage`, if `path` is one (a non-empty id, no `/`).
+fn usage_tenant(path: &str) -> Option<&str> {
+    path.strip_prefix("/admin/tenants/")?
+        .strip_suffix("/usage")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
 impl AdminContext {
     async fn route(&self, method: Method, path: &str) -> Result<Response<Body>, GatewayError> {
         let policies = self.reloader.policies.current();
@@ -95,8 +102,8 @@ impl AdminContext {
                 let data: Vec<_> = policies.tenants.values().map(|t| tenant_view(t)).collect();
                 Ok(json_response(StatusCode::OK, &json!({ "data": data })))
             }
-            (Method::GET, p) if p.starts_with("/admin/tenants/") && p.ends_with("/usage") => {
-                let id = &p["/admin/tenants/".len()..p.len() - "/usage".len()];
+            (Method::GET, p) if usage_tenant(p).is_some() => {
+                let id = usage_tenant(p).unwrap_or_default();
                 let tenant = policies
                     .tenants
                     .get(id)
@@ -151,7 +158,11 @@ impl AdminContext {
                     &json!({"tenants": tenants, "certificates": certificates}),
                 ))
             }
-            (_, "/admin/tenants" | "/admin/reload") => Err(GatewayError::MethodNotAllowed),
+            (_, "/admin/tenants") => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
+            (_, "/admin/reload") => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            (_, p) if usage_tenant(p).is_some() => {
+                Err(GatewayError::MethodNotAllowed { allow: "GET" })
+            }
             _ => Err(GatewayError::NotFound("no such route")),
         }
     }

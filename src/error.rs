@@ -67,9 +67,9 @@ pub enum GatewayError {
     /// The `Idempotency-Key` was used with another body, or its first request is still running.
     #[error("{0}")]
     IdempotencyConflict(String),
-    /// The path exists but not for this method.
+    /// The path exists but not for this method; `allow` lists the methods it has.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: &'static str },
     /// No such route or resource.
     #[error("{0}")]
     NotFound(&'static str),
@@ -109,7 +109,7 @@ impl GatewayError {
             }
             AgentNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             DestinationNotAllowed(_) | DoNotCall | OutsideCallingHours(_) => StatusCode::FORBIDDEN,
-            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             IdempotencyConflict(_) => StatusCode::CONFLICT,
@@ -134,7 +134,7 @@ impl GatewayError {
             DestinationNotAllowed(_) => "destination_not_allowed",
             DoNotCall => "do_not_call",
             OutsideCallingHours(_) => "outside_calling_hours",
-            MethodNotAllowed => "method_not_allowed",
+            MethodNotAllowed { .. } => "method_not_allowed",
             RateLimitExceeded { .. } => "rate_limit_exceeded",
             InsufficientCredits(_) => "insufficient_credits",
             IdempotencyConflict(_) => "idempotency_conflict",
@@ -203,10 +203,10 @@ impl GatewayError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if matches!(self, GatewayError::MethodNotAllowed) {
+        if let GatewayError::MethodNotAllowed { allow } = self {
             response
                 .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }

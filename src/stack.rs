@@ -106,6 +106,17 @@ where
 }
 
 /// Routes tenant and upstream requests.
+/// The methods a tenant-listener path has (`Allow`), or `None` for no such route.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/calls" => Some("GET, POST"),
+        "/healthz" | "/readyz" => Some("GET"),
+        p if p.starts_with("/v1/calls/") => Some("GET"),
+        p if p.starts_with("/v1/relay/") => Some("POST"),
+        _ => None,
+    }
+}
+
 struct Router<B> {
     create_call: BoxCloneService<Request<B>, Response<Body>, GatewayError>,
     reader: CallReader,
@@ -167,16 +178,13 @@ where
             (Method::GET, "/healthz") | (Method::GET, "/readyz") => {
                 Box::pin(async { Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))) })
             }
-            (_, p)
-                if p == "/v1/calls"
-                    || p.starts_with("/v1/calls/")
-                    || p.starts_with("/v1/relay/")
-                    || p == "/healthz"
-                    || p == "/readyz" =>
-            {
-                Box::pin(async { Err(GatewayError::MethodNotAllowed) })
+            (_, p) => {
+                let error = match allowed_methods(p) {
+                    Some(allow) => GatewayError::MethodNotAllowed { allow },
+                    None => GatewayError::NotFound("no such route"),
+                };
+                Box::pin(async { Err(error) })
             }
-            _ => Box::pin(async { Err(GatewayError::NotFound("no such route")) }),
         }
     }
 }

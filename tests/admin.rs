@@ -87,11 +87,26 @@ async fn live_usage_and_reload() {
     let reload = admin(&gw, Method::POST, "/admin/reload", ADMIN).await;
     assert_eq!(reload.status, StatusCode::OK);
     assert_eq!(reload.json(), json!({"tenants": 2, "certificates": 0}));
+    let wrong = admin(&gw, Method::DELETE, "/admin/reload", ADMIN).await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong.headers["allow"], "POST");
+    let wrong = admin(&gw, Method::POST, "/admin/tenants/acme/usage", ADMIN).await;
+    assert_eq!(wrong.headers["allow"], "GET");
+    // Paths that only look like a tenant's usage are no route (this one once panicked).
+    for path in [
+        "/admin/tenants/usage",
+        "/admin/tenants//usage",
+        "/admin/tenants/a/b/usage",
+    ] {
+        let answer = admin(&gw, Method::GET, path, ADMIN).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // The gateway is still up.
     assert_eq!(
-        admin(&gw, Method::DELETE, "/admin/reload", ADMIN)
+        admin(&gw, Method::GET, "/admin/tenants", ADMIN)
             .await
             .status,
-        StatusCode::METHOD_NOT_ALLOWED
+        StatusCode::OK
     );
 }
 

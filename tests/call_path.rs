@@ -324,6 +324,23 @@ async fn routes_health_and_methods() {
     let method = gw.send(Method::PUT, "/v1/calls", &[], "").await;
     assert_eq!(method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(method.headers.contains_key("x-request-id"));
+    // Each route lists its own methods.
+    for (verb, path, allow) in [
+        (Method::PUT, "/v1/calls", "GET, POST"),
+        (Method::OPTIONS, "/v1/calls/call_123", "GET"),
+        (Method::DELETE, "/v1/calls/call_123", "GET"),
+        (Method::GET, "/v1/relay/some-token", "POST"),
+        (Method::POST, "/healthz", "GET"),
+    ] {
+        let answer = gw.send(verb.clone(), path, &[], "").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{verb} {path}"
+        );
+        assert_eq!(answer.code(), "method_not_allowed");
+        assert_eq!(answer.headers["allow"], allow, "{verb} {path}");
+    }
 }
 
 #[tokio::test]
