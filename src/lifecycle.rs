@@ -6,7 +6,11 @@
 //!
 //! The reconciler, where the upstream has `GET /v1/calls/{id}` (`reconcile.enabled`), asks the
 //! upstream about live calls that have had no event for `reconcile.quiet_after_secs` and applies
-//! its answer: a call the upstream says has ended is settled from that answer.
+//! its answer: a call the upstream says has ended is settled from that answer. It asks about
+//! [`RECONCILE_CONCURRENCY`] calls at a time.
+//!
+//! The two run independently: an upstream that hangs on every look-up slows reconciliation
+//! (each look-up is bounded by the upstream timeout), never lease expiry.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,9 @@ use crate::config::{ReconcileSettings, RelaySettings};
 use crate::error::GatewayError;
 use crate::state::{CallEvent, CallRecord, StateStore, StoreError};
 use crate::upstream::Upstream;
+
+/// Upstream look-ups the reconciler has in flight at once.
+pub const RECONCILE_CONCURRENCY: usize = 8;
 
 /// See the module docs.
 pub struct Lifecycle {
@@ -97,59 +104,91 @@ impl Lifecycle {
         Ok(record)
     }
 
-    /// Look up quiet calls at the upstream; returns how many were settled.
-    pub async fn reconcile(&self) -> Result<usize, StoreError> {
+    /// Look up quiet calls at the upstream, [`RECONCILE_CONCURRENCY`] at a time; returns how many
+    /// were settled.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<usize, StoreError> {
         if !self.reconcile.enabled {
             return Ok(0);
         }
         let now = self.clock.now().as_microsecond();
         let quiet_since = now - (self.reconcile.quiet_after_secs as i64) * 1_000_000;
+        let calls = self.store.quiet_calls(quiet_since, 100).await?;
+        let mut lookups = tokio::task::JoinSet::new();
         let mut settled = 0;
-        for call in self.store.quiet_calls(quiet_since, 100).await? {
-            let Some(call_id) = call.call_id.as_deref() else {
-                continue;
-            };
-            match self.refresh(call_id).await {
-                Ok(Some(record)) if !record.live => {
-                    settled += 1;
-                    tracing::info!(
-                        target: "audit",
-                        tenant = %record.tenant,
-                        call_id,
-                        status = %record.status,
-                        charged = record.charged,
-                        "settled by reconciliation"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(call_id, error = %e, "reconciliation failed"),
+        for call_id in calls.into_iter().filter_map(|c| c.call_id) {
+            while lookups.len() >= RECONCILE_CONCURRENCY {
+                settled += usize::from(
+                    lookups
+                        .join_next()
+                        .await
+                        .unwrap_or(Ok(false))
+                        .unwrap_or(false),
+                );
             }
+            let lifecycle = self.clone();
+            lookups.spawn(async move { lifecycle.reconcile_one(&call_id).await });
+        }
+        while let Some(done) = lookups.join_next().await {
+            settled += usize::from(done.unwrap_or(false));
         }
         Ok(settled)
     }
 
-    /// Run the sweeper and the reconciler until the returned handle is aborted.
+    /// Ask the upstream about one quiet call; whether that settled it.
+    async fn reconcile_one(&self, call_id: &str) -> bool {
+        match self.refresh(call_id).await {
+            Ok(Some(record)) if !record.live => {
+                tracing::info!(
+                    target: "audit",
+                    tenant = %record.tenant,
+                    call_id,
+                    status = %record.status,
+                    charged = record.charged,
+                    "settled by reconciliation"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(call_id, error = %e, "reconciliation failed");
+                false
+            }
+        }
+    }
+
+    /// Run the sweeper and the reconciler, each on its own schedule and neither waiting for the
+    /// other, until the returned handle is aborted.
     pub fn spawn(self: Arc<Self>, sweep_every: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        let sweeper = self.clone();
+        let sweeping = async move {
             let mut sweep = tokio::time::interval(sweep_every);
-            let mut reconcile =
-                tokio::time::interval(Duration::from_millis(self.reconcile.interval_ms.max(100)));
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = sweep.tick() => {
-                        if let Err(e) = self.sweep().await {
-                            tracing::error!(error = %e, "lease sweep failed");
-                        }
-                    }
-                    _ = reconcile.tick() => {
-                        if let Err(e) = self.reconcile().await {
-                            tracing::error!(error = %e, "reconciliation failed");
-                        }
-                    }
+                sweep.tick().await;
+                if let Err(e) = sweeper.sweep().await {
+                    tracing::error!(error = %e, "lease sweep failed");
                 }
             }
+        };
+        let reconciler = self;
+        let reconciling = async move {
+            let every = Duration::from_millis(reconciler.reconcile.interval_ms.max(100));
+            let mut reconcile = tokio::time::interval(every);
+            reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                reconcile.tick().await;
+                if let Err(e) = reconciler.reconcile().await {
+                    tracing::error!(error = %e, "reconciliation failed");
+                }
+            }
+        };
+        tokio::spawn(async move {
+            // Two tasks, so that a slow upstream look-up never holds up a sweep; aborting this
+            // one aborts both.
+            let mut both = tokio::task::JoinSet::new();
+            both.spawn(sweeping);
+            both.spawn(reconciling);
+            while both.join_next().await.is_some() {}
         })
     }
 }

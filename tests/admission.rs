@@ -563,3 +563,89 @@ async fn a_saturated_store_answers_503_and_takes_nothing() {
         assert_eq!(read.status, StatusCode::OK, "{id}");
     }
 }
+
+/// What [`upstream_hanging_on_lookups`] has seen.
+#[derive(Default)]
+struct Seen {
+    calls: std::sync::atomic::AtomicU64,
+    lookups: std::sync::atomic::AtomicU64,
+}
+
+/// An upstream that places every call (`POST /v1/calls`) but never answers a look-up
+/// (`GET /v1/calls/{id}`).
+async fn upstream_hanging_on_lookups() -> (std::net::SocketAddr, std::sync::Arc<Seen>) {
+    use http_body_util::Full;
+    use std::sync::atomic::Ordering::Relaxed;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counts = counts.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let counts = counts.clone();
+                    async move {
+                        if req.method() == Method::GET {
+                            counts.lookups.fetch_add(1, Relaxed);
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        let n = counts.calls.fetch_add(1, Relaxed);
+                        let body = json!({"id": format!("call_hang_{n}"), "status": "queued"});
+                        let mut response =
+                            http::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                        response.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            tokio::spawn(
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), svc)
+                    .into_owned(),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// The lease sweeper does not wait for the reconciler: with every upstream look-up hanging (for
+/// up to the upstream timeout, here a minute), lapsed leases are still settled. And the
+/// reconciler asks about several calls at once, never more than its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_upstream_does_not_hold_up_lease_expiry() {
+    let (upstream, seen) = upstream_hanging_on_lookups().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = copy_policies(dir.path());
+    std::fs::write(policies.join("tenants/t.toml"), tenant_file("t", KEY, "")).unwrap();
+    let extra = "[reconcile]\nenabled = true\ninterval_ms = 100\nquiet_after_secs = 0\nrefresh_on_read = false\n\
+                 [state]\nsweep_interval_ms = 50\n";
+    let text = config_text(
+        &format!("url = \"http://{upstream}\"\napi_key = \"{ACCOUNT_KEY}\""),
+        extra,
+    )
+    .replace(
+        &repo().join("policies").display().to_string(),
+        &policies.display().to_string(),
+    )
+    .replace("request_timeout_ms = 2000", "request_timeout_ms = 60000");
+    let gw = TestGateway::start_with_config(&text).await;
+    let answers = burst(&gw, KEY, 12, call(60)).await;
+    assert_eq!(count(&answers, StatusCode::OK), 12);
+    assert_eq!(gw.usage("t").await.slots, 12);
+    // The reconciler is stuck on its look-ups (for a minute each); then every lease ends.
+    let lookups = || seen.lookups.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let bound = callgate::lifecycle::RECONCILE_CONCURRENCY as u64;
+    while lookups() < bound && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lookups(), bound, "look-ups in flight");
+    gw.clock.advance(Duration::from_secs(3_600));
+    let usage = gw.wait_usage("t", |u| u.slots == 0).await;
+    assert_eq!((usage.slots, usage.holds), (0, 0));
+}
