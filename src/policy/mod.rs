@@ -28,8 +28,7 @@ use crate::config::{ConfigError, find_line, line_of};
 use crate::phone::{self, NumberType};
 use crate::stages::redact::Redaction;
 
-/// A tenant's compiled policy.
-#[derive(Debug)]
+/// A tenant's compiled policy. Its `Debug` shows no key hash and no secret.
 pub struct Tenant {
     pub id: String,
     key_hashes: Vec<[u8; 32]>,
@@ -53,6 +52,24 @@ pub struct Tenant {
     pub budget: BudgetPolicy,
     /// Signs events relayed to the tenant's webhook.
     pub webhook_secret: Option<crate::config::Secret>,
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant")
+            .field("id", &self.id)
+            .field("keys", &self.key_hashes.len())
+            .field("from_allow", &self.from_allow)
+            .field("agents", &self.agents)
+            .field("max_duration", &self.max_duration)
+            .field("redaction", &self.redaction)
+            .field("limits", &self.limits)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Compiled destination rules.

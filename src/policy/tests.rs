@@ -143,3 +143,56 @@ fn webhook_host_patterns() {
     assert!(!p.allows_host("evilglobex.example"));
     assert!(!p.allows_host("hooks.acme.example.evil"));
 }
+
+#[test]
+fn debug_output_shows_no_key_secret_or_personal_data() {
+    let policies = Arc::new(fixture_policies());
+    let acme = policies.tenants["acme"].clone();
+    let shown = format!("{acme:?}");
+    assert!(
+        shown.contains("acme") && shown.contains("[redacted]"),
+        "{shown}"
+    );
+    // Neither the webhook secret, nor the key hash, nor the redaction hash key (b"test...").
+    for secret in [
+        "whsec_demo_acme_not_for_production",
+        "a2fb8545",
+        "116, 101, 115, 116",
+    ] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer demo-acme-key"),
+    );
+    let body = bytes::Bytes::from_static(
+        br#"{"phone_number":"+14155551234","metadata":{"email":"ann@example.com"}}"#,
+    );
+    let mut request = crate::stages::CallRequest::new(
+        "req-1".into(),
+        tracing::Span::none(),
+        headers,
+        body,
+        policies,
+    );
+    request.tenant = Some(acme);
+    request.reservation = Some(crate::stages::admission::Reservation {
+        id: "res-1".into(),
+        token: "res-1.relay-secret".into(),
+        max_duration: 60,
+    });
+    let shown = format!("{request:?}");
+    assert!(
+        shown.contains("req-1") && shown.contains("res-1"),
+        "{shown}"
+    );
+    for secret in [
+        "demo-acme-key",
+        "ann@example.com",
+        "+14155551234",
+        "relay-secret",
+    ] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+}

@@ -82,13 +82,23 @@ impl RateLimits {
     }
 }
 
-/// A slot and hold taken for a call.
-#[derive(Debug, Clone)]
+/// A slot and hold taken for a call. Its `Debug` does not show the relay token.
+#[derive(Clone)]
 pub struct Reservation {
     pub id: String,
     /// The relay token handed to the upstream in the webhook URL (only its hash is stored).
     pub token: String,
     pub max_duration: u32,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.id)
+            .field("token", &"[redacted]")
+            .field("max_duration", &self.max_duration)
+            .finish()
+    }
 }
 
 /// Releases a reservation that was neither bound nor released (a panic, a cancelled task).

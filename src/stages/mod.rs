@@ -51,8 +51,8 @@ pub struct CreateCall {
     pub max_duration: Option<u32>,
 }
 
-/// A call request on its way through the stages.
-#[derive(Debug)]
+/// A call request on its way through the stages. Its `Debug` shows neither the headers (the
+/// tenant's bearer key) nor the body and call (unredacted personal data).
 pub struct CallRequest {
     /// The request id (`x-request-id`).
     pub request_id: String,
@@ -74,6 +74,21 @@ pub struct CallRequest {
     pub reservation: Option<admission::Reservation>,
     /// Releases the reservation if the request ends without binding or releasing it.
     pub reservation_guard: Option<admission::ReservationGuard>,
+}
+
+impl std::fmt::Debug for CallRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRequest")
+            .field("request_id", &self.request_id)
+            .field("tenant", &self.tenant.as_ref().map(|t| t.id.as_str()))
+            .field("body_bytes", &self.body.len())
+            .field("validated", &self.call.is_some())
+            .field(
+                "reservation",
+                &self.reservation.as_ref().map(|r| r.id.as_str()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl CallRequest {

@@ -39,14 +39,27 @@ struct CompiledPattern {
     action: PatternAction,
 }
 
-/// A tenant's compiled redaction rules.
-#[derive(Debug, Clone, Default)]
+/// A tenant's compiled redaction rules. Its `Debug` never shows the hash key.
+#[derive(Clone, Default)]
 pub struct Redaction {
     drop_keys: Vec<String>,
     hash_keys: Vec<String>,
     mask_keys: Vec<String>,
     patterns: Vec<CompiledPattern>,
     hash_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Redaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let patterns: Vec<&str> = self.patterns.iter().map(|p| p.label.as_str()).collect();
+        f.debug_struct("Redaction")
+            .field("drop_keys", &self.drop_keys)
+            .field("hash_keys", &self.hash_keys)
+            .field("mask_keys", &self.mask_keys)
+            .field("patterns", &patterns)
+            .field("hash_key", &"[redacted]")
+            .finish()
+    }
 }
 
 fn builtin(kind: PatternKind) -> &'static str {
