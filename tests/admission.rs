@@ -544,7 +544,12 @@ async fn a_saturated_store_answers_503_and_takes_nothing() {
         .iter()
         .filter(|a| a.status == StatusCode::SERVICE_UNAVAILABLE)
         .collect();
-    assert_eq!(ok + overloaded.len(), 30);
+    let others: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != StatusCode::OK && a.status != StatusCode::SERVICE_UNAVAILABLE)
+        .map(|a| (a.status, a.code()))
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
     assert!(!overloaded.is_empty() && ok > 0, "{ok} admitted");
     for answer in &overloaded {
         assert_eq!(answer.code(), "gateway_overloaded");
@@ -621,7 +626,7 @@ async fn a_hung_upstream_does_not_hold_up_lease_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let policies = copy_policies(dir.path());
     std::fs::write(policies.join("tenants/t.toml"), tenant_file("t", KEY, "")).unwrap();
-    let extra = "[reconcile]\nenabled = true\ninterval_ms = 100\nquiet_after_secs = 0\nrefresh_on_read = false\n\
+    let extra = "[reconcile]\nenabled = true\ninterval_ms = 100\nquiet_after_secs = 5\nrefresh_on_read = false\n\
                  [state]\nsweep_interval_ms = 50\n";
     let text = config_text(
         &format!("url = \"http://{upstream}\"\napi_key = \"{ACCOUNT_KEY}\""),
@@ -636,7 +641,9 @@ async fn a_hung_upstream_does_not_hold_up_lease_expiry() {
     let answers = burst(&gw, KEY, 12, call(60)).await;
     assert_eq!(count(&answers, StatusCode::OK), 12);
     assert_eq!(gw.usage("t").await.slots, 12);
-    // The reconciler is stuck on its look-ups (for a minute each); then every lease ends.
+    // Ten seconds on, all twelve calls are quiet: the reconciler asks about them, 8 at a time,
+    // and is stuck on those look-ups (a minute each).
+    gw.clock.advance(Duration::from_secs(10));
     let lookups = || seen.lookups.load(std::sync::atomic::Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let bound = callgate::lifecycle::RECONCILE_CONCURRENCY as u64;
@@ -645,6 +652,7 @@ async fn a_hung_upstream_does_not_hold_up_lease_expiry() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(lookups(), bound, "look-ups in flight");
+    // Then every lease ends: the sweeper settles them all the same.
     gw.clock.advance(Duration::from_secs(3_600));
     let usage = gw.wait_usage("t", |u| u.slots == 0).await;
     assert_eq!((usage.slots, usage.holds), (0, 0));

@@ -85,7 +85,13 @@ impl Stage for PhonePolicy {
         req.span
             .record("destination", phone::mask(&to.e164).as_str());
         if let Some(from) = &call.from_number {
-            parse(from, "/from_number")?;
+            // An unusable caller id is `invalid_from_number`, whatever is wrong with it.
+            parse(from, "/from_number").map_err(|e| match e {
+                GatewayError::InvalidPhoneNumber { message, .. } => {
+                    GatewayError::InvalidFromNumber(message)
+                }
+                other => other,
+            })?;
         }
         check_destination(tenant, &to, self.clock.now())?;
         req.destination = Some(to);

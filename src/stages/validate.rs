@@ -161,7 +161,17 @@ pub fn check_schema(schema: &jsonschema::Validator, value: &Value) -> Result<(),
             (base.clone(), format!("{field}: {}", error.masked()))
         }
     };
-    Err(GatewayError::invalid(param, message))
+    // An unusable number (empty, wrong type, bad syntax) is the same mistake however the schema
+    // or the numbering plan finds it: one code for it, as the upstream has.
+    let missing = matches!(
+        error.kind(),
+        jsonschema::error::ValidationErrorKind::Required { .. }
+    );
+    Err(match param.as_str() {
+        "/phone_number" if !missing => GatewayError::InvalidPhoneNumber { message, param },
+        "/from_number" if !missing => GatewayError::InvalidFromNumber(message),
+        _ => GatewayError::invalid(param, message),
+    })
 }
 
 /// See the module docs.
