@@ -51,10 +51,59 @@ struct SimCall {
 struct State {
     settings: SimulatorSettings,
     api_key: String,
-    calls: Mutex<HashMap<String, SimCall>>,
-    received: Mutex<Vec<Received>>,
+    calls: Mutex<Calls>,
+    received: Mutex<std::collections::VecDeque<Received>>,
     credits_left: Mutex<Option<u64>>,
     client: HttpClient,
+}
+
+/// Requests kept for [`Simulator::received`]: the most recent ones. A simulator serving a
+/// gateway for days keeps bounded memory.
+const RECEIVED_KEPT: usize = 10_000;
+/// Calls kept: past this many, the oldest finished calls are forgotten (live ones never are).
+const CALLS_KEPT: usize = 10_000;
+
+/// The simulated calls, and the order they were placed in (for forgetting the oldest).
+#[derive(Default)]
+struct Calls {
+    by_id: HashMap<String, SimCall>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Calls {
+    fn insert(&mut self, id: String, call: SimCall, keep: usize) {
+        self.order.push_back(id.clone());
+        self.by_id.insert(id, call);
+        // Forget the oldest finished calls while over the bound; stop at the first live one
+        // (the next pass gets past it once it ends).
+        while self.by_id.len() > keep {
+            let Some(oldest) = self.order.front() else {
+                break;
+            };
+            match self.by_id.get(oldest) {
+                Some(call) if !call.finished() => break,
+                _ => {
+                    if let Some(id) = self.order.pop_front() {
+                        self.by_id.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl SimCall {
+    fn finished(&self) -> bool {
+        matches!(self.object["status"].as_str(), Some("completed" | "failed"))
+    }
+}
+
+/// Keep `item`, and at most the `keep` most recent.
+fn keep_last<T>(queue: &mut std::collections::VecDeque<T>, item: T, keep: usize) {
+    queue.push_back(item);
+    while queue.len() > keep {
+        queue.pop_front();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,8 +146,8 @@ impl Simulator {
             credits_left: Mutex::new(settings.credits),
             settings,
             api_key,
-            calls: Mutex::new(HashMap::new()),
-            received: Mutex::new(Vec::new()),
+            calls: Mutex::new(Calls::default()),
+            received: Mutex::new(std::collections::VecDeque::new()),
             client: build_client(&ClientOptions::direct(Duration::from_secs(2))),
         });
         let serving = state.clone();
@@ -106,8 +155,14 @@ impl Simulator {
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin on the error.
+                        tracing::warn!(error = %e, "simulator: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let state = serving.clone();
                 let acceptor = acceptor.clone();
@@ -154,9 +209,9 @@ impl Simulator {
         self.addr
     }
 
-    /// Every request received so far, in order.
+    /// The requests received so far (the most recent 10 000), in order.
     pub fn received(&self) -> Vec<Received> {
-        lock(&self.state.received).clone()
+        lock(&self.state.received).iter().cloned().collect()
     }
 
     /// The `POST /v1/calls` requests received so far.
@@ -175,8 +230,9 @@ impl Simulator {
 
 fn active(state: &State) -> usize {
     lock(&state.calls)
+        .by_id
         .values()
-        .filter(|c| !matches!(c.object["status"].as_str(), Some("completed" | "failed")))
+        .filter(|c| !c.finished())
         .count()
 }
 
@@ -194,12 +250,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    lock(&state.received).push(Received {
-        method: parts.method.clone(),
-        path: parts.uri.path().to_string(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    let mut received = lock(&state.received);
+    keep_last(
+        &mut received,
+        Received {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        },
+        RECEIVED_KEPT,
+    );
+    drop(received);
     let authorized = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -217,7 +279,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::POST, "/v1/calls") => create_call(&state, &parts.headers, &body),
         (&Method::GET, p) if p.starts_with("/v1/calls/") => {
             let id = &p["/v1/calls/".len()..];
-            match lock(&state.calls).get(id) {
+            match lock(&state.calls).by_id.get(id) {
                 Some(call) => json_response(StatusCode::OK, &call.object),
                 None => error(StatusCode::NOT_FOUND, "not_found", "no such call"),
             }
@@ -336,6 +398,7 @@ fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Respons
             object: object.clone(),
             webhook_url,
         },
+        CALLS_KEPT,
     );
     tokio::spawn(lifecycle(state.clone(), id, max_duration));
     json_response(StatusCode::OK, &object)
@@ -353,7 +416,7 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
         tokio::time::sleep(wait).await;
         let (event, hook) = {
             let mut calls = lock(&state.calls);
-            let Some(call) = calls.get_mut(&id) else {
+            let Some(call) = calls.by_id.get_mut(&id) else {
                 return;
             };
             call.object["status"] = json!(status);
@@ -387,5 +450,49 @@ async fn deliver(client: &HttpClient, url: &str, event: &Value) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::debug!(%url, error = %e, "simulator webhook delivery failed"),
         Err(_) => tracing::debug!(%url, "simulator webhook delivery timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(status: &str) -> SimCall {
+        SimCall {
+            object: json!({"status": status}),
+            webhook_url: None,
+        }
+    }
+
+    #[test]
+    fn requests_kept_are_the_most_recent_and_bounded() {
+        let mut queue = std::collections::VecDeque::new();
+        for i in 0..25 {
+            keep_last(&mut queue, i, 10);
+        }
+        assert_eq!(queue.len(), 10);
+        assert_eq!(queue.front(), Some(&15));
+        assert_eq!(queue.back(), Some(&24));
+    }
+
+    #[test]
+    fn finished_calls_are_forgotten_oldest_first_and_live_ones_never() {
+        let mut calls = Calls::default();
+        calls.insert("live-0".into(), call("in_progress"), 3);
+        for i in 1..=5 {
+            calls.insert(format!("done-{i}"), call("completed"), 3);
+        }
+        // The oldest call is live: nothing behind it is forgotten yet.
+        assert_eq!(calls.by_id.len(), 6);
+        calls.by_id.get_mut("live-0").unwrap().object["status"] = json!("failed");
+        calls.insert("done-6".into(), call("completed"), 3);
+        assert_eq!(calls.by_id.len(), 3);
+        let kept: Vec<_> = calls.order.iter().cloned().collect();
+        assert_eq!(kept, ["done-4", "done-5", "done-6"]);
+        // A live call is kept however far over the bound.
+        for i in 0..5 {
+            calls.insert(format!("live-{i}"), call("queued"), 3);
+        }
+        assert!(calls.by_id.values().filter(|c| !c.finished()).count() == 5);
     }
 }

@@ -212,7 +212,11 @@ fn run(
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // Transaction control through cached statements: parsed once, not once per operation.
             let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
-            control("BEGIN")?;
+            // IMMEDIATE: take the write lock first, waiting (busy timeout) for any other process
+            // that holds it. A deferred transaction whose first operation reads could not wait
+            // for it later: SQLite answers "database is locked" at once to a reader that wants
+            // to write.
+            control("BEGIN IMMEDIATE")?;
             for (_, job) in batch.drain(..) {
                 control("SAVEPOINT op")?;
                 // Locked per operation, so that readers of the counters never wait out a commit.
