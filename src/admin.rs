@@ -97,13 +97,14 @@ fn usage_tenant(path: &str) -> Option<&str> {
 impl AdminContext {
     async fn route(&self, method: Method, path: &str) -> Result<Response<Body>, GatewayError> {
         let policies = self.reloader.policies.current();
+        let usage_of = usage_tenant(path);
         match (method, path) {
             (Method::GET, "/admin/tenants") => {
                 let data: Vec<_> = policies.tenants.values().map(|t| tenant_view(t)).collect();
                 Ok(json_response(StatusCode::OK, &json!({ "data": data })))
             }
-            (Method::GET, p) if usage_tenant(p).is_some() => {
-                let id = usage_tenant(p).unwrap_or_default();
+            (Method::GET, _) if usage_of.is_some() => {
+                let id = usage_of.unwrap_or_default();
                 let tenant = policies
                     .tenants
                     .get(id)
@@ -160,9 +161,7 @@ impl AdminContext {
             }
             (_, "/admin/tenants") => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
             (_, "/admin/reload") => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
-            (_, p) if usage_tenant(p).is_some() => {
-                Err(GatewayError::MethodNotAllowed { allow: "GET" })
-            }
+            (_, _) if usage_of.is_some() => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
             _ => Err(GatewayError::NotFound("no such route")),
         }
     }

@@ -93,11 +93,6 @@ impl Period {
         }
     }
 
-    /// The start (unix microseconds) of the period containing `now`, in `tz`.
-    pub fn start(self, tz: &str, now_us: i64) -> i64 {
-        self.bounds(tz, now_us).0
-    }
-
     /// The start and end (unix microseconds) of the period containing `now`, in `tz`. `none` is
     /// one period from 0 to the end of time; an unknown zone likewise (checked at policy load).
     pub fn bounds(self, tz: &str, now_us: i64) -> (i64, i64) {
@@ -457,14 +452,14 @@ mod tests {
     fn periods_start_in_their_zone() {
         let now = jiff::Timestamp::from_second(1_767_650_400).unwrap(); // 2026-01-05T22:00Z
         let us = now.as_microsecond();
-        let day_ny = Period::Daily.start("America/New_York", us);
+        let day_ny = Period::Daily.bounds("America/New_York", us).0;
         assert_eq!(
             jiff::Timestamp::from_microsecond(day_ny)
                 .unwrap()
                 .to_string(),
             "2026-01-05T05:00:00Z"
         );
-        let month_tokyo = Period::Monthly.start("Asia/Tokyo", us);
+        let month_tokyo = Period::Monthly.bounds("Asia/Tokyo", us).0;
         // 07:00 on the 6th in Tokyo: still January there; the month began at 2025-12-31T15:00Z.
         assert_eq!(
             jiff::Timestamp::from_microsecond(month_tokyo)
@@ -472,7 +467,7 @@ mod tests {
                 .to_string(),
             "2025-12-31T15:00:00Z"
         );
-        assert_eq!(Period::None.start("UTC", us), 0);
+        assert_eq!(Period::None.bounds("UTC", us), (0, i64::MAX));
         let (start, end) = Period::Monthly.bounds("Asia/Tokyo", us);
         assert_eq!((start, end), (month_tokyo, 1_769_871_600_000_000)); // 2026-01-31T15:00Z
     }

@@ -151,6 +151,14 @@ impl SqliteStore {
     }
 }
 
+/// A [`StateStore`] future that resolves once its operation is queued, with a [`Queued`] that
+/// resolves once the operation is durable.
+fn queued_in_order(
+    queued: impl Future<Output = Result<writer::Answer<()>, StoreError>> + Send + 'static,
+) -> StoreFuture<'static, Queued> {
+    Box::pin(async move { Ok(Box::pin(queued.await?.into_future()) as Queued) })
+}
+
 /// End a live call's accounting: charge, free the slot and the hold.
 fn settle(
     conn: &Connection,
@@ -282,10 +290,7 @@ impl StateStore for SqliteStore {
             queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
             Ok(((), When::Committed))
         });
-        Box::pin(async move {
-            let answer = queued.await?;
-            Ok(Box::pin(answer.into_future()) as Queued)
-        })
+        queued_in_order(queued)
     }
 
     fn release(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
@@ -486,10 +491,7 @@ impl StateStore for SqliteStore {
             queries::complete_idempotency(conn, &tenant, &key, &claim, &response)?;
             Ok(((), When::Committed))
         });
-        Box::pin(async move {
-            let answer = queued.await?;
-            Ok(Box::pin(answer.into_future()) as Queued)
-        })
+        queued_in_order(queued)
     }
 
     fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()> {
