@@ -38,7 +38,7 @@ impl CallReader {
         let mut record = store.get_call(&tenant.id, id).await?.ok_or_else(missing)?;
         let refresh = self.lifecycle.reconcile.enabled && self.lifecycle.reconcile.refresh_on_read;
         if record.live && refresh {
-            match self.lifecycle.refresh(id).await {
+            match self.lifecycle.refresh(&tenant.id, id).await {
                 Ok(Some(updated)) => record = updated,
                 Ok(None) => {}
                 Err(e) => {

@@ -112,8 +112,17 @@ impl Default for AdmissionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateSettings {
-    /// `sqlite` (embedded, one file).
+    /// `sqlite` (embedded, one file; one gateway process) or `redis` (shared by every replica).
     pub backend: StateBackend,
+    /// The Redis URL when `backend = "redis"`: `redis://[user:password@]host:port[/db]` or
+    /// `redis+unix:///path/to/socket`.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (fleets of gateways may share one Redis under different
+    /// prefixes).
+    pub redis_prefix: String,
+    /// Longest wait for Redis on any operation; past it the request is answered
+    /// `503 state_unavailable` and nothing is admitted.
+    pub redis_timeout_ms: u64,
     /// The SQLite file.
     pub path: PathBuf,
     /// `full` (fsync each commit; survives power loss) or `normal` (survives a crash).
@@ -129,12 +138,16 @@ pub struct StateSettings {
 #[serde(rename_all = "lowercase")]
 pub enum StateBackend {
     Sqlite,
+    Redis,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
         StateSettings {
             backend: StateBackend::Sqlite,
+            redis_url: None,
+            redis_prefix: "callgate".into(),
+            redis_timeout_ms: 2_000,
             path: PathBuf::from("state/callgate.db"),
             synchronous: Default::default(),
             sweep_interval_ms: 1_000,
@@ -563,6 +576,29 @@ impl Settings {
                 "api_key",
                 "set one of upstream.api_key and upstream.api_key_file, not both".into(),
             ));
+        }
+        if self.state.backend == StateBackend::Redis {
+            let Some(url) = &self.state.redis_url else {
+                return Err(at(
+                    "backend",
+                    "state.backend = \"redis\" needs state.redis_url (or CALLGATE__STATE__REDIS_URL)".into(),
+                ));
+            };
+            if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
+                return Err(at(
+                    "redis_url",
+                    "state.redis_url must be a redis:// or redis+unix:// URL".into(),
+                ));
+            }
+            let tagless = |s: &str| {
+                !s.is_empty() && !s.contains(['{', '}']) && s.chars().all(|c| !c.is_whitespace())
+            };
+            if !tagless(&self.state.redis_prefix) || self.state.redis_timeout_ms == 0 {
+                return Err(at(
+                    "redis_",
+                    "state.redis_prefix must be a non-empty word without braces, and state.redis_timeout_ms positive".into(),
+                ));
+            }
         }
         if self.server.max_body_bytes == 0 || self.server.max_json_depth == 0 {
             return Err(at(

@@ -83,6 +83,10 @@ pub enum GatewayError {
     /// after `retry_after` seconds.
     #[error("{message}")]
     Overloaded { message: String, retry_after: u64 },
+    /// The shared state store (Redis) cannot be reached or did not answer in time: the gateway
+    /// fails closed, nothing was admitted; retry after `retry_after` seconds.
+    #[error("{message}")]
+    StateUnavailable { message: String, retry_after: u64 },
     /// A bug or an environment failure; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,7 +119,7 @@ impl GatewayError {
             IdempotencyConflict(_) => StatusCode::CONFLICT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded { .. } | StateUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -142,6 +146,7 @@ impl GatewayError {
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             Overloaded { .. } => "gateway_overloaded",
+            StateUnavailable { .. } => "state_unavailable",
             Internal(_) => "internal_error",
         }
     }
@@ -194,6 +199,9 @@ impl GatewayError {
                 ..
             }
             | GatewayError::Overloaded {
+                retry_after: secs, ..
+            }
+            | GatewayError::StateUnavailable {
                 retry_after: secs, ..
             } => Some(*secs),
             _ => None,

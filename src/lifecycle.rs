@@ -82,8 +82,12 @@ impl Lifecycle {
         })
     }
 
-    /// Ask the upstream about one call and apply its answer.
-    pub async fn refresh(&self, call_id: &str) -> Result<Option<CallRecord>, GatewayError> {
+    /// Ask the upstream about one of a tenant's calls and apply its answer.
+    pub async fn refresh(
+        &self,
+        tenant: &str,
+        call_id: &str,
+    ) -> Result<Option<CallRecord>, GatewayError> {
         let path = format!("/v1/calls/{call_id}");
         let response = self
             .upstream
@@ -99,7 +103,7 @@ impl Lifecycle {
         let now = self.clock.now().as_microsecond();
         let record = self
             .store
-            .apply_upstream_state(call_id, event, Some(object), now)
+            .apply_upstream_state(tenant, call_id, event, Some(object), now)
             .await?;
         Ok(record)
     }
@@ -115,7 +119,10 @@ impl Lifecycle {
         let calls = self.store.quiet_calls(quiet_since, 100).await?;
         let mut lookups = tokio::task::JoinSet::new();
         let mut settled = 0;
-        for call_id in calls.into_iter().filter_map(|c| c.call_id) {
+        for (tenant, call_id) in calls
+            .into_iter()
+            .filter_map(|c| Some((c.tenant, c.call_id?)))
+        {
             while lookups.len() >= RECONCILE_CONCURRENCY {
                 settled += usize::from(
                     lookups
@@ -126,7 +133,7 @@ impl Lifecycle {
                 );
             }
             let lifecycle = self.clone();
-            lookups.spawn(async move { lifecycle.reconcile_one(&call_id).await });
+            lookups.spawn(async move { lifecycle.reconcile_one(&tenant, &call_id).await });
         }
         while let Some(done) = lookups.join_next().await {
             settled += usize::from(done.unwrap_or(false));
@@ -135,8 +142,8 @@ impl Lifecycle {
     }
 
     /// Ask the upstream about one quiet call; whether that settled it.
-    async fn reconcile_one(&self, call_id: &str) -> bool {
-        match self.refresh(call_id).await {
+    async fn reconcile_one(&self, tenant: &str, call_id: &str) -> bool {
+        match self.refresh(tenant, call_id).await {
             Ok(Some(record)) if !record.live => {
                 tracing::info!(
                     target: "audit",

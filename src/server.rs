@@ -18,15 +18,16 @@ use tokio::task::JoinHandle;
 
 use crate::calls::CallReader;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ConfigError, Secret, Settings, read_secret_file};
+use crate::config::{ConfigError, Secret, Settings, StateBackend, read_secret_file};
 use crate::lifecycle::Lifecycle;
 use crate::policy::{Policies, PolicyHandle};
 use crate::relay::Relay;
 use crate::simulator::Simulator;
 use crate::stack::{AppContext, app};
-use crate::stages::admission::{AdmissionContext, RateLimits};
+use crate::stages::admission::{AdmissionContext, RateLimits, RequestRates};
 use crate::stages::idempotency::IdempotencyContext;
 use crate::stages::limits::BodyLimits;
+use crate::state::redis::{RedisOptions, RedisStore};
 use crate::state::sqlite::{SqliteOptions, SqliteStore};
 use crate::state::{StateStore, StoreError, Usage};
 use crate::tls::ReloadableTls;
@@ -155,13 +156,28 @@ impl Gateway {
             })?;
             (settings.upstream.url.clone(), key, None)
         };
-        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open_with(
-            &settings.state.path,
-            SqliteOptions {
-                synchronous: settings.state.synchronous,
-                queue_capacity: settings.state.queue_capacity,
-            },
-        )?);
+        let (store, rate_limits): (Arc<dyn StateStore>, RequestRates) = match settings.state.backend
+        {
+            StateBackend::Sqlite => (
+                Arc::new(SqliteStore::open_with(
+                    &settings.state.path,
+                    SqliteOptions {
+                        synchronous: settings.state.synchronous,
+                        queue_capacity: settings.state.queue_capacity,
+                    },
+                )?),
+                RequestRates::Local(RateLimits::new(clock.clone())),
+            ),
+            StateBackend::Redis => {
+                let store = RedisStore::open(RedisOptions {
+                    url: settings.state.redis_url.clone().unwrap_or_default(),
+                    prefix: settings.state.redis_prefix.clone(),
+                    timeout: Duration::from_millis(settings.state.redis_timeout_ms),
+                })?;
+                let rates = RequestRates::Shared(store.rate_limits(), clock.clone());
+                (Arc::new(store), rates)
+            }
+        };
         let client_options = ClientOptions::from_settings(&settings.upstream)?;
         let client = build_client(&client_options);
         let upstream = Arc::new(Upstream::new(
@@ -195,8 +211,15 @@ impl Gateway {
             settings.reconcile.clone(),
             &settings.relay,
         ));
-        // Settle what lapsed while the gateway was down before taking any request.
-        let lapsed = lifecycle.sweep().await?;
+        // Settle what lapsed while the gateway was down before taking any request. A shared
+        // store that is away now is swept once it is back (`/readyz` says why until then).
+        let lapsed = match lifecycle.sweep().await {
+            Err(StoreError::Unavailable(reason)) => {
+                tracing::warn!(%reason, "the state store is unavailable; starting anyway, not ready");
+                Vec::new()
+            }
+            other => other?,
+        };
         if !lapsed.is_empty() {
             tracing::warn!(
                 calls = lapsed.len(),
@@ -220,7 +243,7 @@ impl Gateway {
             admission: AdmissionContext {
                 store: store.clone(),
                 clock: clock.clone(),
-                rate_limits: Arc::new(RateLimits::new(clock.clone())),
+                rate_limits: Arc::new(rate_limits),
                 account_max_concurrent: settings.admission.account_max_concurrent_calls,
                 pending_lease_extra: grace + settings.upstream.request_timeout(),
             },

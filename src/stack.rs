@@ -175,8 +175,21 @@ where
                     relay.receive(&token, body).await
                 })
             }
-            (Method::GET, "/healthz") | (Method::GET, "/readyz") => {
+            (Method::GET, "/healthz") => {
                 Box::pin(async { Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))) })
+            }
+            (Method::GET, "/readyz") => {
+                // Policies are loaded before the listener opens; the state store must answer.
+                let ready = self.reader.lifecycle.store.ready();
+                Box::pin(async move {
+                    Ok(match ready.await {
+                        Ok(()) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+                        Err(e) => json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"status": "not_ready", "reason": e.to_string()}),
+                        ),
+                    })
+                })
             }
             (_, p) => {
                 let error = match allowed_methods(p) {

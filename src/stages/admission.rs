@@ -20,6 +20,7 @@ use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::policy::Tenant;
+use crate::state::redis::SharedRateLimits;
 use crate::state::{AdmitOutcome, AdmitRequest, BudgetTerms, RelayToken, StateStore};
 
 /// `governor`'s view of our clock.
@@ -82,6 +83,39 @@ impl RateLimits {
     }
 }
 
+/// Where the request-rate limits are kept: in this process (`governor`, the embedded backend)
+/// or in Redis, shared by every replica (GCRA in a Lua script).
+pub enum RequestRates {
+    Local(RateLimits),
+    Shared(SharedRateLimits, SharedClock),
+}
+
+impl std::fmt::Debug for RequestRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RequestRates::Local(_) => "RequestRates::Local",
+            RequestRates::Shared(..) => "RequestRates::Shared",
+        })
+    }
+}
+
+impl RequestRates {
+    /// Take one request from the tenant's allowance, or say how long until one is free.
+    pub async fn check(&self, tenant: &Tenant) -> Result<Result<(), Duration>, GatewayError> {
+        match self {
+            RequestRates::Local(limits) => Ok(limits.check(tenant)),
+            RequestRates::Shared(limits, clock) => {
+                let Some(rpm) = tenant.limits.requests_per_minute else {
+                    return Ok(Ok(()));
+                };
+                let burst = tenant.limits.burst.unwrap_or((rpm / 6).max(1));
+                let now = clock.now().as_microsecond();
+                Ok(limits.check(&tenant.id, rpm, burst, now).await?)
+            }
+        }
+    }
+}
+
 /// A slot and hold taken for a call. Its `Debug` does not show the relay token.
 #[derive(Clone)]
 pub struct Reservation {
@@ -135,7 +169,7 @@ impl std::fmt::Debug for dyn StateStore {
 pub struct AdmissionContext {
     pub store: Arc<dyn StateStore>,
     pub clock: SharedClock,
-    pub rate_limits: Arc<RateLimits>,
+    pub rate_limits: Arc<RequestRates>,
     pub account_max_concurrent: u32,
     /// Lease of a reservation not yet bound: the upstream's timeout plus `max_duration` + grace,
     /// since the upstream may place the call even if its answer never arrives.
@@ -159,7 +193,7 @@ impl AsyncStage for AdmissionContext {
                 .call
                 .as_ref()
                 .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
-            if let Err(wait) = ctx.rate_limits.check(&tenant) {
+            if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(refuse(
                     &req.span,

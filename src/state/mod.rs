@@ -14,6 +14,7 @@
 //! ```
 
 pub mod accounting;
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -36,6 +37,10 @@ pub enum StoreError {
     /// nothing was taken.
     #[error("state store: too many operations waiting")]
     Busy,
+    /// The store cannot be reached or did not answer in time (Redis down, a network fault): the
+    /// request is refused (503 `state_unavailable`, `Retry-After`), failing closed.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
     /// The store has shut down.
     #[error("state store: closed")]
     Closed,
@@ -58,6 +63,12 @@ impl From<StoreError> for crate::error::GatewayError {
         match e {
             StoreError::Busy => crate::error::GatewayError::Overloaded {
                 message: "the gateway's state store is saturated; retry shortly".into(),
+                retry_after: 1,
+            },
+            StoreError::Unavailable(detail) => crate::error::GatewayError::StateUnavailable {
+                message: format!(
+                    "the gateway's shared state store is unavailable ({detail}); nothing was admitted, retry shortly"
+                ),
                 retry_after: 1,
             },
             other => crate::error::GatewayError::Internal(other.to_string()),
@@ -374,9 +385,10 @@ pub trait StateStore: Send + Sync + 'static {
         event: CallEvent,
         now: i64,
     ) -> StoreFuture<'static, EventOutcome>;
-    /// Apply the upstream's view of a call (reconciliation, refresh on read).
+    /// Apply the upstream's view of one of a tenant's calls (reconciliation, refresh on read).
     fn apply_upstream_state(
         &self,
+        tenant: &str,
         call_id: &str,
         event: CallEvent,
         object: Option<Value>,
@@ -423,6 +435,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()>;
     /// Wait until everything queued so far is durable (graceful shutdown).
     fn flush(&self) -> StoreFuture<'static, ()>;
+    /// Whether the store answers (`/readyz`).
+    fn ready(&self) -> StoreFuture<'static, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 pub use accounting::charge_for;

@@ -263,7 +263,7 @@ pub async fn a_call_is_settled_once(b: &impl Backend) {
     );
     let late = event(Some("c0"), "completed", Some(600), true);
     let record = store
-        .apply_upstream_state("c0", late, None, NOW + 4 * SEC)
+        .apply_upstream_state("a", "c0", late, None, NOW + 4 * SEC)
         .await
         .unwrap()
         .unwrap();
@@ -387,6 +387,7 @@ pub async fn reconciliation_settles_from_the_upstreams_view(b: &impl Backend) {
     let object = json!({"id": "c0", "status": "failed", "duration": 0});
     let record = store
         .apply_upstream_state(
+            "a",
             "c0",
             event(Some("c0"), "failed", Some(0), true),
             Some(object.clone()),
@@ -403,12 +404,22 @@ pub async fn reconciliation_settles_from_the_upstreams_view(b: &impl Backend) {
     let unknown = event(Some("zz"), "completed", None, true);
     assert!(
         store
-            .apply_upstream_state("zz", unknown, None, NOW)
+            .apply_upstream_state("a", "zz", unknown, None, NOW)
             .await
             .unwrap()
             .is_none()
     );
-    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 0));
+    // Another tenant's call id finds nothing.
+    admit_and_bind(&store, request("a", "r1", 10), "c1").await;
+    let foreign = event(Some("c1"), "completed", Some(60), true);
+    assert!(
+        store
+            .apply_upstream_state("b", "c1", foreign, None, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 10, 0));
     consistent(&store, NOW).await;
 }
 

@@ -350,14 +350,16 @@ impl StateStore for SqliteStore {
 
     fn apply_upstream_state(
         &self,
+        tenant: &str,
         call_id: &str,
         event: CallEvent,
         object: Option<Value>,
         now: i64,
     ) -> StoreFuture<'static, Option<CallRecord>> {
-        let call_id = call_id.to_string();
+        let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
             let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
+                .filter(|(record, _)| record.tenant == tenant)
             else {
                 return Ok((None, When::Now));
             };
