@@ -733,6 +733,32 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_backend_is_chosen_from_the_environment_and_needs_its_url() {
+        let text = "[upstream]\nurl = \"simulator\"\n[state]\npath = \"state/x.db\"\nsynchronous = \"full\"\n";
+        let (_d, path) = write(text);
+        let backend = ("CALLGATE__STATE__BACKEND".to_string(), "redis".to_string());
+        let err = Settings::load_with_env(&path, vec![backend.clone()]).unwrap_err();
+        assert!(err.reason.contains("state.redis_url"), "{err}");
+        let url = (
+            "CALLGATE__STATE__REDIS_URL".to_string(),
+            "redis://127.0.0.1:6390/2".to_string(),
+        );
+        // `path` and `synchronous` may stay in the file.
+        let s = Settings::load_with_env(&path, vec![backend.clone(), url]).unwrap();
+        assert_eq!(s.state.backend, StateBackend::Redis);
+        assert_eq!(
+            s.state.redis_url.as_deref(),
+            Some("redis://127.0.0.1:6390/2")
+        );
+        let http = (
+            "CALLGATE__STATE__REDIS_URL".to_string(),
+            "http://127.0.0.1:6379".to_string(),
+        );
+        let err = Settings::load_with_env(&path, vec![backend, http]).unwrap_err();
+        assert!(err.reason.contains("redis://"), "{err}");
+    }
+
+    #[test]
     fn syntax_errors_name_the_line() {
         let (_d, path) = write("[server]\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = = 3\n");
         let err = Settings::load_with_env(&path, vec![]).unwrap_err();

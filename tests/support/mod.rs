@@ -87,6 +87,7 @@ pub struct TestGateway {
     _extra_dir: Option<tempfile::TempDir>,
 }
 
+#[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,

@@ -390,7 +390,9 @@ impl Inner {
 
     async fn account(&self, args: &[String]) -> Result<i64, StoreError> {
         let mut invocation = self.scripts.account.prepare_invoke();
-        invocation.key(self.account_key());
+        invocation
+            .key(self.account_key())
+            .key(format!("{}:{{account}}:deciding", self.prefix));
         for a in args {
             invocation.arg(a.as_str());
         }
@@ -464,10 +466,20 @@ impl Inner {
             "take".into(),
             req.now.to_string(),
             req.account_max_concurrent.to_string(),
-            member,
+            member.clone(),
             req.lease_expires_at.to_string(),
         ];
-        let take = self.account(&take_args);
+        // The account is full only if it stays full once the admissions deciding now (their
+        // tenant may refuse them) are done: ask again for up to ~100 ms.
+        let take = async {
+            for _ in 0..50 {
+                match self.account(&take_args).await? {
+                    -1 => tokio::time::sleep(Duration::from_millis(2)).await,
+                    took => return Ok::<i64, StoreError>(took),
+                }
+            }
+            Ok(0)
+        };
         let mut conn = self.conn();
         let pointer = conn.set_ex::<_, _, ()>(
             self.reservation_key(rid),
@@ -478,7 +490,7 @@ impl Inner {
         let forget_pointer = || async {
             let _: Result<i64, _> = self.conn().del(self.reservation_key(rid)).await;
         };
-        if took? == 0 {
+        if took? != 1 {
             forget_pointer().await;
             return Ok(AdmitOutcome::AccountSlotsFull {
                 limit: req.account_max_concurrent,
@@ -568,7 +580,13 @@ impl Inner {
             }
         };
         let mut freed = reaped;
-        if outcome != AdmitOutcome::Admitted {
+        if outcome == AdmitOutcome::Admitted {
+            // Decided: the account slot no longer counts as deciding. Sent now, not waited for.
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.account(&["confirm".into(), member]).await;
+            });
+        } else {
             freed.push(rid.clone());
             forget_pointer().await;
         }
