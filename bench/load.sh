@@ -22,6 +22,9 @@
 #      after start, saturation with one of the tenants
 #   7. $INFLIGHT calls in flight (the stub never sends events, so every admitted call stays
 #      live): fill to that many 200s, then saturation, one-connection latency, peak RSS
+#   8. callgate on Redis (state.backend = "redis"): a private redis-server (append-only file,
+#      appendfsync everysec) in the temp dir; saturation and one connection, against callgate
+#      on SQLite in the same run (target: at least 0.5x)
 # Every callgate measurement starts a fresh callgate with an empty state file, so calls left in
 # flight by one measurement do not weigh on the next (7 measures that weight on purpose).
 #
@@ -33,7 +36,8 @@
 # Knobs (environment): CALLGATE_BIN, DURATION (10), LONG_DURATION (30), LAT_DURATION (5),
 #   TENANTS (10000), INFLIGHT (100000), FILL_TIMEOUT (1200 s, cap on filling calls in flight),
 #   NGINX_WORKERS (auto), LEASE_GRACE (3600 s), KEEP=1 (keep the temp dir), QUICK=1.
-# Needs wrk and nginx (Debian packages; installed with apt-get when missing and run as root),
+# Needs wrk, nginx and redis-server (Debian packages; installed with apt-get when missing and
+# run as root),
 # curl and python3. The system nginx is never touched: both nginx instances run in the
 # foreground with their own prefix, config, pid and logs in the temp dir.
 # Prints the raw wrk output as it goes and a Markdown summary at the end.
@@ -230,8 +234,10 @@ sat() {
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup
 
-CG_PID="" STUB_PID="" PROXY_PID="" TMP=""
+CG_PID="" STUB_PID="" PROXY_PID="" REDIS_PID="" TMP=""
 ODD=()
+# Extra environment for the next start_callgate (e.g. CALLGATE__STATE__BACKEND=redis).
+CG_ENV=()
 
 stop_pid() {  # stop_pid PID: TERM, up to 15 s, then KILL; reaps it.
     local pid=$1 i
@@ -251,6 +257,7 @@ cleanup() {
     stop_pid "$CG_PID"
     stop_pid "$PROXY_PID"
     stop_pid "$STUB_PID"
+    stop_pid "$REDIS_PID"
     if [[ -n "$TMP" && -d "$TMP" ]]; then
         if [[ "$KEEP" == 1 ]]; then
             echo "kept $TMP"
@@ -294,7 +301,7 @@ start_callgate() {
         -e "s|@POLICIES@|$policies|g" -e "s|@LEASE_GRACE@|$LEASE_GRACE|g" \
         "$BENCH/callgate.toml.in" >"$CG_DIR/config.toml"
     t0=$(now)
-    env -u RUST_LOG "$CALLGATE_BIN" serve --config "$CG_DIR/config.toml" >"$CG_DIR/callgate.log" 2>&1 &
+    env -u RUST_LOG "${CG_ENV[@]}" "$CALLGATE_BIN" serve --config "$CG_DIR/config.toml" >"$CG_DIR/callgate.log" 2>&1 &
     CG_PID=$!
     deadline=$(($(date +%s) + timeout))
     until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
@@ -348,12 +355,13 @@ live_slots() {
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
     if [[ "$(id -u)" == 0 ]]; then
         echo "installing ${missing[*]} (Debian packages)"
-        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
     else
-        die "missing ${missing[*]}: apt-get install wrk nginx (as root)"
+        die "missing ${missing[*]}: apt-get install ${missing[*]} (as root)"
     fi
 fi
 for tool in curl python3 timeout; do
@@ -363,7 +371,7 @@ done
 ((LONG_DURATION >= 3)) || die "LONG_DURATION must be at least 3 (first and last seconds are partial)"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/callgate-bench.XXXXXX")
-read -r STUB_PORT PROXY_PORT CG_PORT ADMIN_PORT <<<"$(free_ports 4)"
+read -r STUB_PORT PROXY_PORT CG_PORT ADMIN_PORT REDIS_PORT <<<"$(free_ports 5)"
 ADMIN_TOKEN="bench-admin-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 STUB_URL="http://127.0.0.1:$STUB_PORT"
 PROXY_URL="http://127.0.0.1:$PROXY_PORT"
@@ -374,6 +382,7 @@ M_NPROC=$(nproc)
 M_MEM=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 M_KERNEL=$(uname -sr)
 M_NGINX=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+M_REDIS=$(redis-server --version | awk '{ print $3 }' | sed 's/^v=//')
 M_WRK=$(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }' || true)
 M_FS=$(df -PT "$TMP" | awk 'NR == 2 { print $2 " on " $1 }')
 M_BIN="$CALLGATE_BIN ($(du -h "$CALLGATE_BIN" | cut -f1), sha256 $(sha256sum "$CALLGATE_BIN" | cut -c1-12), built $(date -r "$CALLGATE_BIN" '+%F %T'))"
@@ -436,6 +445,35 @@ C_RPS=$W_RPS C_P50=$W_P50 C_P99=$W_P99 C_BAD="$W_NON2XX/$W_ERRORS" C_CPU=$CPU_CG
 C_REQS=$W_REQS
 stop_callgate
 C_HWM_SAT=$CG_HWM
+
+# ---------------------------------------------------------------------------------------------
+# 8: callgate on Redis, in the same run as callgate on SQLite above
+
+say "8. callgate on Redis (redis-server $M_REDIS, appendonly yes, appendfsync everysec)"
+mkdir -p "$TMP/redis"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$TMP/redis" --appendonly yes \
+    --appendfsync everysec --save "" >"$TMP/redis/redis.log" 2>&1 &
+REDIS_PID=$!
+wait_until "redis-server on 127.0.0.1:$REDIS_PORT" "$STARTUP_TIMEOUT" \
+    bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT"
+CG_ENV=(CALLGATE__STATE__BACKEND=redis "CALLGATE__STATE__REDIS_URL=redis://127.0.0.1:$REDIS_PORT/")
+start_callgate redis "$TMP/policies" "$BENCH_KEY" || die "$CG_FAIL"
+r0=$(cpu_ticks "$REDIS_PID")
+sat callgate-redis-sat "$CG_URL" "$BENCH_KEY"
+R_RPS=$W_RPS R_P50=$W_P50 R_P99=$W_P99 R_BAD="$W_NON2XX/$W_ERRORS" R_CPU=$CPU_CG
+R_CPU_REDIS=$(calc "($(cpu_ticks "$REDIS_PID") - $r0) / $CLK_TCK / ($W_REQS > 0 ? $W_REQS : 1) * 10000" 3)
+R_SLOTS=$(live_slots bench)
+sleep 1
+run_wrk callgate-redis-lat 1 1 "$LAT_DURATION" "$CG_URL" "$BENCH_KEY"
+R1_P50=$W_P50 R1_P99=$W_P99 R1_RPS=$W_RPS
+stop_callgate
+R_HWM=$CG_HWM
+R_REDIS_RSS=$(mem_mib VmRSS "$REDIS_PID")
+CG_ENV=()
+stop_pid "$REDIS_PID"
+REDIS_PID=""
+R_RATIO=$(calc "$R_RPS / $C_RPS" 2)
+note "callgate on Redis / on SQLite: $R_RATIO ($R_RPS vs $C_RPS req/s); redis-server CPU s per 10 000 requests $R_CPU_REDIS; live slots after the run $R_SLOTS"
 
 # ---------------------------------------------------------------------------------------------
 # 2: first and last second of a long run
@@ -597,6 +635,17 @@ cat <<EOF
 | added latency vs nginx p50 / p99 ms | | | $ADD_P50 / $ADD_P99 |
 | CPU s per 10 000 requests (own processes only) | $S_CPU | $N_CPU | $C_CPU |
 | memory MiB | | $N_RSS (RSS, all processes) | $C_HWM_SAT after saturation ($C_REQS calls), $C_HWM_LONG after the long run ($CL_REQS calls) (VmHWM) |
+
+### callgate on Redis (state.backend = "redis", redis-server $M_REDIS, appendfsync everysec), same run
+
+| | callgate on SQLite (synchronous = "full") | callgate on Redis |
+|---|---|---|
+| saturation req/s (wrk -t2 -c32, ${DURATION}s) | $C_RPS | $R_RPS (**$R_RATIO x**, target >= 0.5) |
+| saturation p50 / p99 ms | $C_P50 / $C_P99 | $R_P50 / $R_P99 |
+| non-2xx / socket errors | $C_BAD | $R_BAD |
+| one connection req/s, p50 / p99 ms | $C1_RPS, $C1_P50 / $C1_P99 | $R1_RPS, $R1_P50 / $R1_P99 |
+| CPU s per 10 000 requests | $C_CPU | $R_CPU callgate + $R_CPU_REDIS redis-server |
+| peak RSS (VmHWM) MiB | $C_HWM_SAT | $R_HWM callgate, $R_REDIS_RSS redis-server (RSS) |
 
 ### $TENANTS tenants
 

@@ -116,3 +116,60 @@ async fn replicas_share_one_limit() {
         store.check_consistency(NOW).await.unwrap();
     }
 }
+
+/// Several replicas sweeping the same lapsed leases at once settle each call once: the spend is
+/// the holds, not a multiple of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sweeping_together_settle_each_call_once() {
+    let server = RedisServer::start();
+    let stores: Vec<Arc<dyn StateStore>> = (0..3)
+        .map(|_| Arc::new(open(&server.url())) as Arc<dyn StateStore>)
+        .collect();
+    for i in 0..20 {
+        let req = request("a", &format!("r{i:02}"), 3);
+        assert_eq!(
+            stores[i % 3].admit(req).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+    }
+    let later = NOW + 7_200 * conformance::SEC;
+    let sweeps: Vec<_> = (0..6)
+        .map(|i| {
+            let store = stores[i % 3].clone();
+            tokio::spawn(async move { store.expire_leases(later).await.unwrap().len() })
+        })
+        .collect();
+    let mut settled = 0;
+    for sweep in sweeps {
+        settled += sweep.await.unwrap();
+    }
+    assert_eq!(settled, 20);
+    let usage = stores[0].usage("a", later).await.unwrap();
+    assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 60));
+    stores[1].check_consistency(later).await.unwrap();
+}
+
+/// Scripts flushed from Redis (`SCRIPT FLUSH`, as after a failover): the next call loads them
+/// again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_scripts_are_loaded_again() {
+    let server = RedisServer::start();
+    let store: Arc<dyn StateStore> = Arc::new(open(&server.url()));
+    assert_eq!(
+        store.admit(request("a", "r0", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let flushed: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(flushed, "OK");
+    assert_eq!(
+        store.admit(request("a", "r1", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(store.usage("a", NOW).await.unwrap().slots, 2);
+}

@@ -152,6 +152,7 @@ async fn the_log_stays_bounded_under_continuous_writes() {
         assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
         let bound = store
             .bind(
+                "a",
                 &id,
                 &format!("c{i:05}"),
                 serde_json::json!({"id": i}),

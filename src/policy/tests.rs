@@ -178,6 +178,7 @@ fn debug_output_shows_no_key_secret_or_personal_data() {
     );
     request.tenant = Some(acme);
     request.reservation = Some(crate::stages::admission::Reservation {
+        tenant: "acme".into(),
         id: "res-1".into(),
         token: "res-1.relay-secret".into(),
         max_duration: 60,

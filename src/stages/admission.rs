@@ -119,6 +119,7 @@ impl RequestRates {
 /// A slot and hold taken for a call. Its `Debug` does not show the relay token.
 #[derive(Clone)]
 pub struct Reservation {
+    pub tenant: String,
     pub id: String,
     /// The relay token handed to the upstream in the webhook URL (only its hash is stored).
     pub token: String,
@@ -128,6 +129,7 @@ pub struct Reservation {
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
+            .field("tenant", &self.tenant)
             .field("id", &self.id)
             .field("token", &"[redacted]")
             .field("max_duration", &self.max_duration)
@@ -284,6 +286,7 @@ impl AsyncStage for AdmissionContext {
                 store: Some(ctx.store.clone()),
             });
             req.reservation = Some(Reservation {
+                tenant: tenant.id.clone(),
                 id: reservation_id,
                 token,
                 max_duration,

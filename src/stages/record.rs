@@ -35,10 +35,10 @@ impl AsyncStage for Record {
                 clock,
                 grace,
             } = &*self;
-            let Some((id, max_duration)) = req
+            let Some((tenant, id, max_duration)) = req
                 .reservation
                 .as_ref()
-                .map(|r| (r.id.clone(), r.max_duration))
+                .map(|r| (r.tenant.clone(), r.id.clone(), r.max_duration))
             else {
                 return call_next(next, req).await;
             };
@@ -71,7 +71,9 @@ impl AsyncStage for Record {
                     // committed with the next batch: the answer does not wait for the commit. A
                     // crash before it is recovered from the call's first event or its lease
                     // (see `state::sqlite`).
-                    let bind = store.bind(&id, &call_id, object, lease, now).await?;
+                    let bind = store
+                        .bind(&tenant, &id, &call_id, object, lease, now)
+                        .await?;
                     span.record("call_id", call_id.as_str());
                     tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
                     let reservation = id.clone();

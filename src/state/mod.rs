@@ -363,11 +363,12 @@ pub enum IdempotencyBegin {
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome>;
-    /// The upstream accepted the call: bind the reservation to its id, object and lease. Resolves
+    /// The upstream accepted the call: bind the tenant's reservation to its id, object and lease. Resolves
     /// once the bind is queued (so the answer can go out without waiting for a commit); the
     /// [`Queued`] it gives resolves once it is durable.
     fn bind(
         &self,
+        tenant: &str,
         reservation_id: &str,
         call_id: &str,
         object: Value,

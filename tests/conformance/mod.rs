@@ -86,9 +86,12 @@ async fn consistent(store: &Arc<dyn StateStore>, now: i64) {
 
 async fn admit_and_bind(store: &Arc<dyn StateStore>, req: AdmitRequest, call_id: &str) {
     let id = req.reservation_id.clone();
+    let req_tenant = req.tenant.clone();
     assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    let tenant = req_tenant.clone();
     let bound = store
         .bind(
+            &tenant,
             &id,
             call_id,
             json!({"id": call_id, "status": "queued"}),
@@ -292,6 +295,7 @@ pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
     ));
     let bound = store
         .bind(
+            "a",
             "r0",
             "c0",
             json!({"id": "c0", "status": "queued"}),

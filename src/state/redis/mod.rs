@@ -740,26 +740,19 @@ impl StateStore for RedisStore {
 
     fn bind(
         &self,
+        tenant: &str,
         reservation_id: &str,
         call_id: &str,
         object: Json,
         lease_expires_at: i64,
         now: i64,
     ) -> StoreFuture<'static, Queued> {
-        let (rid, call_id) = (reservation_id.to_string(), call_id.to_string());
+        let (tenant, rid, call_id) = (
+            tenant.to_string(),
+            reservation_id.to_string(),
+            call_id.to_string(),
+        );
         let done = self.op(move |inner| async move {
-            let Some((tenant, _)) = inner.reservation(&rid).await? else {
-                return Err(StoreError::Backend(format!("no reservation {rid} to bind")));
-            };
-            // The account's lease never ends before the tenant's: extended first (only ever
-            // later), then set to the tenant's once the bind has fixed it.
-            let member = format!("{tenant}/{rid}");
-            let extend = [
-                "extend".into(),
-                member.clone(),
-                lease_expires_at.to_string(),
-            ];
-            inner.account(&extend).await?;
             let answered = object
                 .get("status")
                 .and_then(Json::as_str)
@@ -781,18 +774,28 @@ impl StateStore for RedisStore {
             if bound.first().and_then(int) != Some(1) {
                 return Err(StoreError::Backend(format!("no reservation {rid} to bind")));
             }
-            if bound.get(1).and_then(int) == Some(1) {
+            // A live call's account lease follows its tenant's.
+            Ok((bound.get(1).and_then(int) == Some(1)).then(|| {
                 let lease = bound.get(2).and_then(int).unwrap_or(lease_expires_at);
-                inner
-                    .account(&["set".into(), member, lease.to_string()])
-                    .await?;
-            }
-            Ok(())
+                (format!("{tenant}/{rid}"), lease)
+            }))
         });
-        // Redis applies commands in the order sent: the bind is written when its answer comes.
+        let inner = self.inner.clone();
         Box::pin(async move {
-            done.await?;
-            Ok(Box::pin(std::future::ready(Ok(()))) as Queued)
+            let account_lease = done.await?;
+            // The bind is written; the account's lease is moved by the returned future, which
+            // the answer does not wait for. Until it lands the account keeps the pending lease,
+            // which still has the upstream timeout and `max_duration` to run: the account never
+            // lets the slot go first. Lost (a crash), the account slot lapses at its end.
+            Ok(Box::pin(async move {
+                if let Some((member, lease)) = account_lease {
+                    let set = ["set".into(), member, lease.to_string()];
+                    tokio::time::timeout(inner.timeout, inner.account(&set))
+                        .await
+                        .map_err(|_| StoreError::Unavailable("redis did not answer".into()))??;
+                }
+                Ok(())
+            }) as Queued)
         })
     }
 

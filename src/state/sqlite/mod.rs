@@ -262,6 +262,7 @@ impl StateStore for SqliteStore {
 
     fn bind(
         &self,
+        _tenant: &str,
         reservation_id: &str,
         call_id: &str,
         object: Value,
