@@ -117,6 +117,8 @@ pub struct StateSettings {
     /// The Redis URL when `backend = "redis"`: `redis://[user:password@]host:port[/db]` or
     /// `redis+unix:///path/to/socket`.
     pub redis_url: Option<String>,
+    /// `redis_url` names the seed nodes of a Redis Cluster, separated by commas.
+    pub redis_cluster: bool,
     /// Prefix of every Redis key (fleets of gateways may share one Redis under different
     /// prefixes).
     pub redis_prefix: String,
@@ -146,6 +148,7 @@ impl Default for StateSettings {
         StateSettings {
             backend: StateBackend::Sqlite,
             redis_url: None,
+            redis_cluster: false,
             redis_prefix: "callgate".into(),
             redis_timeout_ms: 2_000,
             path: PathBuf::from("state/callgate.db"),
@@ -584,11 +587,19 @@ impl Settings {
                     "state.backend = \"redis\" needs state.redis_url (or CALLGATE__STATE__REDIS_URL)".into(),
                 ));
             };
-            if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
-                return Err(at(
-                    "redis_url",
-                    "state.redis_url must be a redis:// or redis+unix:// URL".into(),
-                ));
+            let urls: Vec<&str> = match self.state.redis_cluster {
+                true => url.split(',').map(str::trim).collect(),
+                false => vec![url.as_str()],
+            };
+            for url in urls {
+                if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
+                    return Err(at(
+                        "redis_url",
+                        format!(
+                            "state.redis_url: {url:?} is not a redis:// or redis+unix:// URL (with state.redis_cluster, seed nodes separated by commas)"
+                        ),
+                    ));
+                }
             }
             let tagless = |s: &str| {
                 !s.is_empty() && !s.contains(['{', '}']) && s.chars().all(|c| !c.is_whitespace())

@@ -171,6 +171,7 @@ impl Gateway {
             StateBackend::Redis => {
                 let store = RedisStore::open(RedisOptions {
                     url: settings.state.redis_url.clone().unwrap_or_default(),
+                    cluster: settings.state.redis_cluster,
                     prefix: settings.state.redis_prefix.clone(),
                     timeout: Duration::from_millis(settings.state.redis_timeout_ms),
                 })?;

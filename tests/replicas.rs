@@ -146,6 +146,7 @@ fn store(redis: &RedisServer) -> Arc<dyn StateStore> {
     Arc::new(
         RedisStore::open(RedisOptions {
             url: redis.url(),
+            cluster: false,
             prefix: "callgate".into(),
             timeout: Duration::from_secs(2),
         })

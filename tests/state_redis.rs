@@ -27,6 +27,7 @@ impl Redis {
 fn open(url: &str) -> RedisStore {
     RedisStore::open(RedisOptions {
         url: url.to_string(),
+        cluster: false,
         prefix: "callgate".into(),
         timeout: Duration::from_secs(2),
     })
@@ -40,6 +41,35 @@ impl Backend for Redis {
 }
 
 conformance_suite!(Redis::new());
+
+/// The same suite on a Redis Cluster: every script's keys in one slot (the tenant's hash tag, or
+/// the account's), or Redis refuses it.
+mod cluster {
+    use super::*;
+    use crate::conformance;
+
+    struct Cluster {
+        server: RedisServer,
+    }
+
+    impl Backend for Cluster {
+        fn open(&self) -> Arc<dyn StateStore> {
+            Arc::new(
+                RedisStore::open(RedisOptions {
+                    url: self.server.url(),
+                    cluster: true,
+                    prefix: "callgate".into(),
+                    timeout: Duration::from_secs(2),
+                })
+                .unwrap(),
+            )
+        }
+    }
+
+    conformance_suite!(Cluster {
+        server: RedisServer::start_cluster()
+    });
+}
 
 /// Redis stopped: admissions fail closed (`Unavailable`) within the timeout, nothing admitted;
 /// started again, the same store recovers (scripts reloaded after `NOSCRIPT`) and the accounting

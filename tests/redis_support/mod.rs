@@ -10,6 +10,7 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    cluster: bool,
 }
 
 fn free_port() -> u16 {
@@ -28,8 +29,37 @@ impl RedisServer {
             child: None,
             port: free_port(),
             dir,
+            cluster: false,
         };
         server.spawn();
+        server
+    }
+
+    /// A one-node Redis Cluster holding every slot: the cluster protocol (slot routing,
+    /// `CROSSSLOT` checks on scripts) on one process.
+    pub fn start_cluster() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+            cluster: true,
+        };
+        server.spawn();
+        let cli = |args: &[&str]| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &server.port.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli on PATH (Debian's redis-tools, with redis-server)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         server
     }
 
@@ -40,6 +70,16 @@ impl RedisServer {
             .args(["--dir", self.dir.path().to_str().unwrap()])
             .args(["--appendonly", "yes", "--appendfsync", "everysec"])
             .args(["--save", ""])
+            .args(if self.cluster {
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -67,8 +67,11 @@ const FAN_OUT: usize = 16;
 /// How the store connects.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`.
+    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`; with `cluster`, the
+    /// seed nodes of a Redis Cluster, separated by commas (`redis://a:6379,redis://b:6379`).
     pub url: String,
+    /// Connect to a Redis Cluster (slots followed, `MOVED`/`ASK` handled by the crate).
+    pub cluster: bool,
     /// Prefix of every key (several gateways' fleets may share one Redis).
     pub prefix: String,
     /// Longest wait for any operation before it fails with [`StoreError::Unavailable`].
@@ -119,8 +122,46 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
+/// One Redis, through the connection manager (reconnects by itself), or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl ::redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Cmd,
+    ) -> ::redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
@@ -261,15 +302,30 @@ impl RedisStore {
     /// Connect lazily to the Redis at `options.url`: the gateway starts (and `/readyz` says why
     /// it is not ready) while Redis is away, and reconnects by itself.
     pub fn open(options: RedisOptions) -> Result<RedisStore, StoreError> {
-        let client = ::redis::Client::open(options.url.as_str())
-            .map_err(|e| StoreError::Backend(format!("state.redis_url: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout.min(Duration::from_secs(2))))
-            .set_response_timeout(Some(options.timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
+        let conn = if options.cluster {
+            let nodes: Vec<&str> = options.url.split(',').map(str::trim).collect();
+            let client = ::redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(options.timeout.min(Duration::from_secs(2)))
+                .response_timeout(options.timeout)
+                .retries(2)
+                .build()
+                .map_err(|e| StoreError::Backend(format!("state.redis_url: {e}")))?;
+            Conn::Cluster(client.get_pending_async_connection_with_config(
+                ::redis::cluster::ClusterConfig::default(),
+            ))
+        } else {
+            let client = ::redis::Client::open(options.url.as_str())
+                .map_err(|e| StoreError::Backend(format!("state.redis_url: {e}")))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(options.timeout.min(Duration::from_secs(2))))
+                .set_response_timeout(Some(options.timeout))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?,
+            )
+        };
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -330,7 +386,7 @@ impl Inner {
         format!("{}:tenants", self.prefix)
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
