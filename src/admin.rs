@@ -8,7 +8,14 @@
 //! ```
 //!
 //! Every request needs `Authorization: Bearer <admin token>`; the token is compared by its
-//! SHA-256 digest in constant time.
+//! SHA-256 digest in constant time. Except, at the root, what Prometheus and a load balancer
+//! ask without credentials:
+//!
+//! ```text
+//! GET  /metrics   Prometheus text format 0.0.4
+//! GET  /healthz   the process is alive
+//! GET  /readyz    policies loaded and the state store answering, else 503 with the reason
+//! ```
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,7 +50,7 @@ pub fn admin_app<B: Send + 'static>(
     ctx: AdminContext,
 ) -> BoxCloneService<Request<B>, Response<Body>, Infallible> {
     ServiceBuilder::new()
-        .layer(TraceLayer)
+        .layer(TraceLayer::default())
         .service(AdminRouter(Arc::new(ctx)))
         .boxed_clone()
 }
@@ -99,6 +106,32 @@ impl AdminContext {
         let policies = self.reloader.policies.current();
         let usage_of = usage_tenant(path);
         match (method, path) {
+            (Method::GET, "/metrics") => {
+                let now = self.clock.now().as_microsecond();
+                let text = crate::metrics::render(&policies, self.store.as_ref(), now).await?;
+                let mut response = Response::new(Body::from(text));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(response)
+            }
+            (Method::GET, "/healthz") => {
+                Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+            }
+            (Method::GET, "/readyz") => Ok(match self.store.ready().await {
+                Ok(()) => json_response(
+                    StatusCode::OK,
+                    &json!({"status": "ok", "tenants": policies.tenants.len()}),
+                ),
+                Err(e) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not_ready", "reason": e.to_string()}),
+                ),
+            }),
+            (_, "/metrics" | "/healthz" | "/readyz") => {
+                Err(GatewayError::MethodNotAllowed { allow: "GET" })
+            }
             (Method::GET, "/admin/tenants") => {
                 let data: Vec<_> = policies.tenants.values().map(|t| tenant_view(t)).collect();
                 Ok(json_response(StatusCode::OK, &json!({ "data": data })))
@@ -180,7 +213,12 @@ impl<B: Send + 'static> Service<Request<B>> for AdminRouter {
         let ctx = self.0.clone();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let auth = authorized(&ctx, req.headers());
+        let open = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz");
+        let auth = if open {
+            Ok(())
+        } else {
+            authorized(&ctx, req.headers())
+        };
         Box::pin(async move {
             auth?;
             ctx.route(method, &path).await

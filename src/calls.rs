@@ -11,6 +11,7 @@ use crate::error::{Body, GatewayError, json_response};
 use crate::lifecycle::Lifecycle;
 use crate::policy::PolicyHandle;
 use crate::stages::authenticate::authenticate;
+use crate::stages::trace::RequestFacts;
 
 /// Page size bounds for `GET /v1/calls`.
 const DEFAULT_LIMIT: usize = 20;
@@ -29,17 +30,18 @@ impl CallReader {
         &self,
         headers: &HeaderMap,
         span: &tracing::Span,
+        facts: &RequestFacts,
         id: &str,
     ) -> Result<http::Response<Body>, GatewayError> {
         let tenant = authenticate(headers, &self.policies.current())?;
-        span.record("tenant", tenant.id.as_str());
+        facts.tenant(span, &tenant.id);
         let missing = || GatewayError::NotFound("no such call");
         let store = &self.lifecycle.store;
         let mut record = store.get_call(&tenant.id, id).await?.ok_or_else(missing)?;
         let refresh = self.lifecycle.reconcile.enabled && self.lifecycle.reconcile.refresh_on_read;
         if record.live && refresh {
             match self.lifecycle.refresh(&tenant.id, id).await {
-                Ok(Some(updated)) => record = updated,
+                Ok(Some((updated, _))) => record = updated,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(call_id = id, error = %e, "refresh from the upstream failed; serving the record")
@@ -54,10 +56,11 @@ impl CallReader {
         &self,
         headers: &HeaderMap,
         span: &tracing::Span,
+        facts: &RequestFacts,
         query: Option<&str>,
     ) -> Result<http::Response<Body>, GatewayError> {
         let tenant = authenticate(headers, &self.policies.current())?;
-        span.record("tenant", tenant.id.as_str());
+        facts.tenant(span, &tenant.id);
         let mut limit = DEFAULT_LIMIT;
         let mut before = None;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod lifecycle;
+pub mod metrics;
 pub mod phone;
 pub mod policy;
 pub mod relay;

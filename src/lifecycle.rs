@@ -58,6 +58,7 @@ impl Lifecycle {
         let now = self.clock.now().as_microsecond();
         let expired = self.store.expire_leases(now).await?;
         for record in &expired {
+            crate::metrics::settled(record);
             tracing::warn!(
                 target: "audit",
                 tenant = %record.tenant,
@@ -82,12 +83,13 @@ impl Lifecycle {
         })
     }
 
-    /// Ask the upstream about one of a tenant's calls and apply its answer.
+    /// Ask the upstream about one of a tenant's calls and apply its answer: the call as it is
+    /// now, and whether this settled it.
     pub async fn refresh(
         &self,
         tenant: &str,
         call_id: &str,
-    ) -> Result<Option<CallRecord>, GatewayError> {
+    ) -> Result<Option<(CallRecord, bool)>, GatewayError> {
         let path = format!("/v1/calls/{call_id}");
         let response = self
             .upstream
@@ -101,11 +103,14 @@ impl Lifecycle {
             return Ok(None);
         };
         let now = self.clock.now().as_microsecond();
-        let record = self
+        let applied = self
             .store
             .apply_upstream_state(tenant, call_id, event, Some(object), now)
             .await?;
-        Ok(record)
+        if let Some((record, true)) = &applied {
+            crate::metrics::settled(record);
+        }
+        Ok(applied)
     }
 
     /// Look up quiet calls at the upstream, [`RECONCILE_CONCURRENCY`] at a time; returns how many
@@ -144,7 +149,7 @@ impl Lifecycle {
     /// Ask the upstream about one quiet call; whether that settled it.
     async fn reconcile_one(&self, tenant: &str, call_id: &str) -> bool {
         match self.refresh(tenant, call_id).await {
-            Ok(Some(record)) if !record.live => {
+            Ok(Some((record, true))) => {
                 tracing::info!(
                     target: "audit",
                     tenant = %record.tenant,

@@ -236,6 +236,7 @@ impl Relay {
             )),
             EventOutcome::Applied { record, settled } => {
                 if settled {
+                    crate::metrics::settled(&record);
                     tracing::info!(
                         target: "audit",
                         tenant = %record.tenant,
@@ -297,6 +298,7 @@ impl Relay {
                 .any(|h| h.eq_ignore_ascii_case(host));
             if let Err(e) = check_resolved(host, explicit).await {
                 tracing::warn!(tenant = %tenant.id, error = %e, "webhook host refused; event not relayed");
+                crate::metrics::delivery(&tenant.id, "refused");
                 return false;
             }
         }
@@ -319,7 +321,10 @@ impl Relay {
             )
             .await;
             let retry = match outcome {
-                Ok(Ok(response)) if response.status().is_success() => return true,
+                Ok(Ok(response)) if response.status().is_success() => {
+                    crate::metrics::delivery(&tenant.id, "delivered");
+                    return true;
+                }
                 Ok(Ok(response)) => {
                     let status = response.status();
                     tracing::warn!(tenant = %tenant.id, attempt, %status, "webhook delivery refused");
@@ -343,6 +348,7 @@ impl Relay {
             backoff = backoff.saturating_mul(2);
         }
         tracing::error!(tenant = %tenant.id, "webhook event dropped after retries");
+        crate::metrics::delivery(&tenant.id, "failed");
         false
     }
 }

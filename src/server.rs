@@ -60,7 +60,9 @@ pub struct Reloader {
 impl Reloader {
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let policies = Policies::load(&self.policy_dir, &self.hash_key)?;
+        let policies = Policies::load(&self.policy_dir, &self.hash_key);
+        crate::metrics::reload(policies.is_ok());
+        let policies = policies?;
         let count = policies.tenants.len();
         self.policies.replace(policies);
         Ok(count)
@@ -122,6 +124,8 @@ impl Gateway {
         clock: SharedClock,
         listener: Option<TcpListener>,
     ) -> Result<Gateway, StartupError> {
+        crate::metrics::install();
+        crate::metrics::spawn_upkeep();
         let hash_key = redaction_hash_key(&settings)?;
         let policies =
             Policies::load(&settings.policies.dir, &hash_key).map_err(StartupError::Policies)?;
@@ -175,7 +179,7 @@ impl Gateway {
                     prefix: settings.state.redis_prefix.clone(),
                     timeout: Duration::from_millis(settings.state.redis_timeout_ms),
                 })?;
-                let rates = RequestRates::Shared(store.rate_limits(), clock.clone());
+                let rates = RequestRates::Shared(store.rate_limits());
                 (Arc::new(store), rates)
             }
         };

@@ -33,7 +33,7 @@ use crate::stages::limits::{BodyLimits, LimitsLayer, read_body};
 use crate::stages::phone::PhonePolicy;
 use crate::stages::record::Record;
 use crate::stages::redact::Redact;
-use crate::stages::trace::{RequestSpan, TraceLayer};
+use crate::stages::trace::{RequestFacts, RequestSpan, TraceLayer};
 use crate::stages::validate::Validate;
 use crate::stages::{AsyncStageLayer, StageFuture, StageLayer};
 use crate::upstream::Upstream;
@@ -95,7 +95,7 @@ where
 
     ServiceBuilder::new()
         // 1. Every request gets an id and a span; errors become the JSON envelope here only.
-        .layer(TraceLayer)
+        .layer(TraceLayer::with_metrics())
         .service(Router {
             create_call: BoxCloneService::new(create_call),
             reader: ctx.reader,
@@ -155,16 +155,25 @@ where
             .get::<RequestSpan>()
             .map(|s| s.0.clone())
             .unwrap_or_else(tracing::Span::none);
+        let facts = req
+            .extensions()
+            .get::<Arc<RequestFacts>>()
+            .cloned()
+            .unwrap_or_default();
         match (req.method().clone(), path.as_str()) {
             (Method::POST, "/v1/calls") => Box::pin(self.create_call.clone().oneshot(req)),
             (Method::GET, "/v1/calls") => {
                 let reader = self.reader.clone();
-                Box::pin(async move { reader.list(req.headers(), &span, req.uri().query()).await })
+                Box::pin(async move {
+                    reader
+                        .list(req.headers(), &span, &facts, req.uri().query())
+                        .await
+                })
             }
             (Method::GET, p) if p.starts_with("/v1/calls/") => {
                 let reader = self.reader.clone();
                 let id = p["/v1/calls/".len()..].to_string();
-                Box::pin(async move { reader.get(req.headers(), &span, &id).await })
+                Box::pin(async move { reader.get(req.headers(), &span, &facts, &id).await })
             }
             (Method::POST, p) if p.starts_with("/v1/relay/") => {
                 let relay = self.relay.clone();

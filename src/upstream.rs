@@ -245,7 +245,10 @@ impl Upstream {
                 .to_bytes();
             Ok(Response::from_parts(parts, bytes))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        crate::metrics::upstream(started.elapsed());
+        match outcome {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(

@@ -144,4 +144,19 @@ fn serve_starts_on_the_example_config_and_answers() {
     assert!(!logs.contains("demo-acme-key"), "{logs}");
     assert!(!logs.contains("+14155551234"), "{logs}");
     assert!(logs.contains("+1415***1234"), "{logs}");
+    // The detached part of the request (admission, bind) logs within the request's span: its
+    // lines carry the request id the client received, and the tenant.
+    let request_id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id in the answer")
+        .trim();
+    for message in ["\"admitted\"", "\"bound\""] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no {message} line in {logs}"));
+        assert!(line.contains(request_id), "{line}");
+        assert!(line.contains("\"tenant\":\"acme\""), "{line}");
+    }
 }

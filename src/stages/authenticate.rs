@@ -43,7 +43,7 @@ impl Stage for Authenticate {
 
     fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError> {
         let tenant = authenticate(&req.headers, &req.policies)?;
-        req.span.record("tenant", tenant.id.as_str());
+        req.facts.tenant(&req.span, &tenant.id);
         req.tenant = Some(tenant);
         Ok(())
     }

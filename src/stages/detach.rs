@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use http::Response;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::CallRequest;
 use crate::error::{Body, GatewayError};
@@ -42,7 +43,10 @@ where
     }
 
     fn call(&mut self, req: CallRequest) -> Self::Future {
-        let task = tokio::spawn(self.inner.call(req));
+        // The detached part runs in the request's span: its log lines (admitted, bound,
+        // released) carry the request id and tenant.
+        let span = req.span.clone();
+        let task = tokio::spawn(self.inner.call(req).instrument(span));
         Box::pin(async move {
             task.await
                 .map_err(|e| GatewayError::Internal(format!("request task failed: {e}")))?

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
 use super::CallRequest;
-use super::trace::{RequestId, RequestSpan};
+use super::trace::{RequestFacts, RequestId, RequestSpan};
 use crate::error::{Body, GatewayError};
 use crate::policy::{Policies, PolicyHandle};
 
@@ -159,7 +159,13 @@ where
             check_content_type(&parts.headers).map_err(refuse)?;
             let bytes = read_body(body, limits).await.map_err(refuse)?;
             inner
-                .call(CallRequest::new(id, span, parts.headers, bytes, policies))
+                .call({
+                    let mut req = CallRequest::new(id, span, parts.headers, bytes, policies);
+                    if let Some(facts) = parts.extensions.get::<Arc<RequestFacts>>() {
+                        req.facts = facts.clone();
+                    }
+                    req
+                })
                 .await
         })
     }

@@ -58,6 +58,8 @@ pub struct CallRequest {
     pub request_id: String,
     /// The request's span; stages record the tenant and their verdict on it.
     pub span: tracing::Span,
+    /// What the request's metrics need (the tenant, once authenticated).
+    pub facts: Arc<trace::RequestFacts>,
     /// The request headers (the tenant's `Authorization` among them).
     pub headers: HeaderMap,
     /// The raw body, within the size limit.
@@ -102,6 +104,7 @@ impl CallRequest {
         CallRequest {
             request_id,
             span,
+            facts: Arc::default(),
             headers,
             body,
             policies,

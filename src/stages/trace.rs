@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,6 +27,21 @@ pub struct RequestId(pub String);
 #[derive(Debug, Clone)]
 pub struct RequestSpan(pub tracing::Span);
 
+/// What the request's stages learn that its metrics need, as a request extension: the tenant,
+/// once authenticated (a tenant id from the policies, never a value from the request).
+#[derive(Debug, Default)]
+pub struct RequestFacts {
+    tenant: std::sync::OnceLock<String>,
+}
+
+impl RequestFacts {
+    /// The request is the tenant's: on the span and in the facts.
+    pub fn tenant(&self, span: &tracing::Span, id: &str) {
+        span.record("tenant", id);
+        let _ = self.tenant.set(id.to_string());
+    }
+}
+
 /// Header carrying the request id both ways.
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -41,12 +57,24 @@ fn client_request_id<B>(req: &Request<B>) -> Option<String> {
 
 /// Adds [`Trace`].
 #[derive(Debug, Clone, Default)]
-pub struct TraceLayer;
+pub struct TraceLayer {
+    metrics: bool,
+}
+
+impl TraceLayer {
+    /// The tenant API's: every answer also counted in the request metrics.
+    pub fn with_metrics() -> Self {
+        TraceLayer { metrics: true }
+    }
+}
 
 impl<S> Layer<S> for TraceLayer {
     type Service = Trace<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Trace { inner }
+        Trace {
+            inner,
+            metrics: self.metrics,
+        }
     }
 }
 
@@ -54,6 +82,7 @@ impl<S> Layer<S> for TraceLayer {
 #[derive(Debug, Clone)]
 pub struct Trace<S> {
     inner: S,
+    metrics: bool,
 }
 
 impl<S, B> Service<Request<B>> for Trace<S>
@@ -94,8 +123,11 @@ where
             call_id = tracing::field::Empty,
             status = tracing::field::Empty,
         );
+        let facts = Arc::new(RequestFacts::default());
         req.extensions_mut().insert(RequestId(id.clone()));
         req.extensions_mut().insert(RequestSpan(span.clone()));
+        req.extensions_mut().insert(facts.clone());
+        let metrics = self.metrics;
         let started = Instant::now();
         let future = {
             let _entered = span.enter();
@@ -104,9 +136,11 @@ where
         let outer = span.clone();
         Box::pin(
             async move {
+                let mut code = "ok";
                 let mut response = match future.await {
                     Ok(response) => response,
                     Err(error) => {
+                        code = error.code();
                         let decision = if error.status().is_server_error() {
                             "failed"
                         } else {
@@ -121,9 +155,14 @@ where
                 if let Ok(value) = HeaderValue::from_str(&id) {
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
+                let elapsed = started.elapsed();
+                if metrics {
+                    let tenant = facts.tenant.get().map_or("none", String::as_str);
+                    crate::metrics::request(tenant, response.status().as_u16(), code, elapsed);
+                }
                 tracing::info!(
                     http_status = response.status().as_u16(),
-                    latency_us = started.elapsed().as_micros() as u64,
+                    latency_us = elapsed.as_micros() as u64,
                     "request finished"
                 );
                 Ok(response)
@@ -141,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_become_envelopes_with_the_request_id() {
-        let svc = TraceLayer.layer(tower::service_fn(|_req: Request<()>| async {
+        let svc = TraceLayer::default().layer(tower::service_fn(|_req: Request<()>| async {
             Err::<Response<Body>, _>(GatewayError::Unauthorized("missing bearer token"))
         }));
         let req = Request::builder()
@@ -155,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_id_is_made_when_the_clients_is_unusable() {
-        let svc = TraceLayer.layer(tower::service_fn(|req: Request<()>| async move {
+        let svc = TraceLayer::default().layer(tower::service_fn(|req: Request<()>| async move {
             let id = req.extensions().get::<RequestId>().unwrap().0.clone();
             Ok::<_, GatewayError>(Response::new(Body::from(id)))
         }));

@@ -386,7 +386,8 @@ pub trait StateStore: Send + Sync + 'static {
         event: CallEvent,
         now: i64,
     ) -> StoreFuture<'static, EventOutcome>;
-    /// Apply the upstream's view of one of a tenant's calls (reconciliation, refresh on read).
+    /// Apply the upstream's view of one of a tenant's calls (reconciliation, refresh on read):
+    /// the call as it is now, and whether this settled it; `None` if the tenant has no such call.
     fn apply_upstream_state(
         &self,
         tenant: &str,
@@ -394,7 +395,7 @@ pub trait StateStore: Send + Sync + 'static {
         event: CallEvent,
         object: Option<Value>,
         now: i64,
-    ) -> StoreFuture<'static, Option<CallRecord>>;
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>>;
     /// Settle every call whose lease ended by `now` at its full hold; returns them.
     fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>>;
     /// Live calls bound to an upstream id and not updated since `quiet_since`.

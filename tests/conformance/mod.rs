@@ -265,11 +265,12 @@ pub async fn a_call_is_settled_once(b: &impl Backend) {
             .is_empty()
     );
     let late = event(Some("c0"), "completed", Some(600), true);
-    let record = store
+    let (record, settled) = store
         .apply_upstream_state("a", "c0", late, None, NOW + 4 * SEC)
         .await
         .unwrap()
         .unwrap();
+    assert!(!settled, "settled once, by the first ending");
     assert_eq!((record.charged, record.duration), (2, Some(120)));
     assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 2));
     consistent(&store, NOW).await;
@@ -389,7 +390,7 @@ pub async fn reconciliation_settles_from_the_upstreams_view(b: &impl Backend) {
     let store = b.open();
     admit_and_bind(&store, request("a", "r0", 10), "c0").await;
     let object = json!({"id": "c0", "status": "failed", "duration": 0});
-    let record = store
+    let (record, settled) = store
         .apply_upstream_state(
             "a",
             "c0",
@@ -400,6 +401,7 @@ pub async fn reconciliation_settles_from_the_upstreams_view(b: &impl Backend) {
         .await
         .unwrap()
         .unwrap();
+    assert!(settled);
     assert_eq!(
         (record.status.as_str(), record.live, record.charged),
         ("failed", false, 0)

@@ -893,14 +893,14 @@ impl StateStore for RedisStore {
         event: CallEvent,
         object: Option<Json>,
         now: i64,
-    ) -> StoreFuture<'static, Option<CallRecord>> {
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
         self.op(move |inner| async move {
             let outcome = inner
                 .event(&tenant, "upstream", &call_id, &event, object.as_ref(), now)
                 .await?;
             Ok(match outcome {
-                EventOutcome::Applied { record, .. } => Some(*record),
+                EventOutcome::Applied { record, settled } => Some((*record, settled)),
                 _ => None,
             })
         })

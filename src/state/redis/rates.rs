@@ -17,14 +17,13 @@ impl SharedRateLimits {
         SharedRateLimits { store }
     }
 
-    /// Take one request from `tenant`'s allowance of `per_minute` with bursts of `burst`, at
-    /// `now` (unix microseconds), or say how long until one is free.
+    /// Take one request from `tenant`'s allowance of `per_minute` with bursts of `burst`, or
+    /// say how long until one is free. Time is Redis's own (`TIME`), the same for every replica.
     pub async fn check(
         &self,
         tenant: &str,
         per_minute: u32,
         burst: u32,
-        now: i64,
     ) -> Result<Result<(), Duration>, StoreError> {
         let inner = self.store.inner.clone();
         let interval = 60_000_000 / i64::from(per_minute.max(1));
@@ -33,7 +32,6 @@ impl SharedRateLimits {
             let mut invocation = inner.scripts.rate.prepare_invoke();
             invocation
                 .key(key)
-                .arg(now)
                 .arg(interval)
                 .arg(i64::from(burst.max(1)));
             let wait: i64 = invocation

@@ -356,7 +356,7 @@ impl StateStore for SqliteStore {
         event: CallEvent,
         object: Option<Value>,
         now: i64,
-    ) -> StoreFuture<'static, Option<CallRecord>> {
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
             let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
@@ -364,9 +364,10 @@ impl StateStore for SqliteStore {
             else {
                 return Ok((None, When::Now));
             };
-            apply_event(conn, ledger, &record, pricing, &event, object.as_ref(), now)?;
+            let settled =
+                apply_event(conn, ledger, &record, pricing, &event, object.as_ref(), now)?;
             let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
-                .map(|r| r.0);
+                .map(|r| (r.0, settled));
             Ok((record, When::Committed))
         }))
     }
