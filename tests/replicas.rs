@@ -407,7 +407,6 @@ async fn a_killed_replicas_slots_are_settled_by_the_other_or_freed_at_lease_end(
         assert_eq!(post_call(a.addr, "key-t", 600).await.status, StatusCode::OK);
     }
     a.kill_9();
-    assert_eq!(store.usage("t", now()).await.unwrap().slots, 3);
     let usage = wait_usage(&store, "t", Duration::from_secs(20), |u| u.slots == 0).await;
     assert_eq!(usage.holds, 0);
     assert_eq!(usage.spent, 3, "three calls of a started minute each");

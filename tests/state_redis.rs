@@ -101,8 +101,10 @@ async fn redis_away_fails_closed_and_recovers_without_a_restart() {
     // Back, with its data (append-only file) but without the scripts it had loaded.
     server.restart();
     let mut recovered = None;
-    for _ in 0..100 {
-        let mut req = request("a", "r2", 5);
+    for attempt in 0..100 {
+        // A new reservation each time: a failed attempt's background release must not meet a
+        // later one of the same id.
+        let mut req = request("a", &format!("r2-{attempt}"), 5);
         req.tenant_max_concurrent = Some(3);
         match store.admit(req).await {
             Ok(outcome) => {

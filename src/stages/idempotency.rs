@@ -128,7 +128,21 @@ impl AsyncStage for IdempotencyContext {
             let response = match result {
                 Ok(response) if is_final(response.status()) => response,
                 other => {
-                    ctx.store.idempotency_abandon(&tenant, &key).await?;
+                    // The client gets this answer whatever the store says; a key the store
+                    // cannot give up now is given up in the background.
+                    if ctx.store.idempotency_abandon(&tenant, &key).await.is_err() {
+                        let store = ctx.store.clone();
+                        tokio::spawn(async move {
+                            for attempt in 0..12u32 {
+                                tokio::time::sleep(Duration::from_millis(250 << attempt.min(4)))
+                                    .await;
+                                if store.idempotency_abandon(&tenant, &key).await.is_ok() {
+                                    return;
+                                }
+                            }
+                            tracing::error!(%tenant, "giving up an idempotency key failed; it stays in flight until its TTL");
+                        });
+                    }
                     return other;
                 }
             };
@@ -146,22 +160,36 @@ impl AsyncStage for IdempotencyContext {
                 .to_string();
             // Queued before the answer goes out, committed with the next batch: the answer does
             // not wait for the commit. A retry meanwhile sees the key in flight and waits.
-            let complete = ctx
-                .store
-                .idempotency_complete(
-                    &tenant,
-                    &key,
-                    claim,
-                    StoredResponse {
-                        status: parts.status.as_u16(),
-                        body: bytes.to_vec(),
-                        content_type,
-                    },
-                )
-                .await?;
+            // The call is placed: the client gets its answer even if the store cannot keep it
+            // now (kept in the background; a retry meanwhile waits, then sees it in flight).
+            let stored = StoredResponse {
+                status: parts.status.as_u16(),
+                body: bytes.to_vec(),
+                content_type,
+            };
+            let store = ctx.store.clone();
+            let complete = store
+                .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
+                .await;
             tokio::spawn(async move {
-                if let Err(e) = complete.await {
-                    tracing::error!(%tenant, error = %e, "storing the idempotent answer failed");
+                let mut outcome = match complete {
+                    Ok(queued) => queued.await,
+                    Err(e) => Err(e),
+                };
+                for attempt in 0..12u32 {
+                    let Err(e) = outcome else { return };
+                    tracing::warn!(%tenant, error = %e, "storing the idempotent answer failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await;
+                    outcome = match store
+                        .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
+                        .await
+                    {
+                        Ok(queued) => queued.await,
+                        Err(e) => Err(e),
+                    };
+                }
+                if outcome.is_err() {
+                    tracing::error!(%tenant, "storing the idempotent answer failed; the key stays in flight until its TTL");
                 }
             });
             Ok(Response::from_parts(parts, Body::from(bytes)))

@@ -50,12 +50,17 @@ impl AsyncStage for Record {
             let result = call_next(next, req).await;
             let accepted = matches!(&result, Ok(response) if response.status().is_success());
             if !accepted {
-                let released = store.release(&id).await;
+                // The client gets the upstream's own answer whatever happens here; a release the
+                // store cannot do now is retried in the background.
+                if let Err(e) = store.release(&id).await {
+                    tracing::warn!(reservation = %id, error = %e, "release failed; retrying in the background");
+                    store.release_detached(&id);
+                } else {
+                    tracing::info!(target: "audit", reservation = %id, "released: the upstream did not place the call");
+                }
                 if let Some(g) = guard.as_mut() {
                     g.disarm();
                 }
-                released?;
-                tracing::info!(target: "audit", reservation = %id, "released: the upstream did not place the call");
                 return result;
             }
             let mut response = result?;
@@ -71,17 +76,53 @@ impl AsyncStage for Record {
                     // committed with the next batch: the answer does not wait for the commit. A
                     // crash before it is recovered from the call's first event or its lease
                     // (see `state::sqlite`).
-                    let bind = store
-                        .bind(&tenant, &id, &call_id, object, lease, now)
-                        .await?;
+                    // The call is placed: from here on nothing is released and the client gets
+                    // the upstream's answer. A bind the store cannot record now is retried in the
+                    // background (and, if it never lands, the call's first event binds it, or
+                    // its lease ends it).
                     span.record("call_id", call_id.as_str());
-                    tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
-                    let reservation = id.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = bind.await {
-                            tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
+                    let bind = store
+                        .bind(&tenant, &id, &call_id, object.clone(), lease, now)
+                        .await;
+                    let (store, reservation) = (store.clone(), id.clone());
+                    match bind {
+                        Ok(bind) => {
+                            tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
+                            tokio::spawn(async move {
+                                if let Err(e) = bind.await {
+                                    tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
+                                }
+                            });
                         }
-                    });
+                        Err(e) => {
+                            tracing::warn!(reservation = %id, call_id = %call_id, error = %e, "bind failed; retrying in the background");
+                            tokio::spawn(async move {
+                                for attempt in 0..12u32 {
+                                    tokio::time::sleep(Duration::from_millis(
+                                        250 << attempt.min(4),
+                                    ))
+                                    .await;
+                                    let bound = store
+                                        .bind(
+                                            &tenant,
+                                            &reservation,
+                                            &call_id,
+                                            object.clone(),
+                                            lease,
+                                            now,
+                                        )
+                                        .await;
+                                    if let Ok(queued) = bound
+                                        && queued.await.is_ok()
+                                    {
+                                        tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
+                                        return;
+                                    }
+                                }
+                                tracing::error!(reservation = %reservation, call_id = %call_id, "bind failed; the call's events or its lease will settle it");
+                            });
+                        }
+                    }
                 }
                 None => {
                     // Accepted, but with no id we cannot follow the call: keep the slot and hold

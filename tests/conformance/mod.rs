@@ -661,6 +661,54 @@ pub async fn issued_relay_tokens_find_their_call(b: &impl Backend) {
     consistent(&store, NOW).await;
 }
 
+pub async fn free_calls_and_a_budget_made_fixed(b: &impl Backend) {
+    let store = b.open();
+    // Free calls (price 0, hold 0), of a tenant whose id is a word the store might use itself.
+    for id in ["r0", "r1"] {
+        let mut req = request("account", id, 0);
+        req.price = 0;
+        assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    }
+    assert_eq!(counters(&store, "account", NOW).await, usage(2, 0, 0));
+    let done = event(Some("c0"), "completed", Some(30), true);
+    let outcome = store.record_event(&token("r0"), done, NOW).await.unwrap();
+    assert!(matches!(
+        outcome,
+        EventOutcome::Applied { settled: true, .. }
+    ));
+    store.release("r1").await.unwrap();
+    assert_eq!(counters(&store, "account", NOW).await, usage(0, 0, 0));
+
+    // A daily budget made a fixed allowance: what was spent stays spent, no reset at midnight.
+    let mut req = request("b", "r2", 10);
+    req.budget = budget(100, Period::Daily);
+    admit_and_bind(&store, req, "c2").await;
+    let done = event(Some("c2"), "completed", Some(300), true);
+    store.record_event(&token("r2"), done, NOW).await.unwrap();
+    assert_eq!(counters(&store, "b", NOW).await, usage(0, 0, 5));
+    let tomorrow = NOW + 24 * 3_600 * SEC;
+    let fixed = |id: &str, hold: i64| {
+        let mut req = request("b", id, hold);
+        req.budget = budget(100, Period::None);
+        req.now = tomorrow;
+        req.lease_expires_at = tomorrow + 3_600 * SEC;
+        req
+    };
+    assert_eq!(
+        store.admit(fixed("r3", 10)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(counters(&store, "b", tomorrow).await, usage(1, 10, 5));
+    assert_eq!(
+        store.admit(fixed("r4", 86)).await.unwrap(),
+        AdmitOutcome::InsufficientCredits {
+            needed: 86,
+            available: 85
+        }
+    );
+    consistent(&store, tomorrow).await;
+}
+
 /// One `#[tokio::test]` per case, for the backend `$backend` (an expression of a [`Backend`]).
 #[macro_export]
 macro_rules! conformance_suite {
@@ -682,6 +730,7 @@ macro_rules! conformance_suite {
             reads_are_per_tenant_and_paged,
             idempotency_keys_answer_once,
             issued_relay_tokens_find_their_call,
+            free_calls_and_a_budget_made_fixed,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

@@ -16,7 +16,7 @@
 //! | `<p>:{<tenant>}:quiet`       | zset   | live bound calls by last update, for reconciliation      |
 //! | `<p>:{<tenant>}:i:<key>`     | hash   | an idempotency key; `<p>:{<tenant>}:idem` indexes them by expiry |
 //! | `<p>:{<tenant>}:rate`        | string | the tenant's GCRA theoretical arrival time               |
-//! | `<p>:{account}:live`         | zset   | `<tenant>/<res id>` by lease end: the account-wide cap   |
+//! | `<p>:{#account}:live`        | zset   | `<tenant>/<res id>` by lease end: the account-wide cap   |
 //! | `<p>:r:<res id>`             | string | the reservation's tenant and token hash, for the relay   |
 //! | `<p>:tenants`                | set    | tenants that ever held state                             |
 //!
@@ -61,6 +61,8 @@ const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often, at most, expired idempotency records are purged (Redis forgets them a day after
 /// their expiry in any case).
 const PURGE_EVERY_US: i64 = 60 * 1_000_000;
+/// How often, at most, the sweeper visits every tenant rather than those the account set names.
+const FULL_SWEEP_EVERY_US: i64 = 60 * 1_000_000;
 /// Tenants swept or read at once.
 const FAN_OUT: usize = 16;
 
@@ -169,6 +171,8 @@ struct Inner {
     known: Mutex<HashSet<String>>,
     /// The `now` of the last idempotency purge.
     last_purge: Mutex<i64>,
+    /// The `now` of the last sweep of every tenant's leases.
+    last_full_sweep: Mutex<i64>,
 }
 
 /// What a Redis error means for the caller: the store is out of reach (fail closed, retry), or
@@ -200,9 +204,8 @@ struct Hint {
 
 impl Hint {
     fn for_terms(period: Period, timezone: &str, now: i64) -> Option<Hint> {
-        if period == Period::None {
-            return None;
-        }
+        // `none` too: an admission under it must adopt it (a budget switched to a fixed
+        // allowance stops resetting at once).
         let (start, end) = period.bounds(timezone, now);
         Some(Hint {
             period: period.as_str().to_string(),
@@ -334,6 +337,7 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 known: Mutex::new(HashSet::new()),
                 last_purge: Mutex::new(i64::MIN),
+                last_full_sweep: Mutex::new(i64::MIN),
             }),
         })
     }
@@ -365,7 +369,7 @@ impl RedisStore {
 
     fn release_op(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
         let id = reservation_id.to_string();
-        self.op(move |inner| async move { inner.release(&id).await })
+        self.op(move |inner| async move { inner.release(None, &id).await })
     }
 }
 
@@ -374,8 +378,10 @@ impl Inner {
         format!("{}:{{{tenant}}}:", self.prefix)
     }
 
+    /// The account-wide set. Its hash tag (`#account`) cannot be a tenant id (letters, digits,
+    /// `-`, `_`), so no tenant's keys share its slot or its name.
     fn account_key(&self) -> String {
-        format!("{}:{{account}}:live", self.prefix)
+        format!("{}:{{#account}}:live", self.prefix)
     }
 
     fn reservation_key(&self, reservation_id: &str) -> String {
@@ -448,7 +454,7 @@ impl Inner {
         let mut invocation = self.scripts.account.prepare_invoke();
         invocation
             .key(self.account_key())
-            .key(format!("{}:{{account}}:deciding", self.prefix));
+            .key(format!("{}:{{#account}}:deciding", self.prefix));
         for a in args {
             invocation.arg(a.as_str());
         }
@@ -599,7 +605,7 @@ impl Inner {
             Ok(reply) => reply,
             Err(e) => {
                 // The tenant step may have run: release what it may have taken, in the background.
-                self.spawn_release(rid);
+                self.spawn_release(Some(req.tenant.clone()), rid);
                 return Err(e);
             }
         };
@@ -654,14 +660,15 @@ impl Inner {
     }
 
     /// Release a reservation in the background, retrying while Redis is away (about a minute).
-    fn spawn_release(self: &Arc<Self>, reservation_id: &str) {
+    fn spawn_release(self: &Arc<Self>, tenant: Option<String>, reservation_id: &str) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (inner, id) = (self.clone(), reservation_id.to_string());
         handle.spawn(async move {
             for attempt in 0..12u32 {
-                match tokio::time::timeout(inner.timeout, inner.release(&id)).await {
+                let release = inner.release(tenant.as_deref(), &id);
+                match tokio::time::timeout(inner.timeout, release).await {
                     Ok(Ok(())) => return,
                     _ => tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await,
                 }
@@ -670,9 +677,15 @@ impl Inner {
         });
     }
 
-    async fn release(&self, reservation_id: &str) -> Result<(), StoreError> {
-        let Some((tenant, _)) = self.reservation(reservation_id).await? else {
-            return Ok(());
+    /// Release a reservation (of `tenant`, or found by its pointer): its tenant slot and hold if
+    /// it is pending, its account slot unless it is bound to a placed call.
+    async fn release(&self, tenant: Option<&str>, reservation_id: &str) -> Result<(), StoreError> {
+        let tenant = match tenant {
+            Some(t) => t.to_string(),
+            None => match self.reservation(reservation_id).await? {
+                Some((t, _)) => t,
+                None => return Ok(()),
+            },
         };
         let released = self
             .tenant_script(
@@ -681,7 +694,9 @@ impl Inner {
                 &[reservation_id.as_bytes().to_vec()],
             )
             .await?;
-        if int(&released) == Some(1) {
+        if int(&released) != Some(-1) {
+            // Released, or never admitted by the tenant, or no longer live: nothing holds the
+            // account slot (an admission cut short after the account step leaves one).
             self.free_account(&tenant, &[reservation_id.to_string()])
                 .await?;
             let _: i64 = self
@@ -747,15 +762,43 @@ impl Inner {
     }
 
     /// Settle a tenant's lapsed leases.
-    async fn expire_tenant(&self, tenant: &str, now: i64) -> Result<Vec<CallRecord>, StoreError> {
+    /// Settle a tenant's lapsed leases; then, of `candidates` (reservations the account set
+    /// holds past their lease), give back the account slots of those no longer live and move
+    /// the others' to their call's lease (a lost lease move, repaired).
+    async fn expire_tenant(
+        &self,
+        tenant: &str,
+        now: i64,
+        candidates: &[String],
+    ) -> Result<Vec<CallRecord>, StoreError> {
         let reply = self
             .with_bounds(&self.scripts.expire, tenant, now, None, |hint| {
                 let mut a = vec![now.to_string().into_bytes()];
                 Hint::push(hint, &mut a);
+                a.extend(candidates.iter().map(|c| c.as_bytes().to_vec()));
                 a
             })
             .await?;
         let expired = records(reply.get(1).cloned().unwrap_or(Value::Nil))?;
+        let mut ended: Vec<String> = expired.iter().map(|r| r.reservation_id.clone()).collect();
+        for candidate in array(reply.get(2).cloned().unwrap_or(Value::Nil))? {
+            let candidate = array(candidate)?;
+            let (Some(rid), Some(lease)) = (
+                candidate.first().and_then(text),
+                candidate.get(1).and_then(int),
+            ) else {
+                continue;
+            };
+            if lease < 0 {
+                ended.push(rid);
+            } else {
+                let set = ["set".into(), format!("{tenant}/{rid}"), lease.to_string()];
+                self.account(&set).await?;
+            }
+        }
+        ended.sort_unstable();
+        ended.dedup();
+        self.free_account(tenant, &ended).await?;
         Ok(expired)
     }
 
@@ -791,7 +834,38 @@ impl Inner {
 
 impl StateStore for RedisStore {
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome> {
-        self.op(move |inner| async move { inner.admit(&req).await })
+        // The admission runs to its end in a task of its own, whatever becomes of the caller (a
+        // timeout, a client gone): an admission nobody is told about is released.
+        let inner = self.inner.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tenant, rid) = (req.tenant.clone(), req.reservation_id.clone());
+            let result = inner.admit(&req).await;
+            if let Err(Ok(AdmitOutcome::Admitted)) = tx.send(result) {
+                tracing::warn!(reservation = %rid, "admitted after its request gave up; releasing");
+                inner.spawn_release(Some(tenant), &rid);
+            }
+        });
+        let timeout = self.inner.timeout;
+        Box::pin(async move {
+            let mut rx = rx;
+            match tokio::time::timeout(timeout, &mut rx).await {
+                Ok(result) => {
+                    result.map_err(|_| StoreError::Backend("admission task failed".into()))?
+                }
+                Err(_) => {
+                    // Closed first: an answer sent from now on is refused and released by the
+                    // task; one that arrived just before is taken here.
+                    rx.close();
+                    rx.try_recv().unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(format!(
+                            "redis did not answer within {} ms",
+                            timeout.as_millis()
+                        )))
+                    })
+                }
+            }
+        })
     }
 
     fn bind(
@@ -860,7 +934,7 @@ impl StateStore for RedisStore {
     }
 
     fn release_detached(&self, reservation_id: &str) {
-        self.inner.spawn_release(reservation_id);
+        self.inner.spawn_release(None, reservation_id);
     }
 
     fn record_event(
@@ -924,21 +998,30 @@ impl StateStore for RedisStore {
                         .push(rid.to_string());
                 }
             }
+            // Now and then every tenant, in case a call lost its account slot (it would otherwise
+            // be found only by its tenant's next admission).
+            let full_pass = {
+                let mut last = inner
+                    .last_full_sweep
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let due = *last == i64::MIN || now < *last || now - *last >= FULL_SWEEP_EVERY_US;
+                if due {
+                    *last = now;
+                }
+                due
+            };
+            if full_pass {
+                for tenant in inner.tenants().await? {
+                    by_tenant.entry(tenant).or_default();
+                }
+            }
             let tenants: Vec<String> = by_tenant.keys().cloned().collect();
             let expired = inner
                 .per_tenant(tenants, |tenant| {
                     let inner = &inner;
                     let rids = by_tenant.get(&tenant).cloned().unwrap_or_default();
-                    async move {
-                        let expired = inner.expire_tenant(&tenant, now).await?;
-                        // Settled here, or already (by an event, elsewhere): free them all.
-                        let mut freed = rids;
-                        freed.extend(expired.iter().map(|r| r.reservation_id.clone()));
-                        freed.sort_unstable();
-                        freed.dedup();
-                        inner.free_account(&tenant, &freed).await?;
-                        Ok(expired)
-                    }
+                    async move { inner.expire_tenant(&tenant, now, &rids).await }
                 })
                 .await?;
             Ok(expired.into_iter().flatten().collect())
@@ -1045,6 +1128,7 @@ impl StateStore for RedisStore {
         expires_at: i64,
     ) -> StoreFuture<'static, IdempotencyBegin> {
         let (tenant, key, body_hash) = (tenant.to_string(), key.to_string(), body_hash.to_string());
+        let claim_id = uuid::Uuid::new_v4().to_string();
         self.op(move |inner| async move {
             inner.note_tenant(&tenant).await?;
             let args = vec![
@@ -1053,6 +1137,8 @@ impl StateStore for RedisStore {
                 body_hash.into_bytes(),
                 now.to_string().into_bytes(),
                 expires_at.to_string().into_bytes(),
+                // A begin run twice (a reply lost, the command retried) proceeds as itself.
+                claim_id.into_bytes(),
             ];
             let reply = array(inner.idempotency(&tenant, args).await?)?;
             Ok(match tag(&reply).as_str() {

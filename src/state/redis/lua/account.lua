@@ -11,6 +11,8 @@ local op = ARGV[1]
 local DECIDING_US = 2000000
 if op == 'take' then
   local now = tonumber(ARGV[2])
+  -- Run twice (a retried reply): taken the first time.
+  if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return 1 end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - DECIDING_US)
   if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') >= tonumber(ARGV[3]) then
     if redis.call('ZCARD', KEYS[2]) > 0 then return -1 end

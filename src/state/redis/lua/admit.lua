@@ -7,12 +7,17 @@
 -- Returns {outcome, a, b, reaped ids}: 'admitted' | 'tenant_full', limit | 'credits', needed,
 -- available.
 local now = tonumber(ARGV[17])
+-- Run twice (a client retried after a lost reply): the first run decided.
+if redis.call('EXISTS', call_key(ARGV[2])) == 1 then return { 'admitted', 0, 0, {} } end
 local terms = terms_at(8)
 -- Lapsed leases are settled here when the spend's period is at hand, else by the sweeper.
 local reaped = reap(now, terms) or {}
 local budget = ARGV[6] == '1'
 local s = nil
-if budget then s = spend_at(now, terms, true) end
+if budget then
+  s = spend_at(now, terms, true)
+  if not s then return needs_bounds() end
+end
 local limit = tonumber(ARGV[5])
 if limit >= 0 and redis.call('ZCARD', k('live')) >= limit then
   return { 'tenant_full', limit, 0, reaped }

@@ -1,4 +1,5 @@
--- Idempotency keys: 'begin' (ARGV 3 key, 4 body hash, 5 now, 6 expires at) | 'complete' (3 key,
+-- Idempotency keys: 'begin' (ARGV 3 key, 4 body hash, 5 now, 6 expires at, 7 claim id: a
+-- retried begin of the same claim proceeds) | 'complete' (3 key,
 -- 4 body hash, 5 created at, 6 expires at, 7 status, 8 body, 9 content type) | 'abandon' (3 key)
 -- | 'purge' (3 now).
 local op = ARGV[2]
@@ -15,10 +16,11 @@ if op == 'begin' then
   if r[1] and tonumber(r[6]) > now then
     if r[1] ~= ARGV[4] then return { 'conflict' } end
     if r[2] == 'done' then return { 'replay', r[3], r[4], r[5] } end
+    if redis.call('HGET', ik, 'owner') == ARGV[7] then return { 'proceed' } end
     return { 'in_flight' }
   end
   redis.call('DEL', ik)
-  redis.call('HSET', ik, 'bh', ARGV[4], 'st', 'in_flight', 'exp', ARGV[6])
+  redis.call('HSET', ik, 'bh', ARGV[4], 'st', 'in_flight', 'exp', ARGV[6], 'owner', ARGV[7])
   keep(ARGV[3], tonumber(ARGV[6]), now)
   return { 'proceed' }
 elseif op == 'complete' then

@@ -55,7 +55,8 @@ local function settle(rid, status, charge, duration, now, s)
   if duration then redis.call('HSET', c, 'dur', duration) end
   redis.call('ZREM', k('live'), rid)
   redis.call('ZREM', k('quiet'), rid)
-  redis.call('HINCRBY', k('book'), 'holds', -hold)
+  -- 0 - hold, not -hold: Lua's -0 is written "-0", which HINCRBY refuses.
+  redis.call('HINCRBY', k('book'), 'holds', 0 - hold)
   s.spent = s.spent + charge
   store_spend(s)
   redis.call('PEXPIRE', c, RETENTION_MS)
