@@ -54,6 +54,9 @@ pub struct Settings {
     /// Logging.
     #[serde(default)]
     pub log: LogSettings,
+    /// Trace export (OpenTelemetry, OTLP/HTTP).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     /// Account-wide admission settings.
     #[serde(default)]
     pub admission: AdmissionSettings,
@@ -408,11 +411,34 @@ pub struct RedactionSettings {
     pub hash_key_file: Option<PathBuf>,
 }
 
+/// Trace export: off unless an endpoint is set here or in the standard `OTEL_EXPORTER_OTLP_*`
+/// variables (which win).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP base URL; spans go to its `/v1/traces` (like `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
+    /// The full URL for spans (like `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
+    pub otlp_traces_endpoint: Option<String>,
+    /// `service.name` of the spans (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            otlp_endpoint: None,
+            otlp_traces_endpoint: None,
+            service_name: "callgate".into(),
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
-    /// `json` (one object per line) or `text`.
+    /// `auto` (text on a terminal, JSON otherwise), `json` (one object per line) or `text`.
     pub format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `callgate=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
@@ -421,7 +447,7 @@ pub struct LogSettings {
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
-            format: LogFormat::Json,
+            format: LogFormat::Auto,
             level: "info".into(),
         }
     }
@@ -430,6 +456,7 @@ impl Default for LogSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    Auto,
     Json,
     Text,
 }

@@ -92,7 +92,7 @@ async fn serve(config: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    callgate::telemetry::init(&settings.log);
+    let telemetry = callgate::telemetry::init(&settings.log, &settings.telemetry);
     let gateway = match Gateway::start(settings).await {
         Ok(g) => g,
         Err(e) => {
@@ -104,6 +104,7 @@ async fn serve(config: PathBuf) -> ExitCode {
     wait_for_signals(&gateway).await;
     gateway.shutdown().await;
     tracing::info!("stopped");
+    telemetry.shutdown().await;
     ExitCode::SUCCESS
 }
 
@@ -218,7 +219,7 @@ fn keygen(tenant: &str) -> ExitCode {
 }
 
 async fn simulator(listen: SocketAddr, api_key: String) -> ExitCode {
-    callgate::telemetry::init(&LogSettings::default());
+    let _telemetry = callgate::telemetry::init(&LogSettings::default(), &Default::default());
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {

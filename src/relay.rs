@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
@@ -252,7 +253,16 @@ impl Relay {
                         self.policies.current().tenants.get(&record.tenant).cloned()
                 {
                     let relay = self.clone();
-                    tokio::spawn(async move { relay.deliver(&tenant, &url, body).await });
+                    let span = tracing::info_span!(
+                        "webhook delivery",
+                        "otel.kind" = "client",
+                        tenant = %tenant.id,
+                        call_id = record.call_id.as_deref().unwrap_or(""),
+                        "http.request.method" = "POST",
+                    );
+                    tokio::spawn(
+                        async move { relay.deliver(&tenant, &url, body).await }.instrument(span),
+                    );
                 }
                 Ok(json_response(StatusCode::OK, &json!({"received": true})))
             }

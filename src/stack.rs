@@ -179,6 +179,14 @@ where
                 let relay = self.relay.clone();
                 let limits = self.body_limits;
                 let token = p["/v1/relay/".len()..].to_string();
+                // The event's handling links to the call's trace (carried in the relay URL).
+                if let Some(tp) = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("traceparent=")))
+                {
+                    crate::telemetry::link(&span, tp);
+                }
                 Box::pin(async move {
                     let body = read_body(req.into_body(), limits).await?;
                     relay.receive(&token, body).await

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -226,9 +227,22 @@ impl Upstream {
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
-        let request = builder
+        let mut request = builder
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| GatewayError::Internal(format!("building upstream request: {e}")))?;
+        // The client span of the call's trace; the upstream gets it as the parent in
+        // `traceparent`. The URL holds no secret (the key is in a header).
+        let span = tracing::info_span!(
+            "upstream",
+            "otel.name" = %request.method(),
+            "otel.kind" = "client",
+            "otel.status_code" = tracing::field::Empty,
+            "http.request.method" = %request.method(),
+            "url.full" = %request.uri(),
+            "server.address" = request.uri().host().unwrap_or(""),
+            "http.response.status_code" = tracing::field::Empty,
+        );
+        crate::telemetry::inject(&span, request.headers_mut());
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 tracing::warn!(error = %error_chain(&e), "upstream request failed");
@@ -246,8 +260,21 @@ impl Upstream {
             Ok(Response::from_parts(parts, bytes))
         };
         let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        let outcome = tokio::time::timeout(self.timeout, exchange)
+            .instrument(span.clone())
+            .await;
         crate::metrics::upstream(started.elapsed());
+        match &outcome {
+            Ok(Ok(response)) => {
+                span.record("http.response.status_code", response.status().as_u16());
+                if response.status().is_server_error() {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            _ => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         match outcome {
             Ok(result) => result,
             Err(_) => {

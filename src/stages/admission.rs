@@ -178,6 +178,8 @@ pub struct AdmissionContext {
 }
 
 impl AsyncStage for AdmissionContext {
+    const NAME: &'static str = "admission";
+
     fn run<N>(self: Arc<Self>, mut req: CallRequest, next: N) -> StageFuture
     where
         N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,

@@ -70,7 +70,14 @@ impl Service<CallRequest> for Forward {
                 .clone()
                 .ok_or_else(|| GatewayError::Internal("forward ran before validate".into()))?;
             if let Some(reservation) = &req.reservation {
-                call.webhook_url = Some(format!("{relay_base}/v1/relay/{}", reservation.token));
+                // The call's trace rides along, so that its events' handling links to it.
+                let trace = crate::telemetry::traceparent(&req.span)
+                    .map(|tp| format!("?traceparent={tp}"))
+                    .unwrap_or_default();
+                call.webhook_url = Some(format!(
+                    "{relay_base}/v1/relay/{}{trace}",
+                    reservation.token
+                ));
             }
             let body = serde_json::to_vec(&call)
                 .map_err(|e| GatewayError::Internal(format!("serializing the call: {e}")))?;
@@ -85,6 +92,8 @@ impl Service<CallRequest> for Forward {
             let response = result.inspect_err(|_| {
                 req.span.record("stage", "forward");
             })?;
+            req.span
+                .record("upstream.status_code", response.status().as_u16());
             let accepted = if response.status().is_success() {
                 req.span.record("decision", "forwarded");
                 let accepted = AcceptedCall::read(response.body());

@@ -71,6 +71,8 @@ fn replay(stored: StoredResponse) -> Response<Body> {
 }
 
 impl AsyncStage for IdempotencyContext {
+    const NAME: &'static str = "idempotency";
+
     fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
     where
         N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,

@@ -198,6 +198,9 @@ where
     }
 
     fn call(&mut self, mut req: CallRequest) -> Self::Future {
+        // A span per stage that ran (a child of the request's; debug level: traces only).
+        let span = tracing::debug_span!(parent: &req.span, "stage", "otel.name" = S::NAME);
+        let _entered = span.enter();
         match self.stage.apply(&mut req) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(error) => {
@@ -214,6 +217,8 @@ pub type StageFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Gatewa
 /// A stage that must await something (the state store, the upstream's answer) and may act on
 /// what the rest of the stack answers. `next` is the rest of the stack.
 pub trait AsyncStage: Send + Sync + 'static {
+    /// The stage's name in traces.
+    const NAME: &'static str;
     fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
     where
         N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
@@ -283,7 +288,11 @@ where
         // Hand the stage the service that was driven to readiness; keep a fresh clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        self.stage.clone().run(req, inner)
+        let span = tracing::debug_span!(parent: &req.span, "stage", "otel.name" = S::NAME);
+        Box::pin(tracing::Instrument::instrument(
+            self.stage.clone().run(req, inner),
+            span,
+        ))
     }
 }
 

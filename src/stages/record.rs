@@ -24,6 +24,8 @@ pub struct Record {
 }
 
 impl AsyncStage for Record {
+    const NAME: &'static str = "record";
+
     fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
     where
         N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,

@@ -110,8 +110,23 @@ where
             p => p,
         }
         .to_string();
+        // The server span of the request's trace (OpenTelemetry HTTP semantic conventions; the
+        // `otel.*` fields name and kind it), continuing the client's `traceparent` if it sent one.
+        let route = match path.as_str() {
+            "/v1/calls" | "/healthz" | "/readyz" => path.clone(),
+            p if p.starts_with("/v1/calls/") => "/v1/calls/{id}".to_string(),
+            p if p.starts_with("/v1/relay/") => "/v1/relay/{token}".to_string(),
+            p => p.to_string(),
+        };
         let span = tracing::info_span!(
             "request",
+            "otel.name" = %format_args!("{} {route}", req.method()),
+            "otel.kind" = "server",
+            "otel.status_code" = tracing::field::Empty,
+            "http.request.method" = %req.method(),
+            "url.path" = %path,
+            "http.route" = %route,
+            "http.response.status_code" = tracing::field::Empty,
             request_id = %id,
             method = %req.method(),
             path = %path,
@@ -122,8 +137,11 @@ where
             reason = tracing::field::Empty,
             call_id = tracing::field::Empty,
             status = tracing::field::Empty,
+            code = tracing::field::Empty,
+            "upstream.status_code" = tracing::field::Empty,
         );
         let facts = Arc::new(RequestFacts::default());
+        crate::telemetry::continue_trace(&span, req.headers());
         req.extensions_mut().insert(RequestId(id.clone()));
         req.extensions_mut().insert(RequestSpan(span.clone()));
         req.extensions_mut().insert(facts.clone());
@@ -149,6 +167,7 @@ where
                         outer.record("decision", decision);
                         outer.record("reason", error.public_message().as_str());
                         outer.record("status", error.code());
+                        outer.record("code", error.code());
                         error.into_response(&id)
                     }
                 };
@@ -156,6 +175,10 @@ where
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
                 let elapsed = started.elapsed();
+                outer.record("http.response.status_code", response.status().as_u16());
+                if response.status().is_server_error() {
+                    outer.record("otel.status_code", "ERROR");
+                }
                 if metrics {
                     let tenant = facts.tenant.get().map_or("none", String::as_str);
                     crate::metrics::request(tenant, response.status().as_u16(), code, elapsed);
