@@ -121,14 +121,75 @@ async fn the_series_move_as_calls_are_admitted_denied_and_settled() {
     let spent = r#"callgate_credits_spent_total{tenant="acme"}"#;
     assert!(value(&after, spent) > value(&before, spent));
 
-    // Every metric has its HELP and TYPE.
+    // A policy reload is counted.
+    let reload = send(
+        &gw.client,
+        gw.gateway.admin_addr().unwrap(),
+        Method::POST,
+        "/admin/reload",
+        &[("authorization", "Bearer admin-token-for-tests")],
+        "",
+    )
+    .await;
+    assert_eq!(reload.status, StatusCode::OK);
+    let after = scrape(&gw).await;
+    let reloads = r#"callgate_policy_reloads_total{outcome="ok"}"#;
+    assert_eq!(value(&after, reloads) - value(&before, reloads), 1.0);
+
+    // Every metric is there (webhook deliveries once there was one) with its HELP and TYPE.
     for name in callgate::metrics::ALL {
-        if after.contains(&format!("\n{name}")) || after.starts_with(name) {
-            assert!(after.contains(&format!("# HELP {name} ")), "{name}");
-            assert!(after.contains(&format!("# TYPE {name} ")), "{name}");
+        if *name == callgate::metrics::WEBHOOK_DELIVERIES {
+            continue;
         }
+        assert!(after.contains(&format!("# HELP {name} ")), "{name}");
+        assert!(after.contains(&format!("# TYPE {name} ")), "{name}");
     }
     promtool_accepts(&after);
+}
+
+/// Every query of the Grafana dashboard names metrics callgate exports.
+#[test]
+fn the_dashboard_queries_exported_metrics() {
+    let text = std::fs::read_to_string(repo().join("docs/grafana/callgate.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut queries = Vec::new();
+    fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| collect(i, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut queries);
+    let names = regex::Regex::new(r"callgate_[a-z_]+").unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for query in &queries {
+        for found in names.find_iter(query) {
+            let name = found.as_str();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                callgate::metrics::ALL.contains(&base),
+                "{base} (in {query:?}) is not exported"
+            );
+            seen.insert(base.to_string());
+        }
+    }
+    // And the dashboard shows every one of them.
+    for name in callgate::metrics::ALL {
+        assert!(seen.contains(*name), "{name} is on no panel");
+    }
 }
 
 /// `promtool check metrics` (Debian's `prometheus` package; `.ci/run` installs it) exits 0.
