@@ -22,6 +22,7 @@ pub mod simulator;
 pub mod stack;
 pub mod stages;
 pub mod state;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

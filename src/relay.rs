@@ -260,7 +260,7 @@ impl Relay {
                         call_id = record.call_id.as_deref().unwrap_or(""),
                         "http.request.method" = "POST",
                     );
-                    tokio::spawn(
+                    crate::tasks::spawn(
                         async move { relay.deliver(&tenant, &url, body).await }.instrument(span),
                     );
                 }

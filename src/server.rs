@@ -94,6 +94,8 @@ pub struct Gateway {
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     background: JoinHandle<()>,
+    /// How long a shutdown waits for requests, then for the work they left behind.
+    grace: Duration,
 }
 
 /// The key for the redaction hash: configured, or random for this process.
@@ -349,6 +351,7 @@ impl Gateway {
             stop: stops,
             tasks,
             background,
+            grace: Duration::from_millis(settings.server.shutdown_grace_ms),
         })
     }
 
@@ -407,6 +410,15 @@ impl Gateway {
         }
         for task in self.tasks.drain(..) {
             let _ = task.await;
+        }
+        // The work requests left behind (the detached half of call requests whose clients
+        // left, binds, releases, idempotent answers, webhook deliveries): waited for, within
+        // the grace period.
+        if !crate::tasks::drain(self.grace).await {
+            tracing::warn!(
+                pending = crate::tasks::pending(),
+                "shutdown grace period over with background work unfinished"
+            );
         }
         self.background.abort();
         // Binds and idempotent answers are queued, not awaited, on the request path: make them

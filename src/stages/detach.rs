@@ -46,7 +46,7 @@ where
         // The detached part runs in the request's span: its log lines (admitted, bound,
         // released) carry the request id and tenant.
         let span = req.span.clone();
-        let task = tokio::spawn(self.inner.call(req).instrument(span));
+        let task = crate::tasks::spawn(self.inner.call(req).instrument(span));
         Box::pin(async move {
             task.await
                 .map_err(|e| GatewayError::Internal(format!("request task failed: {e}")))?

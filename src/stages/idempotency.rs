@@ -134,7 +134,7 @@ impl AsyncStage for IdempotencyContext {
                     // cannot give up now is given up in the background.
                     if ctx.store.idempotency_abandon(&tenant, &key).await.is_err() {
                         let store = ctx.store.clone();
-                        tokio::spawn(async move {
+                        crate::tasks::spawn(async move {
                             for attempt in 0..12u32 {
                                 tokio::time::sleep(Duration::from_millis(250 << attempt.min(4)))
                                     .await;
@@ -173,7 +173,7 @@ impl AsyncStage for IdempotencyContext {
             let complete = store
                 .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
                 .await;
-            tokio::spawn(async move {
+            crate::tasks::spawn(async move {
                 let mut outcome = match complete {
                     Ok(queued) => queued.await,
                     Err(e) => Err(e),

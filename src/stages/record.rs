@@ -90,7 +90,7 @@ impl AsyncStage for Record {
                     match bind {
                         Ok(bind) => {
                             tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
-                            tokio::spawn(async move {
+                            crate::tasks::spawn(async move {
                                 if let Err(e) = bind.await {
                                     tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
                                 }
@@ -98,7 +98,7 @@ impl AsyncStage for Record {
                         }
                         Err(e) => {
                             tracing::warn!(reservation = %id, call_id = %call_id, error = %e, "bind failed; retrying in the background");
-                            tokio::spawn(async move {
+                            crate::tasks::spawn(async move {
                                 for attempt in 0..12u32 {
                                     tokio::time::sleep(Duration::from_millis(
                                         250 << attempt.min(4),

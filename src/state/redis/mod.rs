@@ -645,7 +645,7 @@ impl Inner {
         if outcome == AdmitOutcome::Admitted {
             // Decided: the account slot no longer counts as deciding. Sent now, not waited for.
             let inner = self.clone();
-            tokio::spawn(async move {
+            crate::tasks::spawn(async move {
                 let _ = inner.account(&["confirm".into(), member]).await;
             });
         } else {
@@ -665,16 +665,19 @@ impl Inner {
             return;
         };
         let (inner, id) = (self.clone(), reservation_id.to_string());
-        handle.spawn(async move {
-            for attempt in 0..12u32 {
-                let release = inner.release(tenant.as_deref(), &id);
-                match tokio::time::timeout(inner.timeout, release).await {
-                    Ok(Ok(())) => return,
-                    _ => tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await,
+        crate::tasks::spawn_on(
+            async move {
+                for attempt in 0..12u32 {
+                    let release = inner.release(tenant.as_deref(), &id);
+                    match tokio::time::timeout(inner.timeout, release).await {
+                        Ok(Ok(())) => return,
+                        _ => tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await,
+                    }
                 }
-            }
-            tracing::error!(reservation = %id, "release failed; the slot lapses at its lease end");
-        });
+                tracing::error!(reservation = %id, "release failed; the slot lapses at its lease end");
+            },
+            &handle,
+        );
     }
 
     /// Release a reservation (of `tenant`, or found by its pointer): its tenant slot and hold if
@@ -838,7 +841,7 @@ impl StateStore for RedisStore {
         // timeout, a client gone): an admission nobody is told about is released.
         let inner = self.inner.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        crate::tasks::spawn(async move {
             let (tenant, rid) = (req.tenant.clone(), req.reservation_id.clone());
             let result = inner.admit(&req).await;
             if let Err(Ok(AdmitOutcome::Admitted)) = tx.send(result) {

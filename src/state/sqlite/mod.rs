@@ -303,11 +303,14 @@ impl StateStore for SqliteStore {
         let fut = self.release_op(reservation_id);
         let id = reservation_id.to_string();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::error!(reservation = %id, error = %e, "release failed");
-                }
-            });
+            crate::tasks::spawn_on(
+                async move {
+                    if let Err(e) = fut.await {
+                        tracing::error!(reservation = %id, error = %e, "release failed");
+                    }
+                },
+                &handle,
+            );
         }
     }
 

@@ -1,0 +1,46 @@
+//! Work that outlives the request that started it (the detached half of a call request, binds,
+//! releases, idempotent answers, webhook deliveries), tracked so that a graceful shutdown waits
+//! for it (bounded by `server.shutdown_grace_ms`) before the state store is flushed and the
+//! process exits.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+
+static TRACKER: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
+
+/// Spawn `future` on the current runtime, tracked.
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    TRACKER.spawn(future)
+}
+
+/// Spawn `future` on `handle`'s runtime, tracked.
+pub fn spawn_on<F>(future: F, handle: &tokio::runtime::Handle) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    TRACKER.spawn_on(future, handle)
+}
+
+/// Tracked work not finished yet.
+pub fn pending() -> usize {
+    TRACKER.len()
+}
+
+/// Wait up to `grace` for the tracked work to finish; whether it all did. New work may still be
+/// spawned meanwhile (a delivery's retry, a release) and is waited for too.
+pub async fn drain(grace: Duration) -> bool {
+    TRACKER.close();
+    let done = tokio::time::timeout(grace, TRACKER.wait()).await.is_ok();
+    // Reopen: in tests, several gateways share one process.
+    TRACKER.reopen();
+    done
+}
