@@ -124,6 +124,30 @@ impl GatewayError {
         }
     }
 
+    /// Every code [`GatewayError::code`] can answer (`docs/openapi.yaml` lists the same).
+    pub const CODES: &'static [&'static str] = &[
+        "payload_too_large",
+        "unsupported_media_type",
+        "unauthorized",
+        "invalid_request",
+        "invalid_phone_number",
+        "invalid_from_number",
+        "agent_not_found",
+        "destination_not_allowed",
+        "do_not_call",
+        "outside_calling_hours",
+        "method_not_allowed",
+        "rate_limit_exceeded",
+        "insufficient_credits",
+        "idempotency_conflict",
+        "not_found",
+        "upstream_unavailable",
+        "upstream_timeout",
+        "gateway_overloaded",
+        "state_unavailable",
+        "internal_error",
+    ];
+
     /// The stable machine-readable code in the envelope.
     pub fn code(&self) -> &'static str {
         use GatewayError::*;
