@@ -32,7 +32,7 @@ use crate::clock::SharedClock;
 use crate::config::Secret;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::Tenant;
-use crate::server::Reloader;
+use crate::reload::Reloader;
 use crate::stages::trace::TraceLayer;
 use crate::state::StateStore;
 

@@ -1,34 +1,31 @@
-//! Start-up, the accept loop and graceful shutdown.
+//! The composition root: start-up wiring and graceful shutdown. The accept loop is in
+//! [`crate::listen`], reloading in [`crate::reload`], the state store's opening in
+//! [`crate::state::open`].
 //!
 //! [`Gateway::start`] loads the policies, starts the built-in simulator when the config asks for
 //! it, binds the listener and serves [`crate::stack::app`] until [`Gateway::shutdown`]: then it
 //! stops accepting, lets in-flight requests finish (up to `server.shutdown_grace_ms`), and returns.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::calls::CallReader;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ConfigError, Secret, Settings, StateBackend, read_secret_file};
+use crate::config::{ConfigError, Secret, Settings, read_secret_file};
 use crate::lifecycle::Lifecycle;
 use crate::policy::{Policies, PolicyHandle};
 use crate::relay::Relay;
+pub use crate::reload::Reloader;
 use crate::simulator::Simulator;
 use crate::stack::{AppContext, app};
 use crate::stages::admission::{AdmissionContext, RateLimits, RequestRates};
 use crate::stages::idempotency::IdempotencyContext;
 use crate::stages::limits::BodyLimits;
-use crate::state::redis::{RedisOptions, RedisStore};
-use crate::state::sqlite::{SqliteOptions, SqliteStore};
 use crate::state::{StateStore, StoreError, Usage};
 use crate::tls::ReloadableTls;
 use crate::upstream::{ClientOptions, Upstream, build_client};
@@ -47,39 +44,6 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// Reloads what can change without a restart: the policies and the TLS certificates.
-pub struct Reloader {
-    pub policies: PolicyHandle,
-    policy_dir: PathBuf,
-    hash_key: Vec<u8>,
-    tls: Vec<Arc<ReloadableTls>>,
-}
-
-impl Reloader {
-    /// Reload the policies from disk; on any error the old policies stay in force.
-    pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let policies = Policies::load(&self.policy_dir, &self.hash_key);
-        crate::metrics::reload(policies.is_ok());
-        let policies = policies?;
-        let count = policies.tenants.len();
-        self.policies.replace(policies);
-        Ok(count)
-    }
-
-    /// Reload every listener's certificate for new connections (open ones carry on); on error
-    /// the old certificates stay. Returns how many were reloaded.
-    pub fn reload_tls(&self) -> Result<usize, ConfigError> {
-        // Read them all before swapping any, so a bad file changes nothing.
-        for tls in &self.tls {
-            tls.check()?;
-        }
-        for tls in &self.tls {
-            tls.reload()?;
-        }
-        Ok(self.tls.len())
-    }
 }
 
 /// A running gateway.
@@ -162,28 +126,10 @@ impl Gateway {
             })?;
             (settings.upstream.url.clone(), key, None)
         };
-        let (store, rate_limits): (Arc<dyn StateStore>, RequestRates) = match settings.state.backend
-        {
-            StateBackend::Sqlite => (
-                Arc::new(SqliteStore::open_with(
-                    &settings.state.path,
-                    SqliteOptions {
-                        synchronous: settings.state.synchronous,
-                        queue_capacity: settings.state.queue_capacity,
-                    },
-                )?),
-                RequestRates::Local(RateLimits::new(clock.clone())),
-            ),
-            StateBackend::Redis => {
-                let store = RedisStore::open(RedisOptions {
-                    url: settings.state.redis_url.clone().unwrap_or_default(),
-                    cluster: settings.state.redis_cluster,
-                    prefix: settings.state.redis_prefix.clone(),
-                    timeout: Duration::from_millis(settings.state.redis_timeout_ms),
-                })?;
-                let rates = RequestRates::Shared(store.rate_limits());
-                (Arc::new(store), rates)
-            }
+        let (store, shared_rates) = crate::state::open(&settings.state)?;
+        let rate_limits = match shared_rates {
+            Some(shared) => RequestRates::Shared(shared),
+            None => RequestRates::Local(RateLimits::new(clock.clone())),
         };
         let client_options = ClientOptions::from_settings(&settings.upstream)?;
         let client = build_client(&client_options);
@@ -280,7 +226,7 @@ impl Gateway {
         let (stop, stopped) = oneshot::channel();
         let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
-        let task = tokio::spawn(serve(
+        let task = tokio::spawn(crate::listen::serve(
             listener,
             service,
             tls.clone(),
@@ -329,7 +275,7 @@ impl Gateway {
                 });
             let (admin_stop, admin_stopped) = oneshot::channel();
             stops.push(admin_stop);
-            tasks.push(tokio::spawn(serve(
+            tasks.push(tokio::spawn(crate::listen::serve(
                 admin_listener,
                 service,
                 admin_tls,
@@ -426,86 +372,5 @@ impl Gateway {
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "state store: flush at shutdown failed");
         }
-    }
-}
-
-async fn serve(
-    listener: TcpListener,
-    service: tower::util::BoxCloneService<
-        http::Request<hyper::body::Incoming>,
-        http::Response<crate::error::Body>,
-        std::convert::Infallible,
-    >,
-    tls: Option<Arc<ReloadableTls>>,
-    header_timeout: Duration,
-    grace: Duration,
-    mut stopped: oneshot::Receiver<()>,
-) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(service.clone());
-                match &tls {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                    }
-                    Some(tls) => {
-                        // The handshake runs in the connection's task, bounded like a header
-                        // read, so a slow client cannot stall the accept loop.
-                        let acceptor = tls.acceptor();
-                        let watcher = graceful.watcher();
-                        let builder = builder.clone();
-                        tokio::spawn(async move {
-                            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                    }
-                }
-            }
-            _ = &mut stopped => break,
-        }
-    }
-    drop(listener);
-    tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period elapsed with connections still open");
     }
 }

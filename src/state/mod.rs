@@ -445,6 +445,42 @@ pub trait StateStore: Send + Sync + 'static {
 
 pub use accounting::charge_for;
 
+/// Open the configured backend: the store, and for a shared one its request-rate limits (one
+/// allowance across replicas).
+pub fn open(
+    settings: &crate::config::StateSettings,
+) -> Result<
+    (
+        std::sync::Arc<dyn StateStore>,
+        Option<redis::SharedRateLimits>,
+    ),
+    StoreError,
+> {
+    use crate::config::StateBackend;
+    Ok(match settings.backend {
+        StateBackend::Sqlite => {
+            let store = sqlite::SqliteStore::open_with(
+                &settings.path,
+                sqlite::SqliteOptions {
+                    synchronous: settings.synchronous,
+                    queue_capacity: settings.queue_capacity,
+                },
+            )?;
+            (std::sync::Arc::new(store), None)
+        }
+        StateBackend::Redis => {
+            let store = redis::RedisStore::open(redis::RedisOptions {
+                url: settings.redis_url.clone().unwrap_or_default(),
+                cluster: settings.redis_cluster,
+                prefix: settings.redis_prefix.clone(),
+                timeout: std::time::Duration::from_millis(settings.redis_timeout_ms),
+            })?;
+            let rates = store.rate_limits();
+            (std::sync::Arc::new(store), Some(rates))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
