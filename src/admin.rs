@@ -4,8 +4,14 @@
 //! ```text
 //! GET  /admin/tenants              every tenant with its limits and budget terms
 //! GET  /admin/tenants/{id}/usage   slots, holds, spend and what is left of the budget now
+//! POST /admin/tenants/{id}/budget  {"top_up": N} or {"adjust_spent": D}, "reason": "..."
+//!                                  the tenant's spend this period, adjusted; its usage after
+//! POST /admin/calls/{id}/release   {"tenant": "...", "charge": N, "reason": "..."}
+//!                                  a stuck call settled now at the stated charge
 //! POST /admin/reload               reload the policies and TLS certificates
 //! ```
+//!
+//! Every change is written to the audit log (target `audit`) with its reason.
 //!
 //! Every request needs `Authorization: Bearer <admin token>`; the token is compared by its
 //! SHA-256 digest in constant time. Except, at the root, what Prometheus and a load balancer
@@ -46,9 +52,11 @@ pub struct AdminContext {
 }
 
 /// The admin service, with the same request ids and error envelope as the tenant API.
-pub fn admin_app<B: Send + 'static>(
-    ctx: AdminContext,
-) -> BoxCloneService<Request<B>, Response<Body>, Infallible> {
+pub fn admin_app<B>(ctx: AdminContext) -> BoxCloneService<Request<B>, Response<Body>, Infallible>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     ServiceBuilder::new()
         .layer(TraceLayer::default())
         .service(AdminRouter(Arc::new(ctx)))
@@ -94,6 +102,51 @@ fn tenant_view(t: &Tenant) -> serde_json::Value {
     })
 }
 
+/// An operator's action: `/admin/tenants/{id}/budget` or `/admin/calls/{id}/release`.
+enum Action<'a> {
+    Budget(&'a str),
+    Release(&'a str),
+}
+
+fn action_target(path: &str) -> Option<Action<'_>> {
+    fn id(p: Option<&str>) -> Option<&str> {
+        p.filter(|id| !id.is_empty() && !id.contains('/'))
+    }
+    if let Some(id) = id(path
+        .strip_prefix("/admin/tenants/")
+        .and_then(|p| p.strip_suffix("/budget")))
+    {
+        return Some(Action::Budget(id));
+    }
+    id(path
+        .strip_prefix("/admin/calls/")
+        .and_then(|p| p.strip_suffix("/release")))
+    .map(Action::Release)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetChange {
+    top_up: Option<i64>,
+    adjust_spent: Option<i64>,
+    reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StuckCall {
+    tenant: String,
+    charge: i64,
+    reason: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    serde_json::from_slice(body).map_err(|e| GatewayError::InvalidRequest {
+        message: format!("the body is not what this action takes: {e}"),
+        param: None,
+    })
+}
+
 /// The tenant id in `/admin/tenants/{id}/usage`, if `path` is one (a non-empty id, no `/`).
 fn usage_tenant(path: &str) -> Option<&str> {
     path.strip_prefix("/admin/tenants/")?
@@ -102,6 +155,93 @@ fn usage_tenant(path: &str) -> Option<&str> {
 }
 
 impl AdminContext {
+    /// An operator's change, written to the audit log.
+    async fn act(&self, path: &str, body: &[u8]) -> Result<Response<Body>, GatewayError> {
+        let policies = self.reloader.policies.current();
+        let now = self.clock.now().as_microsecond();
+        match action_target(path) {
+            Some(Action::Budget(id)) => {
+                let tenant = policies
+                    .tenants
+                    .get(id)
+                    .ok_or(GatewayError::NotFound("no such tenant"))?;
+                let change: BudgetChange = parse(body)?;
+                let delta = match (change.top_up, change.adjust_spent) {
+                    (Some(n), None) if n > 0 => -n,
+                    (None, Some(d)) if d != 0 => d,
+                    _ => {
+                        return Err(GatewayError::invalid(
+                            "/top_up",
+                            "give either a positive top_up or a non-zero adjust_spent",
+                        ));
+                    }
+                };
+                if change.reason.trim().is_empty() {
+                    return Err(GatewayError::invalid("/reason", "a reason is required"));
+                }
+                let terms = tenant
+                    .budget
+                    .credits
+                    .map(|credits| crate::state::BudgetTerms {
+                        credits,
+                        period: tenant.budget.period,
+                        timezone: tenant.budget.timezone.clone(),
+                    });
+                let usage = self.store.adjust_spend(id, terms, delta, now).await?;
+                tracing::warn!(
+                    target: "audit",
+                    tenant = %id,
+                    spent_delta = delta,
+                    spent = usage.spent,
+                    reason = %change.reason,
+                    "admin: budget adjusted for the current period"
+                );
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"tenant": id, "spent": usage.spent, "holds": usage.holds, "slots": usage.slots,
+                            "available": tenant.budget.credits.map(|c| c - usage.spent - usage.holds)}),
+                ))
+            }
+            Some(Action::Release(call_id)) => {
+                let stuck: StuckCall = parse(body)?;
+                if stuck.charge < 0 {
+                    return Err(GatewayError::invalid(
+                        "/charge",
+                        "the charge cannot be negative",
+                    ));
+                }
+                if stuck.reason.trim().is_empty() {
+                    return Err(GatewayError::invalid("/reason", "a reason is required"));
+                }
+                if !policies.tenants.contains_key(&stuck.tenant) {
+                    return Err(GatewayError::NotFound("no such tenant"));
+                }
+                let (record, settled) = self
+                    .store
+                    .settle_stated(&stuck.tenant, call_id, stuck.charge, now)
+                    .await?
+                    .ok_or(GatewayError::NotFound("no such call"))?;
+                if settled {
+                    crate::metrics::settled(&record);
+                }
+                tracing::warn!(
+                    target: "audit",
+                    tenant = %stuck.tenant,
+                    call_id,
+                    charged = record.charged,
+                    settled,
+                    reason = %stuck.reason,
+                    "admin: stuck call released"
+                );
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"settled": settled, "call": record.public_view(), "charged": record.charged}),
+                ))
+            }
+            None => Err(GatewayError::NotFound("no such route")),
+        }
+    }
+
     async fn route(&self, method: Method, path: &str) -> Result<Response<Body>, GatewayError> {
         let policies = self.reloader.policies.current();
         let usage_of = usage_tenant(path);
@@ -195,12 +335,19 @@ impl AdminContext {
             (_, "/admin/tenants") => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
             (_, "/admin/reload") => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
             (_, _) if usage_of.is_some() => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
+            (_, p) if action_target(p).is_some() => {
+                Err(GatewayError::MethodNotAllowed { allow: "POST" })
+            }
             _ => Err(GatewayError::NotFound("no such route")),
         }
     }
 }
 
-impl<B: Send + 'static> Service<Request<B>> for AdminRouter {
+impl<B> Service<Request<B>> for AdminRouter
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = crate::stages::StageFuture;
@@ -221,6 +368,14 @@ impl<B: Send + 'static> Service<Request<B>> for AdminRouter {
         };
         Box::pin(async move {
             auth?;
+            if method == Method::POST && action_target(&path).is_some() {
+                let limits = crate::stages::limits::BodyLimits {
+                    max_bytes: 16 * 1024,
+                    read_timeout: std::time::Duration::from_secs(10),
+                };
+                let body = crate::stages::limits::read_body(req.into_body(), limits).await?;
+                return ctx.act(&path, &body).await;
+            }
             ctx.route(method, &path).await
         })
     }

@@ -122,6 +122,8 @@ fn the_headers_and_routes_are_documented() {
         "/metrics:",
         "/admin/tenants:",
         "/admin/tenants/{id}/usage:",
+        "/admin/tenants/{id}/budget:",
+        "/admin/calls/{id}/release:",
         "/admin/reload:",
     ] {
         assert!(text.contains(&format!("\n  {route}")), "{route}");

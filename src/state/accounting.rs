@@ -40,6 +40,8 @@ pub enum Ending {
     Final { duration: Option<i64> },
     /// The lease ran out with no word from the upstream: the call may have run to its limit.
     Expired,
+    /// An operator ended it (a stuck call released by the admin API) at a stated charge.
+    Stated { charge: i64 },
 }
 
 /// Credits charged for `duration` seconds: started increments times the price, capped by the hold.
@@ -53,6 +55,7 @@ pub fn charge_for(duration: i64, increment_secs: i64, price: i64, hold: i64) -> 
 pub fn settlement_charge(ending: Ending, pricing: Pricing, hold: i64) -> i64 {
     match ending {
         Ending::Expired => hold,
+        Ending::Stated { charge } => charge.max(0),
         Ending::Final { duration } => charge_for(
             duration.unwrap_or(0),
             pricing.increment_secs,
@@ -299,6 +302,26 @@ impl Ledger {
     pub fn settle(&mut self, tenant: &str, hold: i64, spend: Spend) {
         self.release(tenant, hold);
         self.book_mut(tenant).spend = spend;
+    }
+
+    /// Adjust a tenant's spend in its current period (under `terms`, when it has a budget) by
+    /// `delta` credits: negative tops the budget up, positive charges it. Returns the spend to
+    /// record.
+    pub fn adjust_spend(
+        &mut self,
+        tenant: &str,
+        terms: Option<&BudgetTerms>,
+        delta: i64,
+        now: i64,
+    ) -> Spend {
+        let book = self.book_mut(tenant);
+        let mut spend = match terms {
+            Some(terms) => book.spend.under(terms).at(now),
+            None => book.spend.at(now),
+        };
+        spend.spent += delta;
+        book.spend = spend.clone();
+        spend
     }
 
     /// A tenant's usage as of `now`.

@@ -396,6 +396,25 @@ pub trait StateStore: Send + Sync + 'static {
         object: Option<Value>,
         now: i64,
     ) -> StoreFuture<'static, Option<(CallRecord, bool)>>;
+    /// Release a stuck call of a tenant (found by its upstream id) by settling it now at a
+    /// stated charge: the call as it is now and whether this settled it (`false`: it had already
+    /// ended); `None` if the tenant has no such call.
+    fn settle_stated(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        charge: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>>;
+    /// Adjust a tenant's spend in its current budget period by `delta` credits (negative: a top
+    /// up); returns its usage after.
+    fn adjust_spend(
+        &self,
+        tenant: &str,
+        terms: Option<BudgetTerms>,
+        delta: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Usage>;
     /// Settle every call whose lease ended by `now` at its full hold; returns them.
     fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>>;
     /// Live calls bound to an upstream id and not updated since `quiet_since`.

@@ -709,6 +709,52 @@ pub async fn free_calls_and_a_budget_made_fixed(b: &impl Backend) {
     consistent(&store, tomorrow).await;
 }
 
+pub async fn an_operator_releases_a_stuck_call_and_tops_up_a_budget(b: &impl Backend) {
+    let store = b.open();
+    let terms = budget(100, Period::Daily);
+    let mut req = request("a", "r0", 10);
+    req.budget = terms.clone();
+    admit_and_bind(&store, req, "c0").await;
+    // Released by an operator at a stated charge: settled once, and only the tenant's own call.
+    assert!(
+        store
+            .settle_stated("b", "c0", 3, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (record, settled) = store
+        .settle_stated("a", "c0", 3, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(settled);
+    assert_eq!(
+        (record.status.as_str(), record.charged, record.live),
+        ("released", 3, false)
+    );
+    let (_, again) = store
+        .settle_stated("a", "c0", 9, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again);
+    assert_eq!(counters(&store, "a", NOW).await, usage(0, 0, 3));
+    // A top-up of 20 this period: the budget holds a call of 110 now.
+    let topped = store
+        .adjust_spend("a", terms.clone(), -20, NOW)
+        .await
+        .unwrap();
+    assert_eq!(topped.spent, -17);
+    let mut req = request("a", "r1", 110);
+    req.budget = terms.clone();
+    assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 110, -17));
+    let charged = store.adjust_spend("a", terms, 7, NOW).await.unwrap();
+    assert_eq!((charged.slots, charged.holds, charged.spent), (1, 110, -10));
+    consistent(&store, NOW).await;
+}
+
 /// One `#[tokio::test]` per case, for the backend `$backend` (an expression of a [`Backend`]).
 #[macro_export]
 macro_rules! conformance_suite {
@@ -731,6 +777,7 @@ macro_rules! conformance_suite {
             idempotency_keys_answer_once,
             issued_relay_tokens_find_their_call,
             free_calls_and_a_budget_made_fixed,
+            an_operator_releases_a_stuck_call_and_tops_up_a_budget,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

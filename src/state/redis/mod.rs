@@ -86,6 +86,7 @@ struct Scripts {
     bind: Script,
     release: Script,
     event: Script,
+    adjust: Script,
     expire: Script,
     read: Script,
     idempotency: Script,
@@ -109,6 +110,7 @@ impl Scripts {
             bind: tenant_script!("bind.lua"),
             release: tenant_script!("release.lua"),
             event: tenant_script!("event.lua"),
+            adjust: tenant_script!("adjust.lua"),
             expire: tenant_script!("expire.lua"),
             read: tenant_script!("read.lua"),
             idempotency: tenant_script!("idempotency.lua"),
@@ -191,6 +193,15 @@ fn store_error(e: RedisError) -> StoreError {
         | ErrorKind::Extension => StoreError::Backend(format!("redis: {e}")),
         _ => StoreError::Unavailable(format!("redis: {e}")),
     }
+}
+
+/// How an event finds its call.
+#[derive(Clone, Copy)]
+enum FoundBy<'a> {
+    /// By the reservation id its relay token names.
+    Reservation(&'a str),
+    /// By the upstream's call id.
+    CallId(&'a str),
 }
 
 /// The bounds of the period containing `now` for a budget's terms, as script arguments.
@@ -711,17 +722,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Apply an event to a call found by reservation id (`relay`) or call id (`upstream`).
+    /// Apply an event to a call found by reservation id (relayed) or call id (the upstream's
+    /// view).
     async fn event(
         &self,
         tenant: &str,
-        mode: &str,
-        key: &str,
+        found_by: FoundBy<'_>,
         event: &CallEvent,
         object: Option<&Json>,
         now: i64,
+        stated: Option<i64>,
     ) -> Result<EventOutcome, StoreError> {
         let object = object.map(Json::to_string).unwrap_or_default();
+        let (mode, key) = match found_by {
+            FoundBy::Reservation(id) => ("relay", id),
+            FoundBy::CallId(id) => ("upstream", id),
+        };
         let args = |hint: &Option<Hint>| {
             let mut a: Vec<Vec<u8>> = vec![
                 mode.as_bytes().to_vec(),
@@ -738,6 +754,12 @@ impl Inner {
                 now.to_string().into_bytes(),
             ];
             Hint::push(hint, &mut a);
+            a.push(
+                stated
+                    .map(|c| c.to_string())
+                    .unwrap_or_default()
+                    .into_bytes(),
+            );
             a
         };
         let reply = self
@@ -958,7 +980,14 @@ impl StateStore for RedisStore {
                 return Ok(EventOutcome::UnknownToken);
             }
             inner
-                .event(&tenant, "relay", &token.reservation_id, &event, None, now)
+                .event(
+                    &tenant,
+                    FoundBy::Reservation(&token.reservation_id),
+                    &event,
+                    None,
+                    now,
+                    None,
+                )
                 .await
         })
     }
@@ -974,12 +1003,76 @@ impl StateStore for RedisStore {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
         self.op(move |inner| async move {
             let outcome = inner
-                .event(&tenant, "upstream", &call_id, &event, object.as_ref(), now)
+                .event(
+                    &tenant,
+                    FoundBy::CallId(&call_id),
+                    &event,
+                    object.as_ref(),
+                    now,
+                    None,
+                )
                 .await?;
             Ok(match outcome {
                 EventOutcome::Applied { record, settled } => Some((*record, settled)),
                 _ => None,
             })
+        })
+    }
+
+    fn settle_stated(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        charge: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
+        let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
+        self.op(move |inner| async move {
+            let event = CallEvent {
+                call_id: Some(call_id.clone()),
+                status: "released".into(),
+                duration: None,
+                is_final: true,
+            };
+            let outcome = inner
+                .event(
+                    &tenant,
+                    FoundBy::CallId(&call_id),
+                    &event,
+                    None,
+                    now,
+                    Some(charge),
+                )
+                .await?;
+            Ok(match outcome {
+                EventOutcome::Applied { record, settled } => Some((*record, settled)),
+                _ => None,
+            })
+        })
+    }
+
+    fn adjust_spend(
+        &self,
+        tenant: &str,
+        terms: Option<BudgetTerms>,
+        delta: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Usage> {
+        let tenant = tenant.to_string();
+        let store = self.clone();
+        self.op(move |inner| async move {
+            inner.note_tenant(&tenant).await?;
+            let hint = terms
+                .as_ref()
+                .and_then(|t| Hint::for_terms(t.period, &t.timezone, now));
+            inner
+                .with_bounds(&inner.scripts.adjust, &tenant, now, hint, |hint| {
+                    let mut a = vec![delta.to_string().into_bytes(), now.to_string().into_bytes()];
+                    Hint::push(hint, &mut a);
+                    a
+                })
+                .await?;
+            store.usage(&tenant, now).await
         })
     }
 

@@ -172,7 +172,7 @@ fn settle(
     let charge = accounting::settlement_charge(ending, pricing, record.hold);
     let duration = match ending {
         Ending::Final { duration } => duration,
-        Ending::Expired => None,
+        Ending::Expired | Ending::Stated { .. } => None,
     };
     let spend = ledger.spend_after(&record.tenant, charge, now);
     queries::store_spend(conn, &record.tenant, &spend)?;
@@ -372,6 +372,46 @@ impl StateStore for SqliteStore {
             let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
                 .map(|r| (r.0, settled));
             Ok((record, When::Committed))
+        }))
+    }
+
+    fn settle_stated(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        charge: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
+        let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
+                .filter(|(record, _)| record.tenant == tenant)
+            else {
+                return Ok((None, When::Now));
+            };
+            if !record.live {
+                return Ok((Some((record, false)), When::Now));
+            }
+            let ending = Ending::Stated { charge };
+            settle(conn, ledger, &record, pricing, "released", ending, now)?;
+            let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+                .map(|r| (r.0, true));
+            Ok((record, When::Committed))
+        }))
+    }
+
+    fn adjust_spend(
+        &self,
+        tenant: &str,
+        terms: Option<BudgetTerms>,
+        delta: i64,
+        now: i64,
+    ) -> StoreFuture<'static, Usage> {
+        let tenant = tenant.to_string();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
+            let spend = ledger.adjust_spend(&tenant, terms.as_ref(), delta, now);
+            queries::store_spend(conn, &tenant, &spend)?;
+            Ok((ledger.usage(&tenant, now), When::Committed))
         }))
     }
 

@@ -2,7 +2,8 @@
 -- its call id). The first ending counts: a settled call only learns its object and call id.
 -- ARGV: 1 prefix, 2 'relay' | 'upstream', 3 reservation id | call id, 4 call id named by the
 -- event ('' if none), 5 status, 6 duration ('' if none), 7 final ('1'/'0'), 8 call object (JSON,
--- '' if none), 9 now, 10..13 budget terms hint ('' if none).
+-- '' if none), 9 now, 10..13 budget terms hint ('' if none), 14 a stated charge that overrides
+-- the computed one (an operator releasing a stuck call; '' if none).
 -- Returns {'unknown'} | {'mismatch'} | {'bounds', period, tz} | {'applied', settled, rid, record}.
 local rid
 if ARGV[2] == 'upstream' then
@@ -42,6 +43,7 @@ if live then
     if ARGV[6] ~= '' then duration = tonumber(ARGV[6]) end
     local charge = charge_for(duration or 0, tonumber(cur[4]) or 60, tonumber(cur[5]) or 0,
       tonumber(cur[3]) or 0)
+    if ARGV[14] and ARGV[14] ~= '' then charge = math.max(0, tonumber(ARGV[14])) end
     settle(rid, ARGV[5], charge, duration, now, s)
     settled = 1
   else
