@@ -124,7 +124,8 @@ async fn start(upstream: &str, otlp: SocketAddr) -> Gateway {
     let tenant = tenant_file(
         "traced",
         KEY,
-        "[webhooks]\nallowed_hosts = [\"127.0.0.1\"]\nallow_http = true\nsecret = \"whsec_test_traces\"\n",
+        "[webhooks]\nallowed_hosts = [\"127.0.0.1\"]\nallow_http = true\nsecret = \"whsec_test_traces\"\n\
+         [limits]\nrequests_per_minute = 2\nburst = 2\n",
     );
     std::fs::write(policies.join("tenants").join("traced.toml"), tenant).unwrap();
     let addr = free_addr();
@@ -249,6 +250,16 @@ async fn every_call_request_is_one_trace_and_nothing_personal_is_in_it() {
     )
     .await;
     assert_eq!(continued.status, StatusCode::OK);
+    // Denied at admission: the two admitted calls used the burst (the denials above never
+    // reached it).
+    let limited = post(
+        gw.addr,
+        KEY,
+        json!({"phone_number": number, "agent_id": "agent_abc123"}),
+        &[],
+    )
+    .await;
+    assert_eq!(limited.code(), "rate_limit_exceeded");
 
     // The first call's events reach the relay (and the tenant's webhook) once it ends.
     hook.wait_for(1, Duration::from_secs(10)).await;
@@ -293,7 +304,7 @@ async fn every_call_request_is_one_trace_and_nothing_personal_is_in_it() {
         .collect();
     assert_eq!(
         server.len(),
-        2 + denials.len(),
+        3 + denials.len(),
         "one server span per call request"
     );
 
@@ -388,6 +399,18 @@ async fn every_call_request_is_one_trace_and_nothing_personal_is_in_it() {
         );
         assert_eq!(attr(span, "decision").as_deref(), Some("denied"));
     }
+
+    let limited = server
+        .iter()
+        .find(|s| attr(s, "code").as_deref() == Some("rate_limit_exceeded"))
+        .expect("the rate-limited request's server span");
+    assert_eq!(attr(limited, "stage").as_deref(), Some("admission"));
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.trace_id == limited.trace_id && s.name == "admission"),
+        "its admission span"
+    );
 
     // The client's trace was continued: same trace id, its span as the parent.
     let continued = server
