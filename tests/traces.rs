@@ -405,6 +405,15 @@ async fn every_call_request_is_one_trace_and_nothing_personal_is_in_it() {
         .find(|s| attr(s, "code").as_deref() == Some("rate_limit_exceeded"))
         .expect("the rate-limited request's server span");
     assert_eq!(attr(limited, "stage").as_deref(), Some("admission"));
+    assert_eq!(
+        attr(limited, "rule").as_deref(),
+        Some("limits.requests_per_minute")
+    );
+    let agent = server
+        .iter()
+        .find(|s| attr(s, "code").as_deref() == Some("agent_not_found"))
+        .unwrap();
+    assert_eq!(attr(agent, "rule").as_deref(), Some("agents.allow"));
     assert!(
         spans
             .iter()

@@ -187,8 +187,9 @@ impl AsyncStage for AdmissionContext {
     {
         Box::pin(async move {
             let ctx = self;
-            let refuse = |span: &tracing::Span, e: GatewayError| {
+            let refuse = |span: &tracing::Span, rule: &'static str, e: GatewayError| {
                 span.record("stage", "admission");
+                span.record("rule", rule);
                 e
             };
             let tenant = req.tenant()?.clone();
@@ -200,6 +201,7 @@ impl AsyncStage for AdmissionContext {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(refuse(
                     &req.span,
+                    "limits.requests_per_minute",
                     GatewayError::RateLimitExceeded {
                         message: format!(
                             "request rate limit of {} per minute exceeded",
@@ -246,6 +248,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::TenantSlotsFull { limit } => {
                     return Err(refuse(
                         &req.span,
+                        "limits.max_concurrent_calls",
                         GatewayError::RateLimitExceeded {
                             message: format!(
                                 "concurrency limit of {limit} calls in flight reached"
@@ -257,6 +260,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::AccountSlotsFull { limit } => {
                     return Err(refuse(
                         &req.span,
+                        "admission.account_max_concurrent_calls",
                         GatewayError::RateLimitExceeded {
                             message: format!(
                                 "the shared account's limit of {limit} calls in flight is reached"
@@ -268,6 +272,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::InsufficientCredits { needed, available } => {
                     return Err(refuse(
                         &req.span,
+                        "budget.credits",
                         GatewayError::InsufficientCredits(format!(
                             "the call may cost up to {needed} credits; {available} are available"
                         )),

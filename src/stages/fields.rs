@@ -111,7 +111,21 @@ impl Stage for FieldPolicy {
 
     fn apply(&self, req: &mut CallRequest) -> Result<(), GatewayError> {
         let (tenant, call) = req.parts_mut()?;
-        apply_field_policy(tenant, call)
+        let refused = apply_field_policy(tenant, call);
+        if let Err(e) = &refused {
+            // Each field has one rule of the tenant's policy.
+            let rule = match e.param().unwrap_or("") {
+                "/from_number" => "numbers.from_allow",
+                "/agent_id" => "agents.allow",
+                "/max_duration" => "max_duration",
+                "/record" => "record",
+                "/webhook_url" => "webhooks",
+                p if p.starts_with("/metadata") => "metadata",
+                _ => "fields",
+            };
+            req.span.record("rule", rule);
+        }
+        refused
     }
 }
 

@@ -21,25 +21,31 @@ fn parse(value: &str, param: &str) -> Result<Number, GatewayError> {
     })
 }
 
-/// Whether the tenant may call `to` at `now`.
+/// Whether the tenant may call `to` at `now`; a refusal names the policy rule that refused.
 pub fn check_destination(
     tenant: &Tenant,
     to: &Number,
     now: jiff::Timestamp,
-) -> Result<(), GatewayError> {
+) -> Result<(), (&'static str, GatewayError)> {
     let d = &tenant.destinations;
     let region = to.region.as_deref().unwrap_or("001");
     if let Some(allow) = &d.countries_allow
         && !allow.contains(region)
     {
-        return Err(GatewayError::DestinationNotAllowed(format!(
-            "calls to region {region} are not allowed"
-        )));
+        return Err((
+            "destinations.countries_allow",
+            GatewayError::DestinationNotAllowed(format!(
+                "calls to region {region} are not allowed"
+            )),
+        ));
     }
     if d.countries_deny.contains(region) {
-        return Err(GatewayError::DestinationNotAllowed(format!(
-            "calls to region {region} are not allowed"
-        )));
+        return Err((
+            "destinations.countries_deny",
+            GatewayError::DestinationNotAllowed(format!(
+                "calls to region {region} are not allowed"
+            )),
+        ));
     }
     let kind = to.number_type;
     let type_allowed = d
@@ -48,27 +54,33 @@ pub fn check_destination(
         .is_none_or(|allow| allow.contains(&kind))
         && !d.number_types_deny.contains(&kind);
     if !type_allowed {
-        return Err(GatewayError::DestinationNotAllowed(format!(
-            "calls to {} numbers are not allowed",
-            kind.as_str()
-        )));
+        return Err((
+            "destinations.number_types",
+            GatewayError::DestinationNotAllowed(format!(
+                "calls to {} numbers are not allowed",
+                kind.as_str()
+            )),
+        ));
     }
     if let Some(prefix) = d
         .prefixes_deny
         .iter()
         .find(|p| to.e164.starts_with(p.as_str()))
     {
-        return Err(GatewayError::DestinationNotAllowed(format!(
-            "calls to numbers starting {prefix} are not allowed"
-        )));
+        return Err((
+            "destinations.prefixes_deny",
+            GatewayError::DestinationNotAllowed(format!(
+                "calls to numbers starting {prefix} are not allowed"
+            )),
+        ));
     }
     if d.do_not_call.iter().any(|list| list.contains(&to.e164)) {
-        return Err(GatewayError::DoNotCall);
+        return Err(("destinations.do_not_call", GatewayError::DoNotCall));
     }
     if let Some(hours) = &tenant.hours {
         hours
             .check(now, phone::time_zones(&to.e164))
-            .map_err(GatewayError::OutsideCallingHours)?;
+            .map_err(|e| ("hours", GatewayError::OutsideCallingHours(e)))?;
     }
     Ok(())
 }
@@ -93,7 +105,10 @@ impl Stage for PhonePolicy {
                 other => other,
             })?;
         }
-        check_destination(tenant, &to, self.clock.now())?;
+        check_destination(tenant, &to, self.clock.now()).map_err(|(rule, e)| {
+            req.span.record("rule", rule);
+            e
+        })?;
         req.destination = Some(to);
         Ok(())
     }
@@ -110,7 +125,7 @@ mod tests {
 
     fn code(tenant: &Tenant, number: &str, now: jiff::Timestamp) -> Result<(), &'static str> {
         let n = phone::parse_e164(number).unwrap();
-        check_destination(tenant, &n, now).map_err(|e| e.code())
+        check_destination(tenant, &n, now).map_err(|(_, e)| e.code())
     }
 
     #[test]

@@ -134,6 +134,7 @@ where
             destination = tracing::field::Empty,
             decision = tracing::field::Empty,
             stage = tracing::field::Empty,
+            rule = tracing::field::Empty,
             reason = tracing::field::Empty,
             call_id = tracing::field::Empty,
             status = tracing::field::Empty,
