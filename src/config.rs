@@ -249,8 +249,12 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Deepest accepted JSON nesting (objects and arrays).
     pub max_json_depth: usize,
-    /// Time a client has to send its request headers.
+    /// Time a client has to send a request's headers, from their first byte.
     pub header_read_timeout_ms: u64,
+    /// Time an idle keep-alive connection is kept open between requests; longer than
+    /// `header_read_timeout_ms`, so that a peer reusing a pooled connection (the upstream
+    /// sending call events) does not race the gateway closing it.
+    pub keepalive_idle_timeout_ms: u64,
     /// Time a client has to send its whole body.
     pub body_read_timeout_ms: u64,
     /// Time allowed for in-flight requests to finish on shutdown.
@@ -275,6 +279,7 @@ impl Default for ServerSettings {
             max_body_bytes: 64 * 1024,
             max_json_depth: 16,
             header_read_timeout_ms: 10_000,
+            keepalive_idle_timeout_ms: 75_000,
             body_read_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             tls: None,
@@ -637,6 +642,12 @@ impl Settings {
                     "state.redis_prefix must be a non-empty word without braces, and state.redis_timeout_ms positive".into(),
                 ));
             }
+        }
+        if self.server.keepalive_idle_timeout_ms <= self.server.header_read_timeout_ms {
+            return Err(at(
+                "keepalive_idle_timeout_ms",
+                "server.keepalive_idle_timeout_ms must be longer than server.header_read_timeout_ms".into(),
+            ));
         }
         if self.server.max_body_bytes == 0 || self.server.max_json_depth == 0 {
             return Err(at(

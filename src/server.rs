@@ -224,13 +224,16 @@ impl Gateway {
             settings.state.sweep_interval_ms.max(10),
         ));
         let (stop, stopped) = oneshot::channel();
-        let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
+        let timeouts = crate::listen::Timeouts {
+            header_read: Duration::from_millis(settings.server.header_read_timeout_ms),
+            keepalive_idle: Duration::from_millis(settings.server.keepalive_idle_timeout_ms),
+        };
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
         let task = tokio::spawn(crate::listen::serve(
             listener,
             service,
             tls.clone(),
-            header_timeout,
+            timeouts,
             grace,
             stopped,
         ));
@@ -279,7 +282,7 @@ impl Gateway {
                 admin_listener,
                 service,
                 admin_tls,
-                header_timeout,
+                timeouts,
                 grace,
                 admin_stopped,
             )));

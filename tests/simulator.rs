@@ -187,3 +187,97 @@ async fn talk_time_is_capped_by_max_duration() {
     assert_eq!(events.last().unwrap()["status"], "completed");
     assert_eq!(events.last().unwrap()["duration"], 1);
 }
+
+/// A webhook endpoint that refuses each event's first delivery with a 503 and accepts the
+/// next: the simulator retries, with the same `event_id`, and every event arrives.
+#[tokio::test]
+async fn events_are_retried_with_their_id() {
+    use std::sync::{Arc, Mutex};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let mut log = log.lock().unwrap();
+                            let first = !log.iter().any(|e| e["event_id"] == event["event_id"]);
+                            log.push(event);
+                            let status = if first {
+                                StatusCode::SERVICE_UNAVAILABLE
+                            } else {
+                                StatusCode::OK
+                            };
+                            let mut response =
+                                http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                            *response.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let sim = simulator(SimulatorSettings {
+        queue_ms: 10,
+        ring_ms: 10,
+        talk_ms: 1_000,
+        ..Default::default()
+    })
+    .await;
+    let answer = post(
+        &sim,
+        ACCOUNT_KEY,
+        json!({"phone_number": "+14155551234", "agent_id": "agent_abc123", "max_duration": 1,
+               "webhook_url": format!("http://{addr}/hook")}),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = seen.lock().unwrap().clone();
+        if events.len() >= 6 {
+            // ringing, in_progress, completed: each refused once, then accepted.
+            let statuses: Vec<_> = events
+                .iter()
+                .map(|e| e["status"].as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(
+                statuses,
+                [
+                    "ringing",
+                    "ringing",
+                    "in_progress",
+                    "in_progress",
+                    "completed",
+                    "completed"
+                ]
+            );
+            for pair in events.chunks(2) {
+                assert_eq!(pair[0]["event_id"], pair[1]["event_id"]);
+                assert!(
+                    pair[0]["event_id"]
+                        .as_str()
+                        .is_some_and(|id| id.len() == 36)
+                );
+            }
+            assert_ne!(events[0]["event_id"], events[2]["event_id"]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "events: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

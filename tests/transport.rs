@@ -333,3 +333,46 @@ async fn the_admin_listener_has_its_own_certificate() {
     // One reload covers every listener's certificate.
     assert!(gw.gateway.reload_tls().unwrap());
 }
+
+/// The keep-alive idle timeout is its own setting, longer than the header read timeout: a
+/// pooled connection reused after an idle wait longer than the header timeout is served (the
+/// race that lost call events), while a client dribbling a request head is still cut off.
+#[tokio::test]
+async fn idle_keep_alive_outlives_the_header_timeout_but_slow_heads_do_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = config_text(&simulator_upstream(), fast_simulator()).replace(
+        "shutdown_grace_ms = 2000",
+        "shutdown_grace_ms = 2000\nheader_read_timeout_ms = 300\nkeepalive_idle_timeout_ms = 5000",
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+    stream.write_all(request).await.unwrap();
+    assert!(answer(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // Idle for well over the header read timeout, then the next request on the same connection.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stream.write_all(request).await.unwrap();
+    let second = answer(&mut stream).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second:?}");
+
+    // A head that stalls is cut off after the header read timeout.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(4), slow.read(&mut buf))
+        .await
+        .expect("the slow client is cut off");
+    assert!(matches!(closed, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).contains("408"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

@@ -412,6 +412,15 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
         (Duration::from_millis(s.ring_ms), "in_progress"),
         (talk, "completed"),
     ];
+    // The call's events go out in order from a task of their own: retries delay the events
+    // after them, never the call.
+    let (events, mut queue) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    let client = state.client.clone();
+    tokio::spawn(async move {
+        while let Some((url, event)) = queue.recv().await {
+            deliver(&client, &url, &event).await;
+        }
+    });
     for (wait, status) in steps {
         tokio::time::sleep(wait).await;
         let (event, hook) = {
@@ -422,6 +431,8 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
             call.object["status"] = json!(status);
             let mut event = json!({
                 "event": "call.status_changed",
+                // Stable across retries: a receiver that sees it twice can tell.
+                "event_id": uuid::Uuid::new_v4().to_string(),
                 "call_id": id,
                 "status": status,
                 "timestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
@@ -434,23 +445,47 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
             (event, call.webhook_url.clone())
         };
         if let Some(url) = hook {
-            deliver(&state.client, &url, &event).await;
+            let _ = events.send((url, event));
         }
     }
 }
 
+/// Attempts per event, as real providers do: a connection closed under it, a timeout, a 5xx or
+/// 429 is retried with backoff (100 ms, doubling), the same `event_id` each time.
+const DELIVERY_ATTEMPTS: u32 = 6;
+
 async fn deliver(client: &HttpClient, url: &str, event: &Value) {
-    let Ok(request) = Request::post(url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(event.to_string())))
-    else {
-        return;
-    };
-    match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(%url, error = %e, "simulator webhook delivery failed"),
-        Err(_) => tracing::debug!(%url, "simulator webhook delivery timed out"),
+    let body = Bytes::from(event.to_string());
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1..=DELIVERY_ATTEMPTS {
+        let Ok(request) = Request::post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body.clone()))
+        else {
+            return;
+        };
+        let retry =
+            match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%url, attempt, error = %e, "simulator webhook delivery failed");
+                    true
+                }
+                Err(_) => {
+                    tracing::debug!(%url, attempt, "simulator webhook delivery timed out");
+                    true
+                }
+            };
+        if !retry {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
     }
+    tracing::debug!(%url, "simulator webhook event dropped after retries");
 }
 
 #[cfg(test)]

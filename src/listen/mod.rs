@@ -12,6 +12,18 @@ use tokio::sync::oneshot;
 
 use crate::tls::ReloadableTls;
 
+mod head_timeout;
+pub use head_timeout::HeadTimeout;
+
+/// How long a connection may take over a request head, and wait idle between requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From a request head's first byte to its end (slow clients are cut off).
+    pub header_read: Duration,
+    /// An idle keep-alive connection's life between requests.
+    pub keepalive_idle: Duration,
+}
+
 /// Serve `service` on `listener` until `stopped` fires, then drain.
 pub async fn serve(
     listener: TcpListener,
@@ -21,7 +33,7 @@ pub async fn serve(
         std::convert::Infallible,
     >,
     tls: Option<Arc<ReloadableTls>>,
-    header_timeout: Duration,
+    timeouts: Timeouts,
     grace: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) {
@@ -30,7 +42,9 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        // hyper's one timer covers the idle wait; the head's own limit is `HeadTimeout`'s.
+        .header_read_timeout(timeouts.keepalive_idle);
+    let header_timeout = timeouts.header_read;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -47,6 +61,7 @@ pub async fn serve(
                 let service = TowerToHyperService::new(service.clone());
                 match &tls {
                     None => {
+                        let stream = HeadTimeout::new(stream, header_timeout);
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(async move {
@@ -73,6 +88,7 @@ pub async fn serve(
                                     return;
                                 }
                             };
+                            let stream = HeadTimeout::new(stream, header_timeout);
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");

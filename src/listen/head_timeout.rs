@@ -1,0 +1,206 @@
+//! Two clocks on an HTTP/1 connection, where hyper has one.
+//!
+//! hyper's `header_read_timeout` runs from the moment the connection waits for a request head,
+//! so an idle keep-alive connection is closed after the same time a client has to send its
+//! headers. A peer that keeps a pooled connection open (the upstream delivering call events)
+//! then races the close: its next request goes out on a connection the gateway is closing, and
+//! is lost. So hyper's timer is given the (longer) keep-alive idle timeout, and this wrapper
+//! enforces the header read timeout itself: from a request head's first byte until the blank
+//! line that ends it. A slow client that dribbles its headers is still cut off; an idle
+//! connection waits its full keep-alive time.
+//!
+//! A request head starts with the first byte read after a response began (or at the start of
+//! the connection), and ends at `\r\n\r\n`. HTTP/2 connections (the client preface) are left to
+//! hyper's own HTTP/2 handling.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for a request's first byte (idle: hyper's keep-alive timer runs).
+    Idle,
+    /// Inside a request head: `matched` bytes of `\r\n\r\n` seen at its end so far.
+    Head { matched: u8 },
+    /// After the head (body, handling, answer) until the next response begins.
+    Rest,
+    /// HTTP/2 (or the check is off): nothing to time here.
+    Off,
+}
+
+/// See the module docs.
+pub struct HeadTimeout<IO> {
+    io: IO,
+    deadline: Pin<Box<Sleep>>,
+    limit: Duration,
+    state: State,
+    /// Bytes of the connection's start compared with the HTTP/2 preface.
+    seen: usize,
+}
+
+impl<IO> HeadTimeout<IO> {
+    /// Wrap `io`: each request head must arrive within `limit` of its first byte.
+    pub fn new(io: IO, limit: Duration) -> Self {
+        HeadTimeout {
+            io,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            limit,
+            state: State::Idle,
+            seen: 0,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let read = &buf.filled()[before..];
+            if this.seen < PREFACE.len() && this.state != State::Off {
+                let n = read.len().min(PREFACE.len() - this.seen);
+                if read[..n] != PREFACE[this.seen..this.seen + n] {
+                    this.seen = PREFACE.len(); // not HTTP/2: stop looking
+                } else {
+                    this.seen += n;
+                    if this.seen == PREFACE.len() {
+                        this.state = State::Off;
+                    }
+                }
+            }
+            for &byte in read {
+                match this.state {
+                    State::Off | State::Rest => break,
+                    State::Idle => {
+                        this.deadline.as_mut().reset(Instant::now() + this.limit);
+                        this.state = State::Head {
+                            matched: u8::from(byte == b'\r'),
+                        };
+                    }
+                    State::Head { matched } => {
+                        let expected = b"\r\n\r\n"[usize::from(matched)];
+                        let matched = if byte == expected {
+                            matched + 1
+                        } else {
+                            u8::from(byte == b'\r')
+                        };
+                        this.state = if matched == 4 {
+                            State::Rest
+                        } else {
+                            State::Head { matched }
+                        };
+                    }
+                }
+            }
+            return polled;
+        }
+        if polled.is_pending()
+            && matches!(this.state, State::Head { .. })
+            && this.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request head was not received in time",
+            )));
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadTimeout<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // A response has begun: the next byte read starts the next request's head.
+        if this.state != State::Off && !data.is_empty() {
+            this.state = State::Idle;
+        }
+        Pin::new(&mut this.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.state != State::Off && bufs.iter().any(|b| !b.is_empty()) {
+            this.state = State::Idle;
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_arrive_in_time_but_idle_waits_are_free() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut server = HeadTimeout::new(server, Duration::from_secs(1));
+        let mut client = client;
+        let mut buf = [0u8; 256];
+        // Idle for a long time: no timeout (hyper's keep-alive timer is in charge).
+        let idle = tokio::time::timeout(Duration::from_secs(30), server.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle read is not cut off");
+        // A whole head in time.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(n, 27);
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        // The next head starts and stalls: cut off after the limit.
+        client.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 18);
+        let stalled = server.read(&mut buf).await;
+        assert_eq!(stalled.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_is_left_alone() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut server = HeadTimeout::new(server, Duration::from_secs(1));
+        let mut buf = [0u8; 256];
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")
+            .await
+            .unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 26);
+        server.write_all(b"\x00\x00\x00").await.unwrap();
+        client.write_all(b"\x00\x01").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 2);
+        let quiet = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await;
+        assert!(quiet.is_err(), "no head timer on HTTP/2");
+    }
+}
