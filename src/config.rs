@@ -255,6 +255,11 @@ pub struct ServerSettings {
     /// `header_read_timeout_ms`, so that a peer reusing a pooled connection (the upstream
     /// sending call events) does not race the gateway closing it.
     pub keepalive_idle_timeout_ms: u64,
+    /// Open connections at most; past it a new connection is answered `503` and closed.
+    pub max_connections: usize,
+    /// Requests handled at once; past it a request is answered `503 gateway_overloaded` with
+    /// `Retry-After` at once, nothing taken.
+    pub max_requests_in_flight: usize,
     /// Time a client has to send its whole body.
     pub body_read_timeout_ms: u64,
     /// Time allowed for in-flight requests to finish on shutdown.
@@ -280,6 +285,8 @@ impl Default for ServerSettings {
             max_json_depth: 16,
             header_read_timeout_ms: 10_000,
             keepalive_idle_timeout_ms: 75_000,
+            max_connections: 10_000,
+            max_requests_in_flight: 2_048,
             body_read_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             tls: None,

@@ -219,14 +219,16 @@ impl Gateway {
                 policies: policies.clone(),
                 lifecycle: lifecycle.clone(),
             },
+            max_requests_in_flight: settings.server.max_requests_in_flight,
         });
         let background = lifecycle.clone().spawn(Duration::from_millis(
             settings.state.sweep_interval_ms.max(10),
         ));
         let (stop, stopped) = oneshot::channel();
-        let timeouts = crate::listen::Timeouts {
+        let timeouts = crate::listen::ConnectionLimits {
             header_read: Duration::from_millis(settings.server.header_read_timeout_ms),
             keepalive_idle: Duration::from_millis(settings.server.keepalive_idle_timeout_ms),
+            max_connections: settings.server.max_connections,
         };
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
         let task = tokio::spawn(crate::listen::serve(

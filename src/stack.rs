@@ -53,6 +53,20 @@ pub struct AppContext {
     pub relay_base: String,
     pub relay: Relay,
     pub reader: CallReader,
+    /// Requests handled at once; past it, `503 gateway_overloaded` with `Retry-After`.
+    pub max_requests_in_flight: usize,
+}
+
+/// A request refused by the in-flight cap (tower's load shedding), as our error.
+fn shed(e: tower::BoxError) -> GatewayError {
+    match e.downcast::<GatewayError>() {
+        Ok(e) => *e,
+        Err(e) if e.is::<tower::load_shed::error::Overloaded>() => GatewayError::Overloaded {
+            message: "the gateway is handling as many requests as it may; retry shortly".into(),
+            retry_after: 1,
+        },
+        Err(e) => GatewayError::Internal(e.to_string()),
+    }
 }
 
 /// The tenant-facing service: routing inside the trace layer, `POST /v1/calls` through the stages.
@@ -96,6 +110,11 @@ where
     ServiceBuilder::new()
         // 1. Every request gets an id and a span; errors become the JSON envelope here only.
         .layer(TraceLayer::with_metrics())
+        // Past the in-flight cap a request is refused at once (503, Retry-After), not queued:
+        // memory stays bounded and admitted requests keep their latency under overload.
+        .map_err(shed)
+        .load_shed()
+        .concurrency_limit(ctx.max_requests_in_flight.max(1))
         .service(Router {
             create_call: BoxCloneService::new(create_call),
             reader: ctx.reader,

@@ -15,13 +15,25 @@ use crate::tls::ReloadableTls;
 mod head_timeout;
 pub use head_timeout::HeadTimeout;
 
-/// How long a connection may take over a request head, and wait idle between requests.
+/// How many connections a listener holds, how long one may take over a request head, and how
+/// long it may wait idle between requests.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub struct ConnectionLimits {
     /// From a request head's first byte to its end (slow clients are cut off).
     pub header_read: Duration,
     /// An idle keep-alive connection's life between requests.
     pub keepalive_idle: Duration,
+    /// Open connections at most; past it a new one gets a `503` and is closed.
+    pub max_connections: usize,
+}
+
+/// What a connection past the cap is told before it is closed.
+fn refusal() -> String {
+    let body = r#"{"error":{"code":"gateway_overloaded","message":"the gateway holds as many connections as it may; retry shortly","request_id":""}}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Serve `service` on `listener` until `stopped` fires, then drain.
@@ -33,7 +45,7 @@ pub async fn serve(
         std::convert::Infallible,
     >,
     tls: Option<Arc<ReloadableTls>>,
-    timeouts: Timeouts,
+    timeouts: ConnectionLimits,
     grace: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) {
@@ -45,6 +57,7 @@ pub async fn serve(
         // hyper's one timer covers the idle wait; the head's own limit is `HeadTimeout`'s.
         .header_read_timeout(timeouts.keepalive_idle);
     let header_timeout = timeouts.header_read;
+    let open = Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections.max(1)));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -57,6 +70,19 @@ pub async fn serve(
                         continue;
                     }
                 };
+                // Past the connection cap: told so, and closed (not queued, not left hanging).
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut stream = stream;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            stream.write_all(refusal().as_bytes()),
+                        )
+                        .await;
+                    });
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(service.clone());
                 match &tls {
@@ -65,6 +91,7 @@ pub async fn serve(
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(async move {
+                            let _permit = permit;
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
@@ -77,6 +104,7 @@ pub async fn serve(
                         let watcher = graceful.watcher();
                         let builder = builder.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(e)) => {

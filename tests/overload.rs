@@ -1,0 +1,128 @@
+//! Overload: past the cap on requests in flight a request is refused at once (`503
+//! gateway_overloaded`, `Retry-After`, the JSON envelope), taking nothing; past the cap on open
+//! connections a new connection is told `503` and closed; the others are served as before.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "key-overload";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_in_flight_cap_are_refused_at_once_and_take_nothing() {
+    let upstream = broken_upstream(Broken::Hang).await;
+    let text = config_text(
+        &format!("url = \"http://{upstream}\"\napi_key = \"{ACCOUNT_KEY}\""),
+        "",
+    )
+    .replace(
+        "shutdown_grace_ms = 2000",
+        "shutdown_grace_ms = 2000\nmax_requests_in_flight = 3",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let policies = copy_policies(dir.path());
+    std::fs::write(policies.join("tenants/t.toml"), tenant_file("t", KEY, "")).unwrap();
+    let text = text.replace(
+        &repo().join("policies").display().to_string(),
+        &policies.display().to_string(),
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, addr) = (gw.client.clone(), gw.addr());
+            tokio::spawn(async move {
+                let body = json!({"phone_number": "+14155551234", "agent_id": "agent_abc123"});
+                let answer = send(
+                    &client,
+                    addr,
+                    Method::POST,
+                    "/v1/calls",
+                    &[
+                        ("authorization", &format!("Bearer {KEY}")),
+                        ("content-type", "application/json"),
+                    ],
+                    body.to_string(),
+                )
+                .await;
+                (answer, std::time::Instant::now())
+            })
+        })
+        .collect();
+    let mut shed = 0;
+    let mut timed_out = 0;
+    for task in tasks {
+        let (answer, at) = task.await.unwrap();
+        match answer.status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                shed += 1;
+                assert_eq!(answer.code(), "gateway_overloaded");
+                assert_eq!(answer.headers["retry-after"], "1");
+                assert!(answer.headers.contains_key("x-request-id"));
+                // Refused at once, not after waiting for room.
+                assert!(at - started < Duration::from_millis(1_500));
+            }
+            StatusCode::GATEWAY_TIMEOUT => timed_out += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((timed_out, shed), (3, 7));
+    // Nothing held by either kind.
+    let usage = gw.usage("t").await;
+    assert_eq!((usage.slots, usage.holds), (0, 0));
+    // And with room again, requests are served.
+    assert_eq!(
+        gw.send(Method::GET, "/healthz", &[], "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_told_and_closed() {
+    let text = config_text(&simulator_upstream(), fast_simulator()).replace(
+        "shutdown_grace_ms = 2000",
+        "shutdown_grace_ms = 2000\nmax_connections = 2",
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(c);
+    }
+    let mut third = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"));
+    assert!(answer.contains("\"code\":\"gateway_overloaded\""));
+    // One of the two leaves: a new connection is served.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
