@@ -12,6 +12,10 @@
 //! A request head starts with the first byte read after a response began (or at the start of
 //! the connection), and ends at `\r\n\r\n`. HTTP/2 connections (the client preface) are left to
 //! hyper's own HTTP/2 handling.
+//!
+//! While it reads a head, it also refuses the request-smuggling shape hyper tolerates (it drops
+//! `Content-Length` when `Transfer-Encoding` is present): a head carrying both has the colon of
+//! the second one replaced, so hyper's parser answers `400 Bad Request` and closes.
 
 use std::io;
 use std::pin::Pin;
@@ -43,6 +47,55 @@ pub struct HeadTimeout<IO> {
     state: State,
     /// Bytes of the connection's start compared with the HTTP/2 preface.
     seen: usize,
+    framing: Framing,
+}
+
+/// The framing headers of the head being read.
+#[derive(Debug, Default)]
+struct Framing {
+    /// At the start of a header line.
+    line_start: bool,
+    /// The header name being read (lower case; long names are cut, they match nothing).
+    name: [u8; 17],
+    name_len: usize,
+    in_name: bool,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+impl Framing {
+    /// Feed one byte of a head; `true` when this byte (a header's colon) must be spoiled.
+    fn feed(&mut self, byte: u8) -> bool {
+        if byte == b'\n' {
+            self.line_start = true;
+            self.in_name = false;
+            return false;
+        }
+        if self.line_start {
+            self.line_start = false;
+            self.in_name = true;
+            self.name_len = 0;
+        }
+        if !self.in_name {
+            return false;
+        }
+        if byte == b':' {
+            self.in_name = false;
+            let name = &self.name[..self.name_len];
+            let (cl, te) = (name == b"content-length", name == b"transfer-encoding");
+            let spoil = (cl && self.transfer_encoding) || (te && self.content_length);
+            self.content_length |= cl;
+            self.transfer_encoding |= te;
+            return spoil;
+        }
+        if self.name_len < self.name.len() {
+            self.name[self.name_len] = byte.to_ascii_lowercase();
+            self.name_len += 1;
+        } else {
+            self.in_name = false; // longer than any name we look for
+        }
+        false
+    }
 }
 
 impl<IO> HeadTimeout<IO> {
@@ -54,6 +107,7 @@ impl<IO> HeadTimeout<IO> {
             limit,
             state: State::Idle,
             seen: 0,
+            framing: Framing::default(),
         }
     }
 }
@@ -68,7 +122,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let read = &buf.filled()[before..];
+            let read = &mut buf.filled_mut()[before..];
             if this.seen < PREFACE.len() && this.state != State::Off {
                 let n = read.len().min(PREFACE.len() - this.seen);
                 if read[..n] != PREFACE[this.seen..this.seen + n] {
@@ -80,16 +134,21 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                     }
                 }
             }
-            for &byte in read {
+            for byte in read.iter_mut() {
                 match this.state {
                     State::Off | State::Rest => break,
                     State::Idle => {
                         this.deadline.as_mut().reset(Instant::now() + this.limit);
+                        this.framing = Framing::default();
                         this.state = State::Head {
-                            matched: u8::from(byte == b'\r'),
+                            matched: u8::from(*byte == b'\r'),
                         };
                     }
                     State::Head { matched } => {
+                        if this.framing.feed(*byte) {
+                            *byte = b'(';
+                        }
+                        let byte = *byte;
                         let expected = b"\r\n\r\n"[usize::from(matched)];
                         let matched = if byte == expected {
                             matched + 1
@@ -185,6 +244,35 @@ mod tests {
         assert_eq!(server.read(&mut buf).await.unwrap(), 18);
         let stalled = server.read(&mut buf).await;
         assert_eq!(stalled.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_head_with_both_framing_headers_is_spoiled_for_the_parser() {
+        for (head, spoiled) in [
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length( 5\r\n\r\n",
+            ),
+            (
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\nhost: x\r\ntransfer-encoding( chunked\r\n\r\n",
+            ),
+            (
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\nx-transfer-encoding: y\r\n\r\n",
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\nx-transfer-encoding: y\r\n\r\n",
+            ),
+        ] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut server = HeadTimeout::new(server, Duration::from_secs(1));
+            // In small pieces: a name may be cut between two reads.
+            for piece in head.as_bytes().chunks(7) {
+                client.write_all(piece).await.unwrap();
+            }
+            drop(client);
+            let mut out = Vec::new();
+            server.read_to_end(&mut out).await.unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), spoiled);
+        }
     }
 
     #[tokio::test(start_paused = true)]
