@@ -2,7 +2,8 @@
 //!
 //! Inbound: the upstream POSTs a call's events to `/v1/relay/{token}`, the URL the forward stage
 //! gave it. The token (the reservation id and 256 random bits, stored only as their hash; see
-//! [`RelayToken`]) identifies the call; an unknown token is refused and changes nothing. Fields are read through the configured JSON pointers.
+//! [`RelayToken`]) identifies the call; an unknown token is refused and changes nothing. Fields
+//! are read through the configured JSON pointers.
 //! Each event updates the call's status; the final one settles it (actual duration, rounded up to
 //! the billing increment), returns the rest of the hold and frees the slot.
 //!
@@ -11,133 +12,36 @@
 //! retried with exponential backoff a bounded number of times. Deliveries never go to loopback,
 //! private, link-local or cloud-metadata addresses (checked after DNS resolution, at connect
 //! time) unless a tenant policy names that host explicitly.
+//!
+//! - inbound (here): events received, checked against their token, applied to the call;
+//! - [`delivery`]: events relayed to the tenant's webhook, signed, retried;
+//! - [`guard`]: the SSRF guard every delivery connects through.
 
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+mod delivery;
+mod guard;
+
+pub use delivery::{SIGNATURE, sign};
+pub use guard::{GuardedResolver, is_public};
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tracing::Instrument;
 
 use bytes::Bytes;
-use hmac::{Hmac, KeyInit, Mac};
-use http::{Request, StatusCode, header};
+use http::StatusCode;
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::proxy::matcher::Matcher;
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 use crate::clock::SharedClock;
 use crate::config::RelaySettings;
 use crate::error::{Body, GatewayError, json_response};
-use crate::policy::{PolicyHandle, Tenant};
+use crate::policy::PolicyHandle;
 use crate::state::{CallEvent, EventOutcome, RelayToken, StateStore};
-use crate::upstream::{ClientOptions, ProxyConnector, build_client_with, error_chain};
-
-/// The signature header on relayed events.
-pub const SIGNATURE: &str = "callgate-signature";
-
-/// `t=<unix>,v1=<hex HMAC-SHA256(secret, "<unix>.<body>")>`.
-pub fn sign(secret: &[u8], unix: i64, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-        .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new_from_slice(b"-").expect("static key"));
-    mac.update(unix.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={unix},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// Whether an address is one a webhook may reach without the tenant naming its host explicitly.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local() // 169.254/16, cloud metadata included
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])) // carrier-grade NAT
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
-                || o[0] >= 240)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local, AWS fd00:ec2::254 included
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 may reach private IPv4
-                || (s[0] == 0x2001 && s[1] == 0xdb8))
-        }
-    }
-}
-
-/// Whether some tenant names `host` explicitly (not through a `*.` pattern) in its webhook hosts.
-fn named_explicitly(policies: &PolicyHandle, host: &str) -> bool {
-    policies.current().tenants.values().any(|t| {
-        t.webhooks
-            .allowed_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(host))
-    })
-}
-
-/// A resolver that drops non-public addresses unless the host is named explicitly by a policy
-/// (or is the configured egress proxy, which deliveries must reach).
-#[derive(Clone)]
-pub struct GuardedResolver {
-    policies: PolicyHandle,
-    proxy_hosts: Arc<Vec<String>>,
-}
-
-/// Resolve `host`, keeping only public addresses unless `explicit`; refuse if none is left.
-async fn check_resolved(host: &str, explicit: bool) -> Result<Vec<SocketAddr>, std::io::Error> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
-    let allowed: Vec<SocketAddr> = addrs
-        .into_iter()
-        .filter(|a| explicit || is_public(a.ip()))
-        .collect();
-    if allowed.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!("{host} resolves only to non-public addresses"),
-        ));
-    }
-    Ok(allowed)
-}
-
-impl tower::Service<Name> for GuardedResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, std::io::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let host = name.as_str().to_string();
-        let explicit = named_explicitly(&self.policies, &host)
-            || self
-                .proxy_hosts
-                .iter()
-                .any(|p| p.eq_ignore_ascii_case(&host));
-        Box::pin(async move { Ok(check_resolved(&host, explicit).await?.into_iter()) })
-    }
-}
+use crate::upstream::{ClientOptions, ProxyConnector, build_client_with};
 
 type DeliveryClient =
     Client<HttpsConnector<ProxyConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
@@ -268,99 +172,6 @@ impl Relay {
             }
         }
     }
-
-    /// Deliver one event to a tenant's webhook, signed, with bounded retries. Returns whether it
-    /// was accepted.
-    pub async fn deliver(&self, tenant: &Tenant, url: &str, body: Bytes) -> bool {
-        let Some(secret) = tenant.webhook_secret.as_ref() else {
-            tracing::warn!(tenant = %tenant.id, "no webhook secret; event not relayed");
-            return false;
-        };
-        let Ok(parsed) = url::Url::parse(url) else {
-            return false;
-        };
-        // IP literals never reach the resolver: check them here.
-        if let Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) = parsed.host() {
-            let host = parsed.host_str().unwrap_or("").trim_matches(['[', ']']);
-            let ip: Option<IpAddr> = host.parse().ok();
-            let explicit = tenant
-                .webhooks
-                .allowed_hosts
-                .iter()
-                .any(|h| h.trim_matches(['[', ']']) == host);
-            if ip.is_some_and(|ip| !is_public(ip)) && !explicit {
-                tracing::warn!(tenant = %tenant.id, %host, "webhook address is not public; event not relayed");
-                return false;
-            }
-        }
-        // Through a proxy, the proxy resolves the name: check what it will find first.
-        let proxied = self.proxy.as_ref().is_some_and(|m| {
-            url.parse::<http::Uri>()
-                .ok()
-                .and_then(|u| m.intercept(&u))
-                .is_some()
-        });
-        if proxied && let Some(url::Host::Domain(host)) = parsed.host() {
-            let explicit = tenant
-                .webhooks
-                .allowed_hosts
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(host));
-            if let Err(e) = check_resolved(host, explicit).await {
-                tracing::warn!(tenant = %tenant.id, error = %e, "webhook host refused; event not relayed");
-                crate::metrics::delivery(&tenant.id, "refused");
-                return false;
-            }
-        }
-        let s = &self.settings;
-        let mut backoff = Duration::from_millis(s.delivery_backoff_ms);
-        for attempt in 1..=s.delivery_attempts.max(1) {
-            let unix = self.clock.now().as_second();
-            let request = Request::post(url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(
-                    header::USER_AGENT,
-                    concat!("callgate/", env!("CARGO_PKG_VERSION")),
-                )
-                .header(SIGNATURE, sign(secret.expose().as_bytes(), unix, &body))
-                .body(Full::new(body.clone()));
-            let Ok(request) = request else { return false };
-            let outcome = tokio::time::timeout(
-                Duration::from_millis(s.delivery_timeout_ms),
-                self.client.request(request),
-            )
-            .await;
-            let retry = match outcome {
-                Ok(Ok(response)) if response.status().is_success() => {
-                    crate::metrics::delivery(&tenant.id, "delivered");
-                    return true;
-                }
-                Ok(Ok(response)) => {
-                    let status = response.status();
-                    tracing::warn!(tenant = %tenant.id, attempt, %status, "webhook delivery refused");
-                    status.is_server_error()
-                        || status == StatusCode::TOO_MANY_REQUESTS
-                        || status == StatusCode::REQUEST_TIMEOUT
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(tenant = %tenant.id, attempt, error = %error_chain(&e), "webhook delivery failed");
-                    true
-                }
-                Err(_) => {
-                    tracing::warn!(tenant = %tenant.id, attempt, "webhook delivery timed out");
-                    true
-                }
-            };
-            if !retry || attempt == s.delivery_attempts {
-                break;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
-        }
-        tracing::error!(tenant = %tenant.id, "webhook event dropped after retries");
-        crate::metrics::delivery(&tenant.id, "failed");
-        false
-    }
 }
 
 #[cfg(test)]
@@ -370,6 +181,10 @@ mod tests {
     use crate::policy::Policies;
     use crate::policy::tests::tree;
     use crate::state::sqlite::{SqliteStore, Synchronous};
+    use hmac::{Hmac, KeyInit, Mac};
+    use hyper_util::client::legacy::connect::dns::Name;
+    use sha2::Sha256;
+    use std::net::SocketAddr;
 
     const TENANT: &str = r#"key_sha256 = ["a2fb8545fcd457204e9fee11be92013aa3240b1b146fe262ba608fdfc159041c"]
 [agents]
