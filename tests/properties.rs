@@ -3,8 +3,8 @@
 //! redaction never lets a matched e-mail, card or SSN through and is idempotent.
 
 use callgate::phone;
+use callgate::policy::Redaction;
 use callgate::policy::RedactionPolicy;
-use callgate::stages::redact::Redaction;
 use callgate::stages::validate::parse_strict;
 use proptest::prelude::*;
 use serde_json::{Map, Value};

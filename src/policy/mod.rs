@@ -13,6 +13,7 @@
 
 mod hours;
 mod model;
+pub mod redaction;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,10 +24,10 @@ use subtle::ConstantTimeEq;
 
 pub use hours::CallingHours;
 pub use model::*;
+pub use redaction::Redaction;
 
 use crate::config::{ConfigError, find_line, line_of};
 use crate::phone::{self, NumberType};
-use crate::stages::redact::Redaction;
 
 /// A tenant's compiled policy. Its `Debug` shows no key hash and no secret.
 pub struct Tenant {
