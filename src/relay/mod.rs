@@ -325,4 +325,60 @@ allow = ["agent_abc123"]
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }
+
+    /// One relay for the property test (its store and client are costly to make per case).
+    fn parsing_relay() -> &'static Relay {
+        static RELAY: std::sync::OnceLock<(Relay, tempfile::TempDir)> = std::sync::OnceLock::new();
+        &RELAY
+            .get_or_init(|| {
+                let state = tempfile::tempdir().unwrap();
+                let store = Arc::new(
+                    SqliteStore::open(&state.path().join("s.db"), Synchronous::Normal).unwrap(),
+                );
+                let relay = Relay::new(
+                    store,
+                    Arc::new(SystemClock),
+                    PolicyHandle::new(crate::policy::tests::fixture_policies()),
+                    RelaySettings::default(),
+                    &ClientOptions::direct(Duration::from_secs(2)),
+                );
+                (relay, state)
+            })
+            .0
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Any body is parsed or refused, never a panic; an event's fields are read exactly.
+        #[test]
+        fn events_are_parsed_or_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            id in "[a-z0-9_]{1,20}",
+            status in "[a-z_]{1,12}",
+            duration in proptest::option::of(-10i64..100_000),
+            fractional in proptest::option::of(0.0f64..1e6),
+        ) {
+            let relay = parsing_relay();
+            let _ = relay.parse_event(&bytes);
+            let mut body = serde_json::json!({"call_id": id, "status": status});
+            if let Some(d) = duration {
+                body["duration"] = serde_json::json!(d);
+            }
+            let event = relay.parse_event(body.to_string().as_bytes()).unwrap();
+            proptest::prop_assert_eq!(event.call_id.as_deref(), Some(id.as_str()));
+            proptest::prop_assert_eq!(&event.status, &status);
+            proptest::prop_assert_eq!(event.duration, duration);
+            proptest::prop_assert_eq!(event.is_final, status == "completed" || status == "failed");
+            if let Some(f) = fractional {
+                let body = serde_json::json!({"status": "completed", "duration": f});
+                let event = relay.parse_event(body.to_string().as_bytes()).unwrap();
+                proptest::prop_assert_eq!(event.duration, Some(f.ceil() as i64));
+            }
+        }
+    }
 }
