@@ -49,6 +49,7 @@ pub struct AdminContext {
     pub reloader: Arc<Reloader>,
     pub store: Arc<dyn StateStore>,
     pub clock: SharedClock,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// The admin service, with the same request ids and error envelope as the tenant API.
@@ -188,6 +189,12 @@ impl AdminContext {
                         timezone: tenant.budget.timezone.clone(),
                     });
                 let usage = self.store.adjust_spend(id, terms, delta, now).await?;
+                let mut line = serde_json::Map::new();
+                line.insert("tenant".into(), id.into());
+                line.insert("spent_delta".into(), delta.into());
+                line.insert("spent".into(), usage.spent.into());
+                line.insert("reason".into(), change.reason.clone().into());
+                self.audit.admin("budget_adjusted", line);
                 tracing::warn!(
                     target: "audit",
                     tenant = %id,
@@ -223,7 +230,15 @@ impl AdminContext {
                     .ok_or(GatewayError::NotFound("no such call"))?;
                 if settled {
                     crate::metrics::settled(&record);
+                    self.audit.settlement(&record, "admin");
                 }
+                let mut line = serde_json::Map::new();
+                line.insert("tenant".into(), stuck.tenant.clone().into());
+                line.insert("call_id".into(), call_id.into());
+                line.insert("charge".into(), record.charged.into());
+                line.insert("settled".into(), settled.into());
+                line.insert("reason".into(), stuck.reason.clone().into());
+                self.audit.admin("call_released", line);
                 tracing::warn!(
                     target: "audit",
                     tenant = %stuck.tenant,
@@ -305,18 +320,20 @@ impl AdminContext {
                 ))
             }
             (Method::POST, "/admin/reload") => {
-                let tenants = self.reloader.reload_policies().map_err(|errors| {
-                    GatewayError::InvalidRequest {
-                        message: format!(
-                            "policies not reloaded; the old ones stay in force: {}",
-                            errors
-                                .iter()
-                                .map(|e| e.to_string())
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        ),
-                        param: None,
-                    }
+                let reloaded = self.reloader.reload_policies();
+                let mut line = serde_json::Map::new();
+                line.insert("ok".into(), reloaded.is_ok().into());
+                self.audit.admin("reload", line);
+                let tenants = reloaded.map_err(|errors| GatewayError::InvalidRequest {
+                    message: format!(
+                        "policies not reloaded; the old ones stay in force: {}",
+                        errors
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    param: None,
                 })?;
                 let certificates =
                     self.reloader

@@ -57,6 +57,9 @@ pub struct Settings {
     /// Trace export (OpenTelemetry, OTLP/HTTP).
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// The audit trail (off unless `path` is set).
+    #[serde(default)]
+    pub audit: crate::audit::AuditSettings,
     /// Account-wide admission settings.
     #[serde(default)]
     pub admission: AdmissionSettings,
@@ -568,6 +571,13 @@ impl Settings {
         };
         resolve(&mut self.policies.dir);
         resolve(&mut self.state.path);
+        if let Some(p) = self.audit.path.as_mut()
+            && p != "stdout"
+        {
+            let mut path = PathBuf::from(p.as_str());
+            resolve(&mut path);
+            *p = path.display().to_string();
+        }
         if let Some(p) = self.admin.token_file.as_mut() {
             resolve(p);
         }

@@ -34,6 +34,8 @@ pub struct Lifecycle {
     pub upstream: Arc<Upstream>,
     pub reconcile: ReconcileSettings,
     pub final_statuses: Vec<String>,
+    /// The audit trail settlements are written to.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Lifecycle {
@@ -50,6 +52,7 @@ impl Lifecycle {
             upstream,
             reconcile,
             final_statuses: relay.final_statuses.clone(),
+            audit: Arc::new(crate::audit::Audit::off()),
         }
     }
 
@@ -59,6 +62,7 @@ impl Lifecycle {
         let expired = self.store.expire_leases(now).await?;
         for record in &expired {
             crate::metrics::settled(record);
+            self.audit.settlement(record, "lease");
             tracing::warn!(
                 target: "audit",
                 tenant = %record.tenant,
@@ -109,6 +113,7 @@ impl Lifecycle {
             .await?;
         if let Some((record, true)) = &applied {
             crate::metrics::settled(record);
+            self.audit.settlement(record, "reconciliation");
         }
         Ok(applied)
     }

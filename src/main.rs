@@ -51,6 +51,11 @@ enum Command {
         #[arg(long)]
         tenant: String,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the Ringyo simulator on its own (no gateway). Places no real calls.
     Simulator {
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -61,6 +66,15 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit file's hash chain; exit non-zero naming the first broken line.
+    Verify {
+        /// The audit file.
+        file: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -68,6 +82,19 @@ fn main() -> ExitCode {
         Command::Keygen { tenant } => keygen(&tenant),
         Command::Serve { config } => run(serve(config)),
         Command::Simulator { listen, api_key } => run(simulator(listen, api_key)),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match callgate::audit::verify(&file) {
+            Ok(lines) => {
+                println!("{}: {lines} line(s), the chain is intact", file.display());
+                ExitCode::SUCCESS
+            }
+            Err((line, reason)) => {
+                eprintln!("{}: {reason}", file.display());
+                let _ = line;
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -130,6 +157,9 @@ async fn wait_for_signals(gateway: &Gateway) {
                             tracing::error!(error = %e, "policy reload refused; the old policies stay in force");
                         }
                     }
+                }
+                if let Err(e) = gateway.reopen_audit() {
+                    tracing::error!(error = %e, "audit trail not reopened");
                 }
                 match gateway.reload_tls() {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),

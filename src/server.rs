@@ -60,6 +60,7 @@ pub struct Gateway {
     background: JoinHandle<()>,
     /// How long a shutdown waits for requests, then for the work they left behind.
     grace: Duration,
+    audit: Arc<crate::audit::Audit>,
 }
 
 /// The key for the redaction hash: configured, or random for this process.
@@ -157,13 +158,23 @@ impl Gateway {
             addr: settings.server.listen,
             source,
         })?;
-        let lifecycle = Arc::new(Lifecycle::new(
-            store.clone(),
-            clock.clone(),
-            upstream.clone(),
-            settings.reconcile.clone(),
-            &settings.relay,
-        ));
+        let audit = Arc::new(crate::audit::Audit::open(&settings.audit).map_err(|e| {
+            ConfigError::new(
+                "audit",
+                None,
+                format!("cannot open the audit trail {:?}: {e}", settings.audit.path),
+            )
+        })?);
+        let lifecycle = Arc::new(Lifecycle {
+            audit: audit.clone(),
+            ..Lifecycle::new(
+                store.clone(),
+                clock.clone(),
+                upstream.clone(),
+                settings.reconcile.clone(),
+                &settings.relay,
+            )
+        });
         // Settle what lapsed while the gateway was down before taking any request. A shared
         // store that is away now is swept once it is back (`/readyz` says why until then).
         let lapsed = match lifecycle.sweep().await {
@@ -214,12 +225,14 @@ impl Gateway {
                 policies.clone(),
                 settings.relay.clone(),
                 &client_options,
-            ),
+            )
+            .with_audit(audit.clone()),
             reader: CallReader {
                 policies: policies.clone(),
                 lifecycle: lifecycle.clone(),
             },
             max_requests_in_flight: settings.server.max_requests_in_flight,
+            audit: audit.clone(),
         });
         let background = lifecycle.clone().spawn(Duration::from_millis(
             settings.state.sweep_interval_ms.max(10),
@@ -277,6 +290,7 @@ impl Gateway {
                     reloader: reloader.clone(),
                     store: store.clone(),
                     clock: clock.clone(),
+                    audit: audit.clone(),
                 });
             let (admin_stop, admin_stopped) = oneshot::channel();
             stops.push(admin_stop);
@@ -303,6 +317,7 @@ impl Gateway {
             tasks,
             background,
             grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+            audit,
         })
     }
 
@@ -345,7 +360,16 @@ impl Gateway {
 
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        self.reloader.reload_policies()
+        let reloaded = self.reloader.reload_policies();
+        let mut line = serde_json::Map::new();
+        line.insert("ok".into(), reloaded.is_ok().into());
+        self.audit.admin("reload", line);
+        reloaded
+    }
+
+    /// Reopen the audit file at its path (`SIGHUP`, after logrotate moved it).
+    pub fn reopen_audit(&self) -> std::io::Result<()> {
+        self.audit.reopen()
     }
 
     /// Reload the listener's certificate and key from their files, for new connections; open

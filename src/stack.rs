@@ -55,6 +55,8 @@ pub struct AppContext {
     pub reader: CallReader,
     /// Requests handled at once; past it, `503 gateway_overloaded` with `Retry-After`.
     pub max_requests_in_flight: usize,
+    /// The audit trail decisions are written to.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// A request refused by the in-flight cap (tower's load shedding), as our error.
@@ -109,7 +111,7 @@ where
 
     ServiceBuilder::new()
         // 1. Every request gets an id and a span; errors become the JSON envelope here only.
-        .layer(TraceLayer::with_metrics())
+        .layer(TraceLayer::for_tenants(ctx.audit.clone()))
         // Past the in-flight cap a request is refused at once (503, Retry-After), not queued:
         // memory stays bounded and admitted requests keep their latency under overload.
         .map_err(shed)

@@ -55,9 +55,16 @@ pub struct Relay {
     settings: Arc<RelaySettings>,
     client: DeliveryClient,
     proxy: Option<Arc<Matcher>>,
+    audit: Arc<crate::audit::Audit>,
 }
 
 impl Relay {
+    /// Write settlements by event to `audit`.
+    pub fn with_audit(mut self, audit: Arc<crate::audit::Audit>) -> Self {
+        self.audit = audit;
+        self
+    }
+
     /// `options` are the upstream client's (trust roots, proxy); deliveries share them.
     pub fn new(
         store: Arc<dyn StateStore>,
@@ -94,6 +101,7 @@ impl Relay {
             settings: Arc::new(settings),
             client,
             proxy: options.proxy.clone(),
+            audit: Arc::new(crate::audit::Audit::off()),
         }
     }
 
@@ -142,6 +150,7 @@ impl Relay {
             EventOutcome::Applied { record, settled } => {
                 if settled {
                     crate::metrics::settled(&record);
+                    self.audit.settlement(&record, "event");
                     tracing::info!(
                         target: "audit",
                         tenant = %record.tenant,

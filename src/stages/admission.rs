@@ -187,9 +187,10 @@ impl AsyncStage for AdmissionContext {
     {
         Box::pin(async move {
             let ctx = self;
+            let facts = req.facts.clone();
             let refuse = |span: &tracing::Span, rule: &'static str, e: GatewayError| {
-                span.record("stage", "admission");
-                span.record("rule", rule);
+                facts.note(span, "stage", "admission");
+                facts.note(span, "rule", rule);
                 e
             };
             let tenant = req.tenant()?.clone();
@@ -287,6 +288,7 @@ impl AsyncStage for AdmissionContext {
                 max_duration,
                 "admitted"
             );
+            req.facts.note(&req.span, "hold", hold);
             req.reservation_guard = Some(ReservationGuard {
                 id: reservation_id.clone(),
                 store: Some(ctx.store.clone()),

@@ -123,7 +123,7 @@ impl Stage for FieldPolicy {
                 p if p.starts_with("/metadata") => "metadata",
                 _ => "fields",
             };
-            req.span.record("rule", rule);
+            req.facts.note(&req.span, "rule", rule);
         }
         refused
     }

@@ -90,7 +90,7 @@ impl Service<CallRequest> for Forward {
                 )
                 .await;
             let response = result.inspect_err(|_| {
-                req.span.record("stage", "forward");
+                req.facts.note(&req.span, "stage", "forward");
             })?;
             req.span
                 .record("upstream.status_code", response.status().as_u16());
@@ -98,7 +98,7 @@ impl Service<CallRequest> for Forward {
                 req.span.record("decision", "forwarded");
                 let accepted = AcceptedCall::read(response.body());
                 if let Some(call) = &accepted {
-                    req.span.record("call_id", call.id.as_str());
+                    req.facts.note(&req.span, "call_id", call.id.as_str());
                 }
                 accepted
             } else {

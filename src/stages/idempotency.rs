@@ -110,14 +110,14 @@ impl AsyncStage for IdempotencyContext {
                         return Ok(replay(stored));
                     }
                     IdempotencyBegin::Conflict => {
-                        req.span.record("stage", "idempotency");
+                        req.facts.note(&req.span, "stage", "idempotency");
                         return Err(GatewayError::IdempotencyConflict(
                             "this Idempotency-Key was used with a different request body".into(),
                         ));
                     }
                     IdempotencyBegin::InFlight => {
                         if tokio::time::Instant::now() >= deadline {
-                            req.span.record("stage", "idempotency");
+                            req.facts.note(&req.span, "stage", "idempotency");
                             return Err(GatewayError::IdempotencyConflict(
                                 "a request with this Idempotency-Key is still in progress".into(),
                             ));

@@ -143,7 +143,11 @@ where
                 .map(|s| s.0.clone())
                 .unwrap_or_else(tracing::Span::current);
             let refuse = |e: GatewayError| {
-                span.record("stage", "limits");
+                if let Some(facts) = parts.extensions.get::<Arc<RequestFacts>>() {
+                    facts.note(&span, "stage", "limits");
+                } else {
+                    span.record("stage", "limits");
+                }
                 e
             };
             let declared = parts

@@ -204,7 +204,7 @@ where
         match self.stage.apply(&mut req) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(error) => {
-                req.span.record("stage", S::NAME);
+                req.facts.note(&req.span, "stage", S::NAME);
                 Either::Right(ready(Err(error)))
             }
         }

@@ -94,8 +94,8 @@ impl Stage for PhonePolicy {
             _ => return Err(GatewayError::Internal("phone ran before validate".into())),
         };
         let to = parse(&call.phone_number, "/phone_number")?;
-        req.span
-            .record("destination", phone::mask(&to.e164).as_str());
+        req.facts
+            .note(&req.span, "destination", phone::mask(&to.e164));
         if let Some(from) = &call.from_number {
             // An unusable caller id is `invalid_from_number`, whatever is wrong with it.
             parse(from, "/from_number").map_err(|e| match e {
@@ -106,7 +106,7 @@ impl Stage for PhonePolicy {
             })?;
         }
         check_destination(tenant, &to, self.clock.now()).map_err(|(rule, e)| {
-            req.span.record("rule", rule);
+            req.facts.note(&req.span, "rule", rule);
             e
         })?;
         req.destination = Some(to);

@@ -32,6 +32,8 @@ pub struct RequestSpan(pub tracing::Span);
 #[derive(Debug, Default)]
 pub struct RequestFacts {
     tenant: std::sync::OnceLock<String>,
+    /// What the stages noted for the audit line (stage, rule, destination, call id, hold).
+    noted: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl RequestFacts {
@@ -39,6 +41,28 @@ impl RequestFacts {
     pub fn tenant(&self, span: &tracing::Span, id: &str) {
         span.record("tenant", id);
         let _ = self.tenant.set(id.to_string());
+    }
+
+    /// Record `field` on the span and keep it for the audit line.
+    pub fn note(
+        &self,
+        span: &tracing::Span,
+        field: &'static str,
+        value: impl Into<serde_json::Value>,
+    ) {
+        let value = value.into();
+        match &value {
+            serde_json::Value::String(s) => span.record(field, s.as_str()),
+            other => span.record(field, other.to_string().as_str()),
+        };
+        self.noted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(field.to_string(), value);
+    }
+
+    fn noted(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.noted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -59,12 +83,17 @@ fn client_request_id<B>(req: &Request<B>) -> Option<String> {
 #[derive(Debug, Clone, Default)]
 pub struct TraceLayer {
     metrics: bool,
+    audit: Option<Arc<crate::audit::Audit>>,
 }
 
 impl TraceLayer {
-    /// The tenant API's: every answer also counted in the request metrics.
-    pub fn with_metrics() -> Self {
-        TraceLayer { metrics: true }
+    /// The tenant API's: every answer also counted in the request metrics, and every decision
+    /// on `POST /v1/calls` written to the audit trail before the answer leaves.
+    pub fn for_tenants(audit: Arc<crate::audit::Audit>) -> Self {
+        TraceLayer {
+            metrics: true,
+            audit: audit.is_on().then_some(audit),
+        }
     }
 }
 
@@ -74,6 +103,7 @@ impl<S> Layer<S> for TraceLayer {
         Trace {
             inner,
             metrics: self.metrics,
+            audit: self.audit.clone(),
         }
     }
 }
@@ -83,6 +113,7 @@ impl<S> Layer<S> for TraceLayer {
 pub struct Trace<S> {
     inner: S,
     metrics: bool,
+    audit: Option<Arc<crate::audit::Audit>>,
 }
 
 impl<S, B> Service<Request<B>> for Trace<S>
@@ -147,6 +178,10 @@ where
         req.extensions_mut().insert(RequestSpan(span.clone()));
         req.extensions_mut().insert(facts.clone());
         let metrics = self.metrics;
+        let audit = self
+            .audit
+            .clone()
+            .filter(|_| req.method() == http::Method::POST && req.uri().path() == "/v1/calls");
         let started = Instant::now();
         let future = {
             let _entered = span.enter();
@@ -176,6 +211,32 @@ where
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
                 let elapsed = started.elapsed();
+                if let Some(audit) = &audit {
+                    let status = response.status().as_u16();
+                    let mut line = facts.noted();
+                    line.insert("request_id".into(), id.clone().into());
+                    if let Some(tp) = crate::telemetry::traceparent(&outer) {
+                        let trace_id = tp.split('-').nth(1).unwrap_or("").to_string();
+                        line.insert("trace_id".into(), trace_id.into());
+                    }
+                    line.insert(
+                        "tenant".into(),
+                        facts
+                            .tenant
+                            .get()
+                            .cloned()
+                            .map_or(serde_json::Value::Null, Into::into),
+                    );
+                    let decision = match status {
+                        200..=299 => "allowed",
+                        500.. => "failed",
+                        _ => "denied",
+                    };
+                    line.insert("decision".into(), decision.into());
+                    line.insert("http_status".into(), status.into());
+                    line.insert("code".into(), code.into());
+                    audit.record("decision", line);
+                }
                 outer.record("http.response.status_code", response.status().as_u16());
                 if response.status().is_server_error() {
                     outer.record("otel.status_code", "ERROR");
