@@ -19,13 +19,6 @@ use redis_support::RedisServer;
 use serde_json::json;
 use support::*;
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A `callgate serve` process.
 struct Replica {
     child: Child,

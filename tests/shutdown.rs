@@ -77,10 +77,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_0() {
         ),
     )
     .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = free_addr();
     let db = dir.path().join("state.db");
     let extra = format!(
         "[state]\npath = \"{}\"\n[relay]\npublic_url = \"http://{addr}\"\ndelivery_timeout_ms = 5000\n",

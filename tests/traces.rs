@@ -96,13 +96,6 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     })
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 struct Gateway {
     child: Child,
     addr: SocketAddr,

@@ -17,6 +17,8 @@ use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::state::{IdempotencyBegin, IdempotencyClaim, StateStore, StoredResponse};
+use crate::tasks::First;
+use tracing::Instrument;
 
 /// The request header.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -134,16 +136,14 @@ impl AsyncStage for IdempotencyContext {
                     // cannot give up now is given up in the background.
                     if ctx.store.idempotency_abandon(&tenant, &key).await.is_err() {
                         let store = ctx.store.clone();
-                        crate::tasks::spawn(async move {
-                            for attempt in 0..12u32 {
-                                tokio::time::sleep(Duration::from_millis(250 << attempt.min(4)))
-                                    .await;
-                                if store.idempotency_abandon(&tenant, &key).await.is_ok() {
-                                    return;
-                                }
-                            }
-                            tracing::error!(%tenant, "giving up an idempotency key failed; it stays in flight until its TTL");
-                        });
+                        let gave_up =
+                            "giving up an idempotency key failed; it stays in flight until its TTL";
+                        crate::tasks::spawn(
+                            crate::tasks::retry(First::AfterWait, gave_up, move || {
+                                store.idempotency_abandon(&tenant, &key)
+                            })
+                            .in_current_span(),
+                        );
                     }
                     return other;
                 }
@@ -174,26 +174,26 @@ impl AsyncStage for IdempotencyContext {
                 .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
                 .await;
             crate::tasks::spawn(async move {
-                let mut outcome = match complete {
+                let first = match complete {
                     Ok(queued) => queued.await,
                     Err(e) => Err(e),
                 };
-                for attempt in 0..12u32 {
-                    let Err(e) = outcome else { return };
+                if let Err(e) = first {
                     tracing::warn!(%tenant, error = %e, "storing the idempotent answer failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await;
-                    outcome = match store
-                        .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
-                        .await
-                    {
-                        Ok(queued) => queued.await,
-                        Err(e) => Err(e),
-                    };
+                    let gave_up = "storing the idempotent answer failed; the key stays in flight until its TTL";
+                    crate::tasks::retry(First::AfterWait, gave_up, || {
+                        let queued = store.idempotency_complete(
+                            &tenant,
+                            &key,
+                            claim.clone(),
+                            stored.clone(),
+                        );
+                        async move { queued.await?.await }
+                    })
+                    .await;
                 }
-                if outcome.is_err() {
-                    tracing::error!(%tenant, "storing the idempotent answer failed; the key stays in flight until its TTL");
-                }
-            });
+            }
+            .in_current_span());
             Ok(Response::from_parts(parts, Body::from(bytes)))
         })
     }

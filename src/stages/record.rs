@@ -13,6 +13,8 @@ use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::state::StateStore;
+use crate::tasks::First;
+use tracing::Instrument;
 
 /// See the module docs.
 #[derive(Clone)]
@@ -98,31 +100,30 @@ impl AsyncStage for Record {
                         }
                         Err(e) => {
                             tracing::warn!(reservation = %id, call_id = %call_id, error = %e, "bind failed; retrying in the background");
-                            crate::tasks::spawn(async move {
-                                for attempt in 0..12u32 {
-                                    tokio::time::sleep(Duration::from_millis(
-                                        250 << attempt.min(4),
-                                    ))
-                                    .await;
-                                    let bound = store
-                                        .bind(
-                                            &tenant,
-                                            &reservation,
-                                            &call_id,
-                                            object.clone(),
-                                            lease,
-                                            now,
-                                        )
-                                        .await;
-                                    if let Ok(queued) = bound
-                                        && queued.await.is_ok()
-                                    {
+                            let gave_up =
+                                "bind failed; the call's events or its lease will settle it";
+                            crate::tasks::spawn(crate::tasks::retry(
+                                First::AfterWait,
+                                gave_up,
+                                move || {
+                                    let bound = store.bind(
+                                        &tenant,
+                                        &reservation,
+                                        &call_id,
+                                        object.clone(),
+                                        lease,
+                                        now,
+                                    );
+                                    let (reservation, call_id) =
+                                        (reservation.clone(), call_id.clone());
+                                    async move {
+                                        bound.await?.await?;
                                         tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
-                                        return;
+                                        Ok::<_, crate::state::StoreError>(())
                                     }
-                                }
-                                tracing::error!(reservation = %reservation, call_id = %call_id, "bind failed; the call's events or its lease will settle it");
-                            });
+                                },
+                            )
+                            .in_current_span());
                         }
                     }
                 }

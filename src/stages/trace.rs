@@ -32,6 +32,8 @@ pub struct RequestSpan(pub tracing::Span);
 #[derive(Debug, Default)]
 pub struct RequestFacts {
     tenant: std::sync::OnceLock<String>,
+    /// Whether an audit line is written for this request (else notes go to the span only).
+    audited: bool,
     /// What the stages noted for the audit line (stage, rule, destination, call id, hold).
     noted: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
 }
@@ -55,10 +57,12 @@ impl RequestFacts {
             serde_json::Value::String(s) => span.record(field, s.as_str()),
             other => span.record(field, other.to_string().as_str()),
         };
-        self.noted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(field.to_string(), value);
+        if self.audited {
+            self.noted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(field.to_string(), value);
+        }
     }
 
     fn noted(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -144,10 +148,9 @@ where
         // The server span of the request's trace (OpenTelemetry HTTP semantic conventions; the
         // `otel.*` fields name and kind it), continuing the client's `traceparent` if it sent one.
         let route = match path.as_str() {
-            "/v1/calls" | "/healthz" | "/readyz" => path.clone(),
-            p if p.starts_with("/v1/calls/") => "/v1/calls/{id}".to_string(),
-            p if p.starts_with("/v1/relay/") => "/v1/relay/{token}".to_string(),
-            p => p.to_string(),
+            p if p.starts_with("/v1/calls/") => "/v1/calls/{id}",
+            p if p.starts_with("/v1/relay/") => "/v1/relay/{token}",
+            p => p,
         };
         let span = tracing::info_span!(
             "request",
@@ -172,16 +175,19 @@ where
             code = tracing::field::Empty,
             "upstream.status_code" = tracing::field::Empty,
         );
-        let facts = Arc::new(RequestFacts::default());
         crate::telemetry::continue_trace(&span, req.headers());
         req.extensions_mut().insert(RequestId(id.clone()));
         req.extensions_mut().insert(RequestSpan(span.clone()));
-        req.extensions_mut().insert(facts.clone());
         let metrics = self.metrics;
         let audit = self
             .audit
             .clone()
             .filter(|_| req.method() == http::Method::POST && req.uri().path() == "/v1/calls");
+        let facts = Arc::new(RequestFacts {
+            audited: audit.is_some(),
+            ..RequestFacts::default()
+        });
+        req.extensions_mut().insert(facts.clone());
         let started = Instant::now();
         let future = {
             let _entered = span.enter();

@@ -71,6 +71,14 @@ pub fn copy_policies(dir: &std::path::Path) -> PathBuf {
     copy
 }
 
+/// A loopback address no one listens on right now (for a process to bind).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 pub fn simulator_upstream() -> String {
     format!("url = \"simulator\"\napi_key = \"{ACCOUNT_KEY}\"")
 }

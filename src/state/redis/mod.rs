@@ -366,16 +366,7 @@ impl RedisStore {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            let timeout = inner.timeout;
-            match tokio::time::timeout(timeout, f(inner)).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Unavailable(format!(
-                    "redis did not answer within {} ms",
-                    timeout.as_millis()
-                ))),
-            }
-        })
+        Box::pin(async move { inner.clone().within(f(inner)).await })
     }
 
     fn release_op(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
@@ -384,7 +375,25 @@ impl RedisStore {
     }
 }
 
+/// Redis did not answer within `timeout`.
+fn no_answer(timeout: Duration) -> StoreError {
+    StoreError::Unavailable(format!(
+        "redis did not answer within {} ms",
+        timeout.as_millis()
+    ))
+}
+
 impl Inner {
+    /// `work`, or [`StoreError::Unavailable`] when Redis takes longer than the store's timeout.
+    async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(self.timeout)))
+    }
+
     fn tenant_prefix(&self, tenant: &str) -> String {
         format!("{}:{{{tenant}}}:", self.prefix)
     }
@@ -676,17 +685,16 @@ impl Inner {
             return;
         };
         let (inner, id) = (self.clone(), reservation_id.to_string());
+        let gave_up = "release failed; the slot lapses at its lease end";
+        let attempt = move || {
+            let (inner, tenant, id) = (inner.clone(), tenant.clone(), id.clone());
+            async move { inner.within(inner.release(tenant.as_deref(), &id)).await }
+        };
         crate::tasks::spawn_on(
-            async move {
-                for attempt in 0..12u32 {
-                    let release = inner.release(tenant.as_deref(), &id);
-                    match tokio::time::timeout(inner.timeout, release).await {
-                        Ok(Ok(())) => return,
-                        _ => tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await,
-                    }
-                }
-                tracing::error!(reservation = %id, "release failed; the slot lapses at its lease end");
-            },
+            tracing::Instrument::instrument(
+                crate::tasks::retry(crate::tasks::First::Now, gave_up, attempt),
+                tracing::warn_span!("release", reservation = %reservation_id),
+            ),
             &handle,
         );
     }
@@ -882,12 +890,7 @@ impl StateStore for RedisStore {
                     // Closed first: an answer sent from now on is refused and released by the
                     // task; one that arrived just before is taken here.
                     rx.close();
-                    rx.try_recv().unwrap_or_else(|_| {
-                        Err(StoreError::Unavailable(format!(
-                            "redis did not answer within {} ms",
-                            timeout.as_millis()
-                        )))
-                    })
+                    rx.try_recv().unwrap_or_else(|_| Err(no_answer(timeout)))
                 }
             }
         })
@@ -945,9 +948,7 @@ impl StateStore for RedisStore {
             Ok(Box::pin(async move {
                 if let Some((member, lease)) = account_lease {
                     let set = ["set".into(), member, lease.to_string()];
-                    tokio::time::timeout(inner.timeout, inner.account(&set))
-                        .await
-                        .map_err(|_| StoreError::Unavailable("redis did not answer".into()))??;
+                    inner.within(inner.account(&set)).await?;
                 }
                 Ok(())
             }) as Queued)

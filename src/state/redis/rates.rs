@@ -25,30 +25,24 @@ impl SharedRateLimits {
         per_minute: u32,
         burst: u32,
     ) -> Result<Result<(), Duration>, StoreError> {
-        let inner = self.store.inner.clone();
         let interval = 60_000_000 / i64::from(per_minute.max(1));
-        let key = format!("{}rate", inner.tenant_prefix(tenant));
-        let check = async {
-            let mut invocation = inner.scripts.rate.prepare_invoke();
-            invocation
-                .key(key)
-                .arg(interval)
-                .arg(i64::from(burst.max(1)));
-            let wait: i64 = invocation
-                .invoke_async(&mut inner.conn())
-                .await
-                .map_err(store_error)?;
-            Ok(match wait {
-                0 => Ok(()),
-                us => Err(Duration::from_micros(us.max(1) as u64)),
+        let key = format!("{}rate", self.store.inner.tenant_prefix(tenant));
+        self.store
+            .op(move |inner| async move {
+                let mut invocation = inner.scripts.rate.prepare_invoke();
+                invocation
+                    .key(key)
+                    .arg(interval)
+                    .arg(i64::from(burst.max(1)));
+                let wait: i64 = invocation
+                    .invoke_async(&mut inner.conn())
+                    .await
+                    .map_err(store_error)?;
+                Ok(match wait {
+                    0 => Ok(()),
+                    us => Err(Duration::from_micros(us.max(1) as u64)),
+                })
             })
-        };
-        match tokio::time::timeout(inner.timeout, check).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "redis did not answer within {} ms",
-                inner.timeout.as_millis()
-            ))),
-        }
+            .await
     }
 }
