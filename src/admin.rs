@@ -9,6 +9,11 @@
 //! POST /admin/calls/{id}/release   {"tenant": "...", "charge": N, "reason": "..."}
 //!                                  a stuck call settled now at the stated charge
 //! POST /admin/reload               reload the policies and TLS certificates
+//! POST /admin/do-not-call          {"phone_number", "tenant"?, "reason"?}  an opt-out entry
+//! GET  /admin/do-not-call/{number} a number's entries, and the tenants whose lists hold it
+//! DELETE /admin/do-not-call/{number}[?tenant=ID]  an entry removed
+//! POST /admin/check-request?tenant=ID[&at=RFC3339]  a create-call body's dry run (see
+//!                                  `dryrun`): every stage's verdict; nothing consumed
 //! ```
 //!
 //! Every change is written to the audit log (target `audit`) with its reason.
@@ -50,6 +55,10 @@ pub struct AdminContext {
     pub store: Arc<dyn StateStore>,
     pub clock: SharedClock,
     pub audit: Arc<crate::audit::Audit>,
+    /// `/admin/do-not-call`.
+    pub optouts: crate::optouts::OptOutApi,
+    /// `server.max_json_depth`, for `/admin/check-request`.
+    pub max_json_depth: usize,
 }
 
 /// The admin service, with the same request ids and error envelope as the tenant API.
@@ -156,6 +165,48 @@ fn usage_tenant(path: &str) -> Option<&str> {
 }
 
 impl AdminContext {
+    /// `POST /admin/check-request?tenant=ID&at=...`: the dry run's verdict (200 whatever it is).
+    async fn check_request(
+        &self,
+        query: Option<&str>,
+        body: bytes::Bytes,
+    ) -> Result<Response<Body>, GatewayError> {
+        let mut tenant = None;
+        let mut at = None;
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "tenant" => tenant = Some(value.into_owned()),
+                // An unencoded `+` of an offset arrives as a space.
+                "at" => at = Some(value.replace(' ', "+")),
+                _ => {}
+            }
+        }
+        let policies = self.reloader.policies.current();
+        let tenant =
+            tenant.ok_or_else(|| GatewayError::invalid("tenant", "give the tenant: ?tenant=ID"))?;
+        let tenant = policies
+            .tenants
+            .get(&tenant)
+            .cloned()
+            .ok_or(GatewayError::NotFound("no such tenant"))?;
+        let at = match at {
+            None => self.clock.now(),
+            Some(text) => text.parse::<jiff::Timestamp>().map_err(|e| {
+                GatewayError::invalid("at", format!("at {text:?} is not an RFC 3339 time: {e}"))
+            })?,
+        };
+        let verdict = crate::dryrun::check_request(
+            &policies,
+            &self.store,
+            &tenant,
+            body,
+            at,
+            self.max_json_depth,
+        )
+        .await;
+        Ok(json_response(StatusCode::OK, &verdict))
+    }
+
     /// An operator's change, written to the audit log.
     async fn act(&self, path: &str, body: &[u8]) -> Result<Response<Body>, GatewayError> {
         let policies = self.reloader.policies.current();
@@ -383,13 +434,43 @@ where
         } else {
             authorized(&ctx, req.headers())
         };
+        let query = req.uri().query().map(str::to_string);
+        let request_id = req
+            .extensions()
+            .get::<crate::stages::trace::RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
         Box::pin(async move {
             auth?;
-            if method == Method::POST && action_target(&path).is_some() {
+            let limits = crate::stages::limits::BodyLimits {
+                max_bytes: 16 * 1024,
+                read_timeout: std::time::Duration::from_secs(10),
+            };
+            if path == "/admin/check-request" {
+                if method != Method::POST {
+                    return Err(GatewayError::MethodNotAllowed { allow: "POST" });
+                }
                 let limits = crate::stages::limits::BodyLimits {
-                    max_bytes: 16 * 1024,
-                    read_timeout: std::time::Duration::from_secs(10),
+                    max_bytes: 64 * 1024,
+                    ..limits
                 };
+                let body = crate::stages::limits::read_body(req.into_body(), limits).await?;
+                return ctx.check_request(query.as_deref(), body).await;
+            }
+            if path.starts_with("/admin/do-not-call") {
+                let body = match method {
+                    Method::POST => {
+                        crate::stages::limits::read_body(req.into_body(), limits).await?
+                    }
+                    _ => bytes::Bytes::new(),
+                };
+                return ctx
+                    .optouts
+                    .admin(&method, &path, query.as_deref(), &request_id, &body)
+                    .await
+                    .unwrap_or(Err(GatewayError::NotFound("no such route")));
+            }
+            if method == Method::POST && action_target(&path).is_some() {
                 let body = crate::stages::limits::read_body(req.into_body(), limits).await?;
                 return ctx.act(&path, &body).await;
             }

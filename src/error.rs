@@ -61,6 +61,10 @@ pub enum GatewayError {
         /// Seconds until a retry can succeed, when known (`Retry-After`).
         retry_after: Option<u64>,
     },
+    /// An attempt cap on calls to this destination is reached: retry after `retry_after`
+    /// seconds, when the oldest counted attempt leaves the window.
+    #[error("{message}")]
+    AttemptLimitExceeded { message: String, retry_after: u64 },
     /// The tenant's budget cannot hold the call's worst-case cost.
     #[error("{0}")]
     InsufficientCredits(String),
@@ -114,7 +118,7 @@ impl GatewayError {
             AgentNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             DestinationNotAllowed(_) | DoNotCall | OutsideCallingHours(_) => StatusCode::FORBIDDEN,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimitExceeded { .. } | AttemptLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             IdempotencyConflict(_) => StatusCode::CONFLICT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -138,6 +142,7 @@ impl GatewayError {
         "outside_calling_hours",
         "method_not_allowed",
         "rate_limit_exceeded",
+        "attempt_limit_exceeded",
         "insufficient_credits",
         "idempotency_conflict",
         "not_found",
@@ -164,6 +169,7 @@ impl GatewayError {
             OutsideCallingHours(_) => "outside_calling_hours",
             MethodNotAllowed { .. } => "method_not_allowed",
             RateLimitExceeded { .. } => "rate_limit_exceeded",
+            AttemptLimitExceeded { .. } => "attempt_limit_exceeded",
             InsufficientCredits(_) => "insufficient_credits",
             IdempotencyConflict(_) => "idempotency_conflict",
             NotFound(_) => "not_found",
@@ -184,7 +190,8 @@ impl GatewayError {
             GatewayError::AgentNotFound(_) => Some("/agent_id"),
             GatewayError::DestinationNotAllowed(_)
             | GatewayError::DoNotCall
-            | GatewayError::OutsideCallingHours(_) => Some("/phone_number"),
+            | GatewayError::OutsideCallingHours(_)
+            | GatewayError::AttemptLimitExceeded { .. } => Some("/phone_number"),
             _ => None,
         }
     }
@@ -223,6 +230,9 @@ impl GatewayError {
                 ..
             }
             | GatewayError::Overloaded {
+                retry_after: secs, ..
+            }
+            | GatewayError::AttemptLimitExceeded {
                 retry_after: secs, ..
             }
             | GatewayError::StateUnavailable {

@@ -73,6 +73,7 @@ impl Lifecycle {
             );
         }
         self.store.purge_idempotency(now).await?;
+        self.store.purge_attempts(now).await?;
         Ok(expired)
     }
 

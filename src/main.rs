@@ -45,6 +45,27 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Dry run: would this create-call body be allowed for this tenant (at this instant)? Prints
+    /// every stage's verdict as one JSON object; exit 0 allowed, 1 denied, 2 usage or config
+    /// error. Reads the state store without changing it; consumes nothing.
+    CheckRequest {
+        #[arg(
+            long,
+            short,
+            env = "CALLGATE_CONFIG",
+            default_value = "config.example.toml"
+        )]
+        config: PathBuf,
+        /// The tenant id the request is judged as.
+        #[arg(long)]
+        tenant: String,
+        /// The create-call JSON body (`-`: standard input).
+        #[arg(long)]
+        body: PathBuf,
+        /// The instant to judge at (RFC 3339), for calling hours and budget periods; default now.
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// Make a new tenant key and print it with the hash line for the tenant's policy.
     Keygen {
         /// The tenant the key is for.
@@ -80,6 +101,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Keygen { tenant } => keygen(&tenant),
+        Command::CheckRequest {
+            config,
+            tenant,
+            body,
+            at,
+        } => check_request(&config, &tenant, &body, at.as_deref()),
         Command::Serve { config } => run(serve(config)),
         Command::Simulator { listen, api_key } => run(simulator(listen, api_key)),
         Command::Audit {
@@ -235,6 +262,91 @@ fn check(config: &Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A usage or configuration error of `check-request`: exit 2.
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("callgate check-request: {message}");
+    ExitCode::from(2)
+}
+
+fn check_request(config: &Path, tenant: &str, body: &Path, at: Option<&str>) -> ExitCode {
+    use std::io::Read;
+    let settings = match Settings::load(config) {
+        Ok(s) => s,
+        Err(e) => return usage_error(e),
+    };
+    let hash_key = match redaction_hash_key(&settings) {
+        Ok(k) => k,
+        Err(e) => return usage_error(e),
+    };
+    let policies = match Policies::load(&settings.policies.dir, &hash_key) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            return usage_error("the policies do not load");
+        }
+    };
+    let Some(tenant) = policies.tenants.get(tenant).cloned() else {
+        return usage_error(format!(
+            "no tenant {tenant:?} in {}",
+            settings.policies.dir.display()
+        ));
+    };
+    let body = if body == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::stdin().read_to_end(&mut text).map(|_| text)
+    } else {
+        std::fs::read(body)
+    };
+    let body = match body {
+        Ok(b) => bytes::Bytes::from(b),
+        Err(e) => return usage_error(format!("cannot read the body: {e}")),
+    };
+    let at = match at {
+        None => jiff::Timestamp::now(),
+        Some(text) => match text.parse::<jiff::Timestamp>() {
+            Ok(t) => t,
+            Err(e) => return usage_error(format!("--at {text:?} is not an RFC 3339 time: {e}")),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return usage_error(format!("cannot start the runtime: {e}")),
+    };
+    let depth = settings.server.max_json_depth;
+    let verdict = runtime.block_on(async {
+        use callgate::config::StateBackend;
+        use callgate::state::StateView;
+        let state: Box<dyn StateView> = match settings.state.backend {
+            StateBackend::Sqlite => Box::new(
+                callgate::state::sqlite::SqliteSnapshot::open(&settings.state.path)
+                    .map_err(|e| e.to_string())?,
+            ),
+            StateBackend::Redis => {
+                let (store, _) =
+                    callgate::state::open(&settings.state).map_err(|e| e.to_string())?;
+                Box::new(store)
+            }
+        };
+        Ok::<_, String>(
+            callgate::dryrun::check_request(&policies, &*state, &tenant, body, at, depth).await,
+        )
+    });
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(e) => return usage_error(format!("cannot read the state store: {e}")),
+    };
+    println!("{verdict}");
+    match verdict["decision"].as_str() {
+        Some("allowed") => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
 

@@ -19,7 +19,15 @@ pub struct Reloader {
 impl Reloader {
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let policies = Policies::load(&self.policy_dir, &self.hash_key);
+        // A large do-not-call list takes a second to load: on a runtime worker, hand the
+        // worker's other tasks to another thread meanwhile, so traffic does not pause.
+        let load = || Policies::load(&self.policy_dir, &self.hash_key);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let policies = match multi_thread {
+            true => tokio::task::block_in_place(load),
+            false => load(),
+        };
         crate::metrics::reload(policies.is_ok());
         let policies = policies?;
         let count = policies.tenants.len();

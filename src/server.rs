@@ -195,6 +195,12 @@ impl Gateway {
             let scheme = if tls.is_some() { "https" } else { "http" };
             format!("{scheme}://{addr}")
         });
+        let optouts = crate::optouts::OptOutApi {
+            store: store.clone(),
+            policies: policies.clone(),
+            clock: clock.clone(),
+            audit: audit.clone(),
+        };
         let service = app::<hyper::body::Incoming>(AppContext {
             policies: policies.clone(),
             upstream: upstream.clone(),
@@ -233,6 +239,7 @@ impl Gateway {
             },
             max_requests_in_flight: settings.server.max_requests_in_flight,
             audit: audit.clone(),
+            optouts: optouts.clone(),
         });
         let background = lifecycle.clone().spawn(Duration::from_millis(
             settings.state.sweep_interval_ms.max(10),
@@ -291,6 +298,8 @@ impl Gateway {
                     store: store.clone(),
                     clock: clock.clone(),
                     audit: audit.clone(),
+                    optouts: optouts.clone(),
+                    max_json_depth: settings.server.max_json_depth,
                 });
             let (admin_stop, admin_stopped) = oneshot::channel();
             stops.push(admin_stop);

@@ -57,6 +57,8 @@ pub struct AppContext {
     pub max_requests_in_flight: usize,
     /// The audit trail decisions are written to.
     pub audit: Arc<crate::audit::Audit>,
+    /// `POST /v1/do-not-call`.
+    pub optouts: crate::optouts::OptOutApi,
 }
 
 /// A request refused by the in-flight cap (tower's load shedding), as our error.
@@ -122,6 +124,7 @@ where
             reader: ctx.reader,
             relay: ctx.relay,
             body_limits: ctx.body_limits,
+            optouts: ctx.optouts,
         })
         .boxed_clone()
 }
@@ -131,6 +134,7 @@ where
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
         "/v1/calls" => Some("GET, POST"),
+        "/v1/do-not-call" => Some("POST"),
         "/healthz" | "/readyz" => Some("GET"),
         p if p.starts_with("/v1/calls/") => Some("GET"),
         p if p.starts_with("/v1/relay/") => Some("POST"),
@@ -143,6 +147,7 @@ struct Router<B> {
     reader: CallReader,
     relay: Relay,
     body_limits: BodyLimits,
+    optouts: crate::optouts::OptOutApi,
 }
 
 impl<B> Clone for Router<B> {
@@ -152,6 +157,7 @@ impl<B> Clone for Router<B> {
             reader: self.reader.clone(),
             relay: self.relay.clone(),
             body_limits: self.body_limits,
+            optouts: self.optouts.clone(),
         }
     }
 }
@@ -211,6 +217,24 @@ where
                 Box::pin(async move {
                     let body = read_body(req.into_body(), limits).await?;
                     relay.receive(&token, body).await
+                })
+            }
+            (Method::POST, "/v1/do-not-call") => {
+                let optouts = self.optouts.clone();
+                let limits = self.body_limits;
+                let request_id = req
+                    .extensions()
+                    .get::<crate::stages::trace::RequestId>()
+                    .map(|r| r.0.clone())
+                    .unwrap_or_default();
+                Box::pin(async move {
+                    let tenant = crate::stages::authenticate::authenticate(
+                        req.headers(),
+                        &optouts.policies.current(),
+                    )?;
+                    facts.tenant(&span, &tenant.id);
+                    let body = read_body(req.into_body(), limits).await?;
+                    optouts.tenant_add(&tenant, &request_id, &body).await
                 })
             }
             (Method::GET, "/healthz") => {

@@ -101,6 +101,32 @@ impl CallingHours {
         }
         Ok(())
     }
+
+    /// The first instant at or after `now` when a call may start, within the next 8 days; `None`
+    /// if there is none (the zones' windows never overlap, or the zone is unknown).
+    pub fn next_allowed(&self, now: Timestamp, zones: &[TimeZone]) -> Option<Timestamp> {
+        if self.check(now, zones).is_ok() {
+            return Some(now);
+        }
+        // A call becomes possible when a window opens in one of the zones: try each opening
+        // (each zone's start on each of the next days), earliest first.
+        let mut openings: Vec<Timestamp> = Vec::new();
+        for tz in zones {
+            let today = now.to_zoned_datetime(tz.clone()).date();
+            for days in 0..9 {
+                let Ok(date) = today.checked_add(jiff::Span::new().days(days)) else {
+                    continue;
+                };
+                if let Ok(open) = date.to_datetime(self.start).to_zoned_datetime(tz.clone())
+                    && open.timestamp() > now
+                {
+                    openings.push(open.timestamp());
+                }
+            }
+        }
+        openings.sort();
+        openings.into_iter().find(|t| self.check(*t, zones).is_ok())
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +166,26 @@ mod tests {
         let early: Timestamp = "2026-01-05T16:30:00Z".parse().unwrap();
         let zones = [tz("America/New_York"), tz("America/Los_Angeles")];
         assert!(h.check(early, &zones).is_err());
+    }
+
+    #[test]
+    fn the_next_allowed_time_opens_in_every_zone() {
+        let h = hours("09:00", "20:00");
+        // Friday 2026-01-09 23:00 UTC: 18:00 in New York, 15:00 in Los Angeles: allowed now.
+        let friday: Timestamp = "2026-01-09T23:00:00Z".parse().unwrap();
+        let both = [tz("America/New_York"), tz("America/Los_Angeles")];
+        assert_eq!(h.next_allowed(friday, &both), Some(friday));
+        // Saturday: next is Monday 09:00 in Los Angeles (17:00 UTC), when New York is open too.
+        let saturday: Timestamp = "2026-01-10T18:00:00Z".parse().unwrap();
+        let next = h.next_allowed(saturday, &both).unwrap();
+        assert_eq!(next.to_string(), "2026-01-12T17:00:00Z");
+        assert_eq!(
+            h.next_allowed(saturday, &[tz("America/New_York")])
+                .unwrap()
+                .to_string(),
+            "2026-01-12T14:00:00Z"
+        );
+        assert_eq!(h.next_allowed(saturday, &[]), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 mod hours;
 mod model;
+pub mod numbers;
 pub mod redaction;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,6 +25,7 @@ use subtle::ConstantTimeEq;
 
 pub use hours::CallingHours;
 pub use model::*;
+pub use numbers::NumberSet;
 pub use redaction::Redaction;
 
 use crate::config::{ConfigError, find_line, line_of};
@@ -51,6 +53,8 @@ pub struct Tenant {
     pub redaction: Redaction,
     pub limits: LimitsPolicy,
     pub budget: BudgetPolicy,
+    /// Caps on calls to one destination.
+    pub attempts: Vec<AttemptRule>,
     /// Signs events relayed to the tenant's webhook.
     pub webhook_secret: Option<crate::config::Secret>,
 }
@@ -73,6 +77,36 @@ impl std::fmt::Debug for Tenant {
     }
 }
 
+/// A compiled attempt cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRule {
+    /// Where it was written, for refusals (`attempts`, `defaults/attempts`).
+    pub name: &'static str,
+    pub max_calls: u32,
+    pub window_secs: u64,
+    pub scope: AttemptsScope,
+}
+
+impl AttemptRule {
+    fn compile(name: &'static str, p: &AttemptsPolicy) -> Result<AttemptRule, String> {
+        let max_window = (crate::state::MAX_ATTEMPT_WINDOW_US / 1_000_000) as u64;
+        if p.max_calls == 0 {
+            return Err("attempts.max_calls must be at least 1".into());
+        }
+        if !(1..=max_window).contains(&p.window_secs) {
+            return Err(format!(
+                "attempts.window_secs must be 1 to {max_window} (30 days)"
+            ));
+        }
+        Ok(AttemptRule {
+            name,
+            max_calls: p.max_calls,
+            window_secs: p.window_secs,
+            scope: p.scope,
+        })
+    }
+}
+
 /// Compiled destination rules.
 #[derive(Debug, Default)]
 pub struct Destinations {
@@ -81,10 +115,41 @@ pub struct Destinations {
     pub number_types_allow: Option<HashSet<NumberType>>,
     pub number_types_deny: HashSet<NumberType>,
     pub prefixes_deny: Vec<String>,
-    pub do_not_call: Vec<Arc<HashSet<String>>>,
+    pub do_not_call: Vec<Arc<NumberSet>>,
 }
 
 impl Tenant {
+    /// The attempt caps on calls to `phone_number`, one per scope, each named by its first rule.
+    pub fn attempt_caps(
+        &self,
+        phone_number: &str,
+    ) -> Vec<(crate::state::AttemptCap, &'static str)> {
+        use crate::state::{AttemptCap, AttemptLimit, AttemptScope};
+        let mut caps: Vec<(AttemptCap, &'static str)> = Vec::new();
+        for rule in &self.attempts {
+            let scope = match rule.scope {
+                AttemptsScope::Tenant => AttemptScope::Tenant(self.id.clone()),
+                AttemptsScope::Account => AttemptScope::Account,
+            };
+            let limit = AttemptLimit {
+                max: rule.max_calls,
+                window: rule.window_secs as i64 * 1_000_000,
+            };
+            match caps.iter_mut().find(|(cap, _)| cap.scope == scope) {
+                Some((cap, _)) => cap.limits.push(limit),
+                None => caps.push((
+                    AttemptCap {
+                        scope,
+                        phone_number: phone_number.to_string(),
+                        limits: vec![limit],
+                    },
+                    rule.name,
+                )),
+            }
+        }
+        caps
+    }
+
     /// Whether `hash` is one of this tenant's key hashes, compared in constant time.
     pub fn has_key_hash(&self, hash: &[u8; 32]) -> bool {
         self.key_hashes
@@ -128,6 +193,10 @@ impl Policies {
         let mut errors = Vec::new();
         let schema = load_schema(&dir.join("schemas/create_call.json")).map_err(|e| errors.push(e));
         let mut lists = ListCache::default();
+        let defaults = load_defaults(&dir.join("defaults.toml")).unwrap_or_else(|e| {
+            errors.push(e);
+            DefaultsFile::default()
+        });
         let mut tenants = BTreeMap::new();
         let mut by_key: HashMap<[u8; 32], Arc<Tenant>> = HashMap::new();
         let tenant_dir = dir.join("tenants");
@@ -154,7 +223,7 @@ impl Policies {
             ));
         }
         for file in files {
-            match load_tenant(&file, dir, &mut lists, hash_key) {
+            match load_tenant(&file, dir, &mut lists, &defaults, hash_key) {
                 Ok(tenant) => {
                     let tenant = Arc::new(tenant);
                     if tenants.contains_key(&tenant.id) {
@@ -190,6 +259,24 @@ impl Policies {
     }
 }
 
+/// The shared defaults, if the file exists.
+fn load_defaults(path: &Path) -> Result<DefaultsFile, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DefaultsFile::default()),
+        Err(e) => return Err(ConfigError::new(path, None, format!("cannot read: {e}"))),
+    };
+    let file: DefaultsFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| line_of(&text, s.start));
+        ConfigError::new(path, line, e.message().trim().to_string())
+    })?;
+    if let Some(a) = &file.attempts {
+        AttemptRule::compile("defaults/attempts", a)
+            .map_err(|reason| ConfigError::new(path, find_line(&text, "[attempts]"), reason))?;
+    }
+    Ok(file)
+}
+
 fn load_schema(path: &Path) -> Result<jsonschema::Validator, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
@@ -205,32 +292,17 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, ConfigError> {
 /// Shared lists, loaded once however many tenants name them.
 #[derive(Default)]
 struct ListCache {
-    loaded: HashMap<PathBuf, Arc<HashSet<String>>>,
+    loaded: HashMap<PathBuf, Arc<NumberSet>>,
 }
 
 impl ListCache {
-    fn number_list(&mut self, path: &Path) -> Result<Arc<HashSet<String>>, ConfigError> {
+    fn number_list(&mut self, path: &Path) -> Result<Arc<NumberSet>, ConfigError> {
         if let Some(list) = self.loaded.get(path) {
             return Ok(list.clone());
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, None, format!("cannot read list: {e}")))?;
-        let mut set = HashSet::new();
-        for (i, line) in text.lines().enumerate() {
-            let entry = line.split('#').next().unwrap_or("").trim();
-            if entry.is_empty() {
-                continue;
-            }
-            if let Err(phone::PhoneError::Syntax) = phone::parse_e164(entry) {
-                return Err(ConfigError::new(
-                    path,
-                    Some(i + 1),
-                    format!("{entry:?} is not an E.164 number"),
-                ));
-            }
-            set.insert(entry.to_string());
-        }
-        let set = Arc::new(set);
+        let set = NumberSet::load(path)
+            .map(Arc::new)
+            .map_err(|e| ConfigError::new(path, e.line, e.reason))?;
         self.loaded.insert(path.to_path_buf(), set.clone());
         Ok(set)
     }
@@ -240,6 +312,7 @@ fn load_tenant(
     path: &Path,
     policy_dir: &Path,
     lists: &mut ListCache,
+    defaults: &DefaultsFile,
     hash_key: &[u8],
 ) -> Result<Tenant, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path)
@@ -438,6 +511,19 @@ fn load_tenant(
             Redaction::default()
         }
     };
+    let attempts = match (&file.attempts, &defaults.attempts) {
+        (Some(own), _) => match AttemptRule::compile("attempts", own) {
+            Ok(rule) => vec![rule],
+            Err(reason) => {
+                err("[attempts]", reason);
+                Vec::new()
+            }
+        },
+        (None, Some(shared)) => AttemptRule::compile("defaults/attempts", shared)
+            .into_iter()
+            .collect(),
+        (None, None) => Vec::new(),
+    };
 
     if !errors.is_empty() {
         return Err(errors);
@@ -468,6 +554,7 @@ fn load_tenant(
         redaction,
         limits: file.limits,
         budget: file.budget,
+        attempts,
         webhook_secret,
     })
 }

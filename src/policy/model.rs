@@ -38,6 +38,38 @@ pub struct TenantFile {
     pub limits: LimitsPolicy,
     #[serde(default)]
     pub budget: BudgetPolicy,
+    /// A cap on calls to one destination; none: the shared default's (`defaults.toml`), if any.
+    #[serde(default)]
+    pub attempts: Option<AttemptsPolicy>,
+}
+
+/// What every tenant inherits where its own file is silent (`policies/defaults.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsFile {
+    #[serde(default)]
+    pub attempts: Option<AttemptsPolicy>,
+}
+
+/// At most `max_calls` calls to the same destination in a rolling window of `window_secs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptsPolicy {
+    pub max_calls: u32,
+    /// 1 second to 30 days.
+    pub window_secs: u64,
+    /// `tenant` (default): this tenant's calls count; `account`: every tenant's calls to the
+    /// number count (debt-collection and state rules count per person, not per team).
+    #[serde(default)]
+    pub scope: AttemptsScope,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptsScope {
+    #[default]
+    Tenant,
+    Account,
 }
 
 /// Concurrency and request rate.

@@ -182,6 +182,8 @@ fn debug_output_shows_no_key_secret_or_personal_data() {
         id: "res-1".into(),
         token: "res-1.relay-secret".into(),
         max_duration: 60,
+        destination: "+14155551234".into(),
+        attempts: Vec::new(),
     });
     let shown = format!("{request:?}");
     assert!(

@@ -21,7 +21,10 @@ use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::policy::Tenant;
 use crate::state::redis::SharedRateLimits;
-use crate::state::{AdmitOutcome, AdmitRequest, BudgetTerms, RelayToken, StateStore};
+use crate::state::{
+    AdmitOutcome, AdmitRequest, AttemptOutcome, AttemptScope, BudgetTerms, OptOut, RelayToken,
+    StateStore,
+};
 
 /// `governor`'s view of our clock.
 #[derive(Debug, Clone)]
@@ -123,6 +126,10 @@ pub struct Reservation {
     /// The relay token handed to the upstream in the webhook URL (only its hash is stored).
     pub token: String,
     pub max_duration: u32,
+    /// The destination, and the scopes its attempt was counted in (given back if the upstream
+    /// refuses the call).
+    pub destination: String,
+    pub attempts: Vec<AttemptScope>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -132,6 +139,7 @@ impl std::fmt::Debug for Reservation {
             .field("id", &self.id)
             .field("token", &"[redacted]")
             .field("max_duration", &self.max_duration)
+            .field("attempts", &self.attempts)
             .finish()
     }
 }
@@ -163,6 +171,49 @@ impl std::fmt::Debug for dyn StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("StateStore")
     }
+}
+
+/// The runtime opt-out that stops `tenant` calling `phone_number`, if any: a shared entry first,
+/// then the tenant's own.
+pub async fn opt_out_for(
+    store: &(impl crate::state::StateView + ?Sized),
+    tenant: &str,
+    phone_number: &str,
+) -> Result<Option<OptOut>, GatewayError> {
+    let mut entries = crate::state::StateView::opt_outs(store, phone_number).await?;
+    entries.sort_by_key(|e| e.tenant.is_some());
+    Ok(entries
+        .into_iter()
+        .find(|e| e.tenant.as_deref().is_none_or(|t| t == tenant)))
+}
+
+/// The rule an opt-out refusal names.
+pub fn opt_out_rule(entry: &OptOut) -> &'static str {
+    match entry.tenant {
+        None => "do_not_call.opt_out",
+        Some(_) => "do_not_call.tenant_entry",
+    }
+}
+
+/// Give back attempts counted for a call that was not placed; a failure is logged (the attempt
+/// then counts until it leaves the window: the safe side).
+pub async fn return_attempts(
+    store: &dyn StateStore,
+    scopes: &[AttemptScope],
+    phone_number: &str,
+    attempt_id: &str,
+) {
+    for scope in scopes {
+        if let Err(e) = store.return_attempt(scope, phone_number, attempt_id).await {
+            tracing::warn!(error = %e, scope = scope.key(), "attempt not given back; it counts until it leaves its window");
+        }
+    }
+}
+
+/// Seconds from `now` until `at` (microseconds), rounded up, at least 1.
+pub fn secs_until(at: i64, now: i64) -> u64 {
+    let us = (at - now).max(1) as u64;
+    us.div_ceil(1_000_000).max(1)
 }
 
 /// What admission needs besides the request.
@@ -198,6 +249,20 @@ impl AsyncStage for AdmissionContext {
                 .call
                 .as_ref()
                 .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
+            let to = req
+                .destination
+                .as_ref()
+                .map(|d| d.e164.clone())
+                .ok_or_else(|| GatewayError::Internal("admission ran before phone".into()))?;
+            // A number opted out at run time (by any tenant, or an operator) is not called: a
+            // look-up, so the refusal consumes nothing.
+            if let Some(entry) = opt_out_for(&*ctx.store, &tenant.id, &to).await? {
+                return Err(refuse(
+                    &req.span,
+                    opt_out_rule(&entry),
+                    GatewayError::DoNotCall,
+                ));
+            }
             if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(refuse(
@@ -221,6 +286,36 @@ impl AsyncStage for AdmissionContext {
                 + i64::from(max_duration) * 1_000_000
                 + ctx.pending_lease_extra.as_micros() as i64;
             let reservation_id = uuid::Uuid::now_v7().to_string();
+            // Attempt caps: each counted atomically, or refused with nothing counted; the ones
+            // counted are given back if a later cap or admission refuses.
+            let mut attempts = Vec::new();
+            for (cap, rule) in tenant.attempt_caps(&to) {
+                let taken = ctx.store.take_attempt(&cap, &reservation_id, now).await;
+                let refusal = match taken {
+                    Ok(AttemptOutcome::Taken) => {
+                        attempts.push(cap.scope);
+                        continue;
+                    }
+                    Ok(AttemptOutcome::Exceeded { retry_at }) => refuse(
+                        &req.span,
+                        rule,
+                        GatewayError::AttemptLimitExceeded {
+                            message: format!(
+                                "the cap on calls to this number is reached ({} in {} s); retry after {}",
+                                cap.limits[0].max,
+                                cap.limits[0].window / 1_000_000,
+                                jiff::Timestamp::from_microsecond(retry_at)
+                                    .map(|t| t.to_string())
+                                    .unwrap_or_default()
+                            ),
+                            retry_after: secs_until(retry_at, now),
+                        },
+                    ),
+                    Err(e) => e.into(),
+                };
+                return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
+                return Err(refusal);
+            }
             let (token, token_hash) = RelayToken::issue(&reservation_id);
             let outcome = ctx
                 .store
@@ -243,8 +338,11 @@ impl AsyncStage for AdmissionContext {
                     now,
                     tenant_webhook: call.webhook_url.clone(),
                 })
-                .await?;
-            match outcome {
+                .await;
+            if !matches!(outcome, Ok(AdmitOutcome::Admitted)) {
+                return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
+            }
+            match outcome? {
                 AdmitOutcome::Admitted => {}
                 AdmitOutcome::TenantSlotsFull { limit } => {
                     return Err(refuse(
@@ -298,6 +396,8 @@ impl AsyncStage for AdmissionContext {
                 id: reservation_id,
                 token,
                 max_duration,
+                destination: to,
+                attempts,
             });
             call_next(next, req).await
         })

@@ -74,7 +74,10 @@ pub fn check_destination(
             )),
         ));
     }
-    if d.do_not_call.iter().any(|list| list.contains(&to.e164)) {
+    if d.do_not_call
+        .iter()
+        .any(|list| list.contains_e164(&to.e164))
+    {
         return Err(("destinations.do_not_call", GatewayError::DoNotCall));
     }
     if let Some(hours) = &tenant.hours {

@@ -39,10 +39,16 @@ impl AsyncStage for Record {
                 clock,
                 grace,
             } = &*self;
-            let Some((tenant, id, max_duration)) = req
-                .reservation
-                .as_ref()
-                .map(|r| (r.tenant.clone(), r.id.clone(), r.max_duration))
+            let Some((tenant, id, max_duration, destination, attempts)) =
+                req.reservation.as_ref().map(|r| {
+                    (
+                        r.tenant.clone(),
+                        r.id.clone(),
+                        r.max_duration,
+                        r.destination.clone(),
+                        r.attempts.clone(),
+                    )
+                })
             else {
                 return call_next(next, req).await;
             };
@@ -64,6 +70,11 @@ impl AsyncStage for Record {
                 }
                 if let Some(g) = guard.as_mut() {
                     g.disarm();
+                }
+                // The upstream answered and refused: no call was made, so no attempt counts.
+                // On no answer (a timeout, a reset) it may have placed the call: it counts.
+                if result.is_ok() {
+                    super::admission::return_attempts(&**store, &attempts, &destination, &id).await;
                 }
                 return result;
             }

@@ -39,6 +39,14 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
+    /// Facts that keep every note (a dry run reports them).
+    pub fn recording() -> Self {
+        RequestFacts {
+            audited: true,
+            ..RequestFacts::default()
+        }
+    }
+
     /// The request is the tenant's: on the span and in the facts.
     pub fn tenant(&self, span: &tracing::Span, id: &str) {
         span.record("tenant", id);
@@ -65,7 +73,8 @@ impl RequestFacts {
         }
     }
 
-    fn noted(&self) -> serde_json::Map<String, serde_json::Value> {
+    /// What the stages noted (kept when the facts record notes).
+    pub fn noted(&self) -> serde_json::Map<String, serde_json::Value> {
         self.noted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

@@ -359,6 +359,101 @@ pub enum IdempotencyBegin {
     Conflict,
 }
 
+/// A do-not-call entry recorded at run time: an opt-out a tenant captured during a call, or an
+/// operator's entry. It stops calls to the number at once, on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OptOut {
+    /// The number, in E.164.
+    pub phone_number: String,
+    /// `None`: every tenant's calls (the company is one caller for the person); else only
+    /// this tenant's.
+    pub tenant: Option<String>,
+    /// Who recorded it: `tenant:<id>` or `admin`.
+    pub source: String,
+    /// When (unix microseconds).
+    pub created_at: i64,
+}
+
+/// The longest attempt window a policy may set (30 days); attempts older than this are
+/// forgotten by [`StateStore::purge_attempts`].
+pub const MAX_ATTEMPT_WINDOW_US: i64 = 30 * 24 * 3_600 * 1_000_000;
+
+/// Which calls an attempt cap counts: one tenant's, or every tenant's (`scope = "account"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptScope {
+    Tenant(String),
+    Account,
+}
+
+impl AttemptScope {
+    /// The scope's name in the store: the tenant id, or `#account` (which no tenant id can be).
+    pub fn key(&self) -> &str {
+        match self {
+            AttemptScope::Tenant(t) => t,
+            AttemptScope::Account => "#account",
+        }
+    }
+}
+
+/// At most `max` attempts within `window` microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptLimit {
+    pub max: u32,
+    pub window: i64,
+}
+
+/// The caps on calls to one destination in one scope, as admission applies them: every limit
+/// must hold, and one attempt counts against them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptCap {
+    pub scope: AttemptScope,
+    pub phone_number: String,
+    pub limits: Vec<AttemptLimit>,
+}
+
+/// What [`StateStore::take_attempt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Counted.
+    Taken,
+    /// A limit is reached; nothing was counted. A call can be placed again at `retry_at` (unix
+    /// microseconds), when enough attempts have left the windows.
+    Exceeded { retry_at: i64 },
+}
+
+impl AttemptCap {
+    /// The longest window of the limits.
+    pub fn longest_window(&self) -> i64 {
+        self.limits.iter().map(|l| l.window).max().unwrap_or(0)
+    }
+
+    /// The verdict at `now` for these attempt times (oldest first; at least those within the
+    /// longest window).
+    pub fn verdict(&self, times: &[i64], now: i64) -> AttemptOutcome {
+        let mut retry_at = None;
+        for limit in &self.limits {
+            let max = limit.max as usize;
+            let counted: Vec<i64> = times
+                .iter()
+                .copied()
+                .filter(|&at| at > now - limit.window)
+                .collect();
+            if counted.len() >= max {
+                // The attempt whose leaving brings the count under this limit (`max` 0: never).
+                let at = match max {
+                    0 => i64::MAX - limit.window,
+                    _ => counted[counted.len() - max],
+                };
+                retry_at = retry_at.max(Some(at + limit.window));
+            }
+        }
+        match retry_at {
+            Some(retry_at) => AttemptOutcome::Exceeded { retry_at },
+            None => AttemptOutcome::Taken,
+        }
+    }
+}
+
 /// The durable state behind admission, the lifecycle and idempotency.
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
@@ -454,11 +549,93 @@ pub trait StateStore: Send + Sync + 'static {
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize>;
     /// Check the live counters against the records (`StoreError::Inconsistent` if they differ).
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()>;
+    /// Record an opt-out; `false` if the number already had an entry of this scope (the first
+    /// is kept).
+    fn add_opt_out(&self, entry: OptOut) -> StoreFuture<'static, bool>;
+    /// Remove a number's entry of this scope (`None`: the shared one); `false` if there was none.
+    fn remove_opt_out(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+    ) -> StoreFuture<'static, bool>;
+    /// Every entry for a number (shared, and any tenant's).
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>>;
+    /// Count one attempt (`attempt_id`: the reservation's id) under `cap` at `now`, or refuse
+    /// and count nothing, atomically.
+    fn take_attempt(
+        &self,
+        cap: &AttemptCap,
+        attempt_id: &str,
+        now: i64,
+    ) -> StoreFuture<'static, AttemptOutcome>;
+    /// Forget a counted attempt: its call was never placed.
+    fn return_attempt(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        attempt_id: &str,
+    ) -> StoreFuture<'static, ()>;
+    /// The times (oldest first) of the attempts to a number in a scope after `since`.
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>>;
+    /// Forget attempts older than the longest window ([`MAX_ATTEMPT_WINDOW_US`]) before `now`.
+    fn purge_attempts(&self, now: i64) -> StoreFuture<'static, usize>;
     /// Wait until everything queued so far is durable (graceful shutdown).
     fn flush(&self) -> StoreFuture<'static, ()>;
     /// Whether the store answers (`/readyz`).
     fn ready(&self) -> StoreFuture<'static, ()> {
         Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// What a dry run reads: usage, opt-outs and attempts, never changing anything. Every store is
+/// one; so is a read-only snapshot of a state file ([`sqlite::SqliteSnapshot`]).
+pub trait StateView: Send + Sync {
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage>;
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>>;
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>>;
+}
+
+impl<S: StateStore + ?Sized> StateView for S {
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
+        StateStore::usage(self, tenant, now)
+    }
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
+        StateStore::opt_outs(self, phone_number)
+    }
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>> {
+        StateStore::attempts(self, scope, phone_number, since)
+    }
+}
+
+impl<S: StateStore + ?Sized> StateView for std::sync::Arc<S> {
+    fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
+        StateStore::usage(&**self, tenant, now)
+    }
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
+        StateStore::opt_outs(&**self, phone_number)
+    }
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>> {
+        StateStore::attempts(&**self, scope, phone_number, since)
     }
 }
 

@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use callgate::state::{
-    AdmitOutcome, AdmitRequest, BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin,
-    IdempotencyClaim, Period, RelayToken, StateStore, StoredResponse, Usage,
+    AdmitOutcome, AdmitRequest, AttemptCap, AttemptLimit, AttemptOutcome, AttemptScope,
+    BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin, IdempotencyClaim, OptOut, Period,
+    RelayToken, StateStore, StoredResponse, Usage,
 };
 use serde_json::json;
 
@@ -756,6 +757,185 @@ pub async fn an_operator_releases_a_stuck_call_and_tops_up_a_budget(b: &impl Bac
 }
 
 /// One `#[tokio::test]` per case, for the backend `$backend` (an expression of a [`Backend`]).
+pub async fn opt_outs_are_kept_per_scope_and_survive_a_restart(b: &impl Backend) {
+    let number = "+14155550123";
+    let entry = |tenant: Option<&str>, source: &str| OptOut {
+        phone_number: number.into(),
+        tenant: tenant.map(str::to_string),
+        source: source.into(),
+        created_at: NOW,
+    };
+    {
+        let store = b.open();
+        assert!(store.opt_outs(number).await.unwrap().is_empty());
+        assert!(store.add_opt_out(entry(None, "tenant:a")).await.unwrap());
+        // The first entry of a scope is kept.
+        assert!(!store.add_opt_out(entry(None, "admin")).await.unwrap());
+        assert!(store.add_opt_out(entry(Some("b"), "admin")).await.unwrap());
+        let mut found = store.opt_outs(number).await.unwrap();
+        found.sort_by(|x, y| x.tenant.cmp(&y.tenant));
+        assert_eq!(
+            found,
+            vec![entry(None, "tenant:a"), entry(Some("b"), "admin")]
+        );
+        assert!(store.opt_outs("+14155550124").await.unwrap().is_empty());
+        store.flush().await.unwrap();
+    }
+    let store = b.open();
+    let found = store.opt_outs(number).await.unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(store.remove_opt_out(number, None).await.unwrap());
+    assert!(!store.remove_opt_out(number, None).await.unwrap());
+    assert_eq!(
+        store.opt_outs(number).await.unwrap(),
+        vec![entry(Some("b"), "admin")]
+    );
+    assert!(store.remove_opt_out(number, Some("b")).await.unwrap());
+    assert!(store.opt_outs(number).await.unwrap().is_empty());
+}
+
+pub async fn attempts_are_capped_in_a_rolling_window(b: &impl Backend) {
+    let number = "+14155550123";
+    let cap = |scope: AttemptScope| AttemptCap {
+        scope,
+        phone_number: number.into(),
+        limits: vec![AttemptLimit {
+            max: 2,
+            window: 3_600 * SEC,
+        }],
+    };
+    let acme = cap(AttemptScope::Tenant("acme".into()));
+    {
+        let store = b.open();
+        let take = |cap: AttemptCap, id: &'static str, now: i64| {
+            let store = store.clone();
+            async move { store.take_attempt(&cap, id, now).await.unwrap() }
+        };
+        assert_eq!(take(acme.clone(), "r1", NOW).await, AttemptOutcome::Taken);
+        assert_eq!(
+            take(acme.clone(), "r2", NOW + 600 * SEC).await,
+            AttemptOutcome::Taken
+        );
+        // Full: refused until the first attempt leaves the window; nothing counted.
+        assert_eq!(
+            take(acme.clone(), "r3", NOW + 900 * SEC).await,
+            AttemptOutcome::Exceeded {
+                retry_at: NOW + 3_600 * SEC
+            }
+        );
+        // Another tenant, and the account scope, count apart.
+        let globex = cap(AttemptScope::Tenant("globex".into()));
+        assert_eq!(take(globex, "r4", NOW).await, AttemptOutcome::Taken);
+        assert_eq!(
+            take(cap(AttemptScope::Account), "r5", NOW).await,
+            AttemptOutcome::Taken
+        );
+        store.flush().await.unwrap();
+    }
+    // After a restart the attempts still count.
+    let store = b.open();
+    let scope = AttemptScope::Tenant("acme".into());
+    assert_eq!(
+        store
+            .attempts(&scope, number, NOW - 3_600 * SEC)
+            .await
+            .unwrap(),
+        vec![NOW, NOW + 600 * SEC]
+    );
+    assert!(matches!(
+        store
+            .take_attempt(&acme, "r6", NOW + 1_000 * SEC)
+            .await
+            .unwrap(),
+        AttemptOutcome::Exceeded { .. }
+    ));
+    // A call that was not placed gives its attempt back.
+    store.return_attempt(&scope, number, "r2").await.unwrap();
+    assert_eq!(
+        store
+            .take_attempt(&acme, "r7", NOW + 1_000 * SEC)
+            .await
+            .unwrap(),
+        AttemptOutcome::Taken
+    );
+    // The window rolls: an hour after the first attempt, one more may go.
+    let later = NOW + 3_600 * SEC + 1;
+    assert_eq!(
+        store.take_attempt(&acme, "r8", later).await.unwrap(),
+        AttemptOutcome::Taken
+    );
+    assert_eq!(
+        store
+            .attempts(&scope, number, later - 3_600 * SEC)
+            .await
+            .unwrap(),
+        vec![NOW + 1_000 * SEC, later]
+    );
+    // Attempts older than the longest window are forgotten.
+    let month_later = NOW + callgate::state::MAX_ATTEMPT_WINDOW_US + 3_600 * SEC + 2;
+    store.purge_attempts(month_later).await.unwrap();
+    assert_eq!(
+        store.take_attempt(&acme, "r9", month_later).await.unwrap(),
+        AttemptOutcome::Taken
+    );
+    assert_eq!(
+        store.attempts(&scope, number, 0).await.unwrap(),
+        vec![month_later]
+    );
+}
+
+pub async fn concurrent_attempts_never_exceed_a_cap(b: &impl Backend) {
+    let store = b.open();
+    // Two limits: 5 an hour and 3 a day; the stricter holds.
+    let cap = AttemptCap {
+        scope: AttemptScope::Account,
+        phone_number: "+14155550199".into(),
+        limits: vec![
+            AttemptLimit {
+                max: 5,
+                window: 3_600 * SEC,
+            },
+            AttemptLimit {
+                max: 3,
+                window: 24 * 3_600 * SEC,
+            },
+        ],
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (store, cap) = (store.clone(), cap.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .take_attempt(&cap, &format!("r{i}"), NOW)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        if t.await.unwrap() == AttemptOutcome::Taken {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, 3);
+    // A day after, the 24-hour limit frees; the refusal said when.
+    let refused = store
+        .take_attempt(&cap, "late", NOW + 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        AttemptOutcome::Exceeded {
+            retry_at: NOW + 24 * 3_600 * SEC
+        }
+    );
+    let next_day = NOW + 24 * 3_600 * SEC + 1;
+    assert_eq!(
+        store.take_attempt(&cap, "next", next_day).await.unwrap(),
+        AttemptOutcome::Taken
+    );
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:expr) => {
@@ -778,6 +958,9 @@ macro_rules! conformance_suite {
             issued_relay_tokens_find_their_call,
             free_calls_and_a_budget_made_fixed,
             an_operator_releases_a_stuck_call_and_tops_up_a_budget,
+            opt_outs_are_kept_per_scope_and_survive_a_restart,
+            attempts_are_capped_in_a_rolling_window,
+            concurrent_attempts_never_exceed_a_cap,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

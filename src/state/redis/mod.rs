@@ -19,6 +19,8 @@
 //! | `<p>:{#account}:live`        | zset   | `<tenant>/<res id>` by lease end: the account-wide cap   |
 //! | `<p>:r:<res id>`             | string | the reservation's tenant and token hash, for the relay   |
 //! | `<p>:tenants`                | set    | tenants that ever held state                             |
+//! | `<p>:o:{<number>}`           | hash   | runtime opt-outs of a number: `*` (every tenant) or a tenant id -> source and time |
+//! | `<p>:a:{<scope>\|<number>}`  | zset   | attempts to a number in a scope (tenant id or `#account`) by time |
 //!
 //! Every tenant key carries the tenant's hash tag, so a tenant's scripts run in one slot on
 //! Redis Cluster. The account-wide cap spans tenants, so it is its own step in its own slot:
@@ -92,6 +94,7 @@ struct Scripts {
     idempotency: Script,
     account: Script,
     rate: Script,
+    attempt: Script,
 }
 
 macro_rules! tenant_script {
@@ -116,6 +119,7 @@ impl Scripts {
             idempotency: tenant_script!("idempotency.lua"),
             account: Script::new(include_str!("lua/account.lua")),
             rate: Script::new(include_str!("lua/rate.lua")),
+            attempt: Script::new(include_str!("lua/attempt.lua")),
         }
     }
 }
@@ -406,6 +410,16 @@ impl Inner {
 
     fn reservation_key(&self, reservation_id: &str) -> String {
         format!("{}:r:{reservation_id}", self.prefix)
+    }
+
+    /// A number's runtime opt-outs: in the number's own slot.
+    fn opt_out_key(&self, phone_number: &str) -> String {
+        format!("{}:o:{{{phone_number}}}", self.prefix)
+    }
+
+    /// A number's attempts in a scope.
+    fn attempts_key(&self, scope: &AttemptScope, phone_number: &str) -> String {
+        format!("{}:a:{{{}|{phone_number}}}", self.prefix, scope.key())
     }
 
     fn tenants_key(&self) -> String {
@@ -1073,7 +1087,7 @@ impl StateStore for RedisStore {
                     a
                 })
                 .await?;
-            store.usage(&tenant, now).await
+            StateStore::usage(&store, &tenant, now).await
         })
     }
 
@@ -1379,6 +1393,148 @@ impl StateStore for RedisStore {
                 Err(StoreError::Inconsistent(differences.join("; ")))
             }
         })
+    }
+
+    fn add_opt_out(&self, entry: OptOut) -> StoreFuture<'static, bool> {
+        self.op(move |inner| async move {
+            let field = entry.tenant.clone().unwrap_or_else(|| "*".into());
+            let value = serde_json::json!({"source": entry.source, "created_at": entry.created_at});
+            let added: bool = inner
+                .conn()
+                .hset_nx(
+                    inner.opt_out_key(&entry.phone_number),
+                    field,
+                    value.to_string(),
+                )
+                .await
+                .map_err(store_error)?;
+            Ok(added)
+        })
+    }
+
+    fn remove_opt_out(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+    ) -> StoreFuture<'static, bool> {
+        let (number, field) = (phone_number.to_string(), tenant.unwrap_or("*").to_string());
+        self.op(move |inner| async move {
+            let removed: i64 = inner
+                .conn()
+                .hdel(inner.opt_out_key(&number), field)
+                .await
+                .map_err(store_error)?;
+            Ok(removed == 1)
+        })
+    }
+
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
+        let number = phone_number.to_string();
+        self.op(move |inner| async move {
+            let entries: HashMap<String, String> = inner
+                .conn()
+                .hgetall(inner.opt_out_key(&number))
+                .await
+                .map_err(store_error)?;
+            let mut found: Vec<OptOut> = entries
+                .into_iter()
+                .map(|(scope, value)| {
+                    let value: Json = serde_json::from_str(&value).unwrap_or_default();
+                    OptOut {
+                        phone_number: number.clone(),
+                        tenant: (scope != "*").then_some(scope),
+                        source: value["source"].as_str().unwrap_or_default().to_string(),
+                        created_at: value["created_at"].as_i64().unwrap_or(0),
+                    }
+                })
+                .collect();
+            found.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+            Ok(found)
+        })
+    }
+
+    fn take_attempt(
+        &self,
+        cap: &AttemptCap,
+        attempt_id: &str,
+        now: i64,
+    ) -> StoreFuture<'static, AttemptOutcome> {
+        let (cap, id) = (cap.clone(), attempt_id.to_string());
+        self.op(move |inner| async move {
+            let mut invocation = inner.scripts.attempt.prepare_invoke();
+            invocation
+                .key(inner.attempts_key(&cap.scope, &cap.phone_number))
+                .arg(id)
+                .arg(now.to_string())
+                .arg((now - MAX_ATTEMPT_WINDOW_US).to_string())
+                .arg(millis(MAX_ATTEMPT_WINDOW_US));
+            for limit in &cap.limits {
+                invocation
+                    .arg((now - limit.window).to_string())
+                    .arg(limit.max);
+            }
+            let reply = array(
+                invocation
+                    .invoke_async(&mut inner.conn())
+                    .await
+                    .map_err(store_error)?,
+            )?;
+            match tag(&reply).as_str() {
+                "taken" => Ok(AttemptOutcome::Taken),
+                "exceeded" => {
+                    // The attempt times in the longest window, as Redis prints a double
+                    // (integral below 2^53): the verdict's retry time is computed here.
+                    let times: Vec<i64> = reply[1..]
+                        .iter()
+                        .filter_map(text)
+                        .filter_map(|t| t.parse::<f64>().ok())
+                        .map(|at| at as i64)
+                        .collect();
+                    Ok(cap.verdict(&times, now))
+                }
+                other => Err(StoreError::Backend(format!(
+                    "redis: unexpected attempt reply {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn return_attempt(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        attempt_id: &str,
+    ) -> StoreFuture<'static, ()> {
+        let key = self.inner.attempts_key(scope, phone_number);
+        let id = attempt_id.to_string();
+        self.op(move |inner| async move {
+            let _: i64 = inner.conn().zrem(key, id).await.map_err(store_error)?;
+            Ok(())
+        })
+    }
+
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>> {
+        let key = self.inner.attempts_key(scope, phone_number);
+        self.op(move |inner| async move {
+            // Scores are doubles: exact for times below 2^53 microseconds.
+            let times: Vec<(String, f64)> = inner
+                .conn()
+                .zrangebyscore_withscores(key, format!("({since}"), "+inf")
+                .await
+                .map_err(store_error)?;
+            Ok(times.into_iter().map(|(_, at)| at as i64).collect())
+        })
+    }
+
+    fn purge_attempts(&self, _now: i64) -> StoreFuture<'static, usize> {
+        // Each take forgets its number's old attempts, and a number's key lapses a window after
+        // its last attempt: nothing to sweep.
+        Box::pin(std::future::ready(Ok(0)))
     }
 
     fn flush(&self) -> StoreFuture<'static, ()> {

@@ -25,10 +25,14 @@
 
 mod queries;
 mod schema;
+mod snapshot;
 mod writer;
 
+pub use snapshot::SqliteSnapshot;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rusqlite::Connection;
 use serde_json::Value;
@@ -73,7 +77,13 @@ pub struct SqliteStore {
     /// The file predates relay tokens that name their reservation and has an index on token
     /// hashes: tokens issued then are still found by their hash.
     legacy_tokens: bool,
+    /// Every runtime opt-out by number, loaded at start and kept by the writer: the request path
+    /// looks a number up without a query.
+    opt_outs: Arc<RwLock<OptOuts>>,
 }
+
+/// Runtime opt-outs by number.
+type OptOuts = HashMap<String, Vec<OptOut>>;
 
 /// Read-only connections, opened on demand and kept for reuse.
 struct Readers {
@@ -127,10 +137,18 @@ impl SqliteStore {
         let lock = schema::lock(path)?;
         let conn = schema::open_writer(path, options.synchronous)?;
         let legacy_tokens = schema::has_token_index(&conn)?;
+        let mut opt_outs = OptOuts::new();
+        for entry in queries::all_opt_outs(&conn)? {
+            opt_outs
+                .entry(entry.phone_number.clone())
+                .or_default()
+                .push(entry);
+        }
         let writer = Writer::start(conn, options.queue_capacity, lock)?;
         Ok(SqliteStore {
             writer,
             legacy_tokens,
+            opt_outs: Arc::new(RwLock::new(opt_outs)),
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
@@ -552,6 +570,115 @@ impl StateStore for SqliteStore {
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize> {
         Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
             let purged = queries::purge_idempotency(conn, now)?;
+            let when = if purged == 0 {
+                When::Now
+            } else {
+                When::Committed
+            };
+            Ok((purged, when))
+        }))
+    }
+
+    fn add_opt_out(&self, entry: OptOut) -> StoreFuture<'static, bool> {
+        let opt_outs = self.opt_outs.clone();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            if !queries::insert_opt_out(conn, &entry)? {
+                return Ok((false, When::Now));
+            }
+            let mut map = opt_outs.write().unwrap_or_else(|p| p.into_inner());
+            map.entry(entry.phone_number.clone())
+                .or_default()
+                .push(entry);
+            Ok((true, When::Committed))
+        }))
+    }
+
+    fn remove_opt_out(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+    ) -> StoreFuture<'static, bool> {
+        let opt_outs = self.opt_outs.clone();
+        let (number, tenant) = (phone_number.to_string(), tenant.map(str::to_string));
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            if !queries::delete_opt_out(conn, &number, tenant.as_deref())? {
+                return Ok((false, When::Now));
+            }
+            let mut map = opt_outs.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(entries) = map.get_mut(&number) {
+                entries.retain(|e| e.tenant != tenant);
+                if entries.is_empty() {
+                    map.remove(&number);
+                }
+            }
+            Ok((true, When::Committed))
+        }))
+    }
+
+    fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
+        let map = self.opt_outs.read().unwrap_or_else(|p| p.into_inner());
+        let found = map.get(phone_number).cloned().unwrap_or_default();
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn take_attempt(
+        &self,
+        cap: &AttemptCap,
+        attempt_id: &str,
+        now: i64,
+    ) -> StoreFuture<'static, AttemptOutcome> {
+        let (cap, id) = (cap.clone(), attempt_id.to_string());
+        Box::pin(self.writer.run(Urgency::Shed, move |conn, _| {
+            let since = now - cap.longest_window();
+            let times = queries::attempt_times(conn, cap.scope.key(), &cap.phone_number, since)?;
+            let outcome = cap.verdict(&times, now);
+            if outcome == AttemptOutcome::Taken {
+                queries::insert_attempt(conn, cap.scope.key(), &cap.phone_number, &id, now)?;
+            }
+            // The admission that follows commits the attempt with it (and a crash before that
+            // commit placed no call).
+            Ok((outcome, When::Now))
+        }))
+    }
+
+    fn return_attempt(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        attempt_id: &str,
+    ) -> StoreFuture<'static, ()> {
+        let (scope, number, id) = (
+            scope.key().to_string(),
+            phone_number.to_string(),
+            attempt_id.to_string(),
+        );
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            queries::delete_attempt(conn, &scope, &number, &id)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn attempts(
+        &self,
+        scope: &AttemptScope,
+        phone_number: &str,
+        since: i64,
+    ) -> StoreFuture<'static, Vec<i64>> {
+        let (scope, number) = (scope.key().to_string(), phone_number.to_string());
+        let readers = self.readers.clone();
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            // Attempts ride on the next commit: wait for those counted so far.
+            writer.committed_up_to_now().await?;
+            readers
+                .read(move |conn| queries::attempt_times(conn, &scope, &number, since))
+                .await
+        })
+    }
+
+    fn purge_attempts(&self, now: i64) -> StoreFuture<'static, usize> {
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let purged = queries::purge_attempts(conn, now - MAX_ATTEMPT_WINDOW_US)?;
             let when = if purged == 0 {
                 When::Now
             } else {

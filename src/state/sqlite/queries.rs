@@ -5,7 +5,8 @@ use serde_json::Value;
 
 use crate::state::accounting::{Pricing, Spend};
 use crate::state::{
-    AdmitRequest, CallRecord, IdempotencyBegin, IdempotencyClaim, StoreError, StoredResponse,
+    AdmitRequest, CallRecord, IdempotencyBegin, IdempotencyClaim, OptOut, StoreError,
+    StoredResponse,
 };
 
 /// `SELECT` of a call's columns (as [`record_from_row`] reads them) `WHERE` the clause.
@@ -365,4 +366,110 @@ pub fn abandon_idempotency(conn: &Connection, tenant: &str, key: &str) -> Result
 pub fn purge_idempotency(conn: &Connection, now: i64) -> Result<usize, StoreError> {
     let mut stmt = conn.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?;
     Ok(stmt.execute([now])?)
+}
+
+/// The scope column of an opt-out: `*` for every tenant (no tenant id can be `*`).
+fn opt_out_scope(tenant: Option<&str>) -> &str {
+    tenant.unwrap_or("*")
+}
+
+/// Record an opt-out; `false` if one of its scope was there.
+pub fn insert_opt_out(conn: &Connection, entry: &OptOut) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO opt_outs (phone_number, scope, source, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let scope = opt_out_scope(entry.tenant.as_deref());
+    Ok(stmt.execute(params![
+        entry.phone_number,
+        scope,
+        entry.source,
+        entry.created_at
+    ])? == 1)
+}
+
+/// Remove an opt-out; `false` if there was none.
+pub fn delete_opt_out(
+    conn: &Connection,
+    phone_number: &str,
+    tenant: Option<&str>,
+) -> Result<bool, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("DELETE FROM opt_outs WHERE phone_number = ?1 AND scope = ?2")?;
+    Ok(stmt.execute(params![phone_number, opt_out_scope(tenant)])? == 1)
+}
+
+fn opt_out_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OptOut> {
+    let scope: String = r.get(1)?;
+    Ok(OptOut {
+        phone_number: r.get(0)?,
+        tenant: (scope != "*").then_some(scope),
+        source: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+/// Every opt-out.
+pub fn all_opt_outs(conn: &Connection) -> Result<Vec<OptOut>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT phone_number, scope, source, created_at FROM opt_outs")?;
+    let rows = stmt.query_map([], opt_out_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A number's opt-outs.
+pub fn opt_outs_of(conn: &Connection, phone_number: &str) -> Result<Vec<OptOut>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT phone_number, scope, source, created_at FROM opt_outs WHERE phone_number = ?1",
+    )?;
+    let rows = stmt.query_map([phone_number], opt_out_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The times of a number's attempts in a scope after `since`, oldest first.
+pub fn attempt_times(
+    conn: &Connection,
+    scope: &str,
+    phone_number: &str,
+    since: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT at FROM attempts WHERE scope = ?1 AND phone_number = ?2 AND at > ?3 ORDER BY at",
+    )?;
+    let rows = stmt.query_map(params![scope, phone_number, since], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Count an attempt.
+pub fn insert_attempt(
+    conn: &Connection,
+    scope: &str,
+    phone_number: &str,
+    attempt_id: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO attempts (scope, phone_number, attempt_id, at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    stmt.execute(params![scope, phone_number, attempt_id, at])?;
+    Ok(())
+}
+
+/// Forget an attempt.
+pub fn delete_attempt(
+    conn: &Connection,
+    scope: &str,
+    phone_number: &str,
+    attempt_id: &str,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM attempts WHERE scope = ?1 AND phone_number = ?2 AND attempt_id = ?3",
+    )?;
+    stmt.execute(params![scope, phone_number, attempt_id])?;
+    Ok(())
+}
+
+/// Forget attempts made before `before`.
+pub fn purge_attempts(conn: &Connection, before: i64) -> Result<usize, StoreError> {
+    let mut stmt = conn.prepare_cached("DELETE FROM attempts WHERE at < ?1")?;
+    Ok(stmt.execute([before])?)
 }

@@ -8,7 +8,9 @@ use super::Synchronous;
 use crate::state::accounting::{Ledger, Spend};
 use crate::state::{Period, StoreError};
 
-/// Tables and indexes. Calls are found by reservation id (primary key; relay tokens name it),
+/// Tables and indexes. Runtime opt-outs are keyed by number and scope (`*` for every tenant, else
+/// the tenant id); attempts by scope (a tenant id, or `#account`), number and reservation id.
+/// Calls are found by reservation id (primary key; relay tokens name it),
 /// upstream id (reads, reconciliation), tenant (listing) and lease end (the sweeper); nothing on
 /// the request path counts them: the live counters do. Every index costs a page write per
 /// commit, so there is none that is not needed (files made before 0.2 keep a unique index on
@@ -56,6 +58,21 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
+CREATE TABLE IF NOT EXISTS opt_outs (
+    phone_number TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (phone_number, scope)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    scope        TEXT NOT NULL,
+    phone_number TEXT NOT NULL,
+    attempt_id   TEXT NOT NULL,
+    at           INTEGER NOT NULL,
+    PRIMARY KEY (scope, phone_number, attempt_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS attempts_at ON attempts(at);
 ";
 
 /// Pages in the write-ahead log that trigger a checkpoint (4 MB).
