@@ -390,6 +390,13 @@ async fn operators_add_look_up_and_remove_entries() {
     assert_eq!(placed(&gw), 0);
     let allowed = call(&gw, GLOBEX_KEY, &globex_call(NUMBER)).await;
     assert_eq!(allowed.status, StatusCode::OK, "{:?}", allowed.json());
+    // The entry survives a restart.
+    gw.shutdown().await;
+    let gw = setup.start(&clock).await;
+    assert_eq!(
+        call(&gw, ACME_KEY, &acme_call(NUMBER)).await.code(),
+        "do_not_call"
+    );
 
     let found = admin(
         &gw,
@@ -429,8 +436,13 @@ async fn operators_add_look_up_and_remove_entries() {
     assert_eq!(entries[1]["action"], "remove");
     assert_eq!(entries[1]["changed"], true);
     assert_eq!(entries[2]["changed"], false);
-    let refusal = &decisions_with(&lines, "do_not_call")[0];
-    assert_eq!(refusal["rule"], "do_not_call.tenant_entry");
+    let refusals = decisions_with(&lines, "do_not_call");
+    assert_eq!(refusals.len(), 2);
+    assert!(
+        refusals
+            .iter()
+            .all(|l| l["rule"] == "do_not_call.tenant_entry")
+    );
     gw.shutdown().await;
 }
 

@@ -416,3 +416,56 @@ async fn a_killed_replicas_slots_are_settled_by_the_other_or_freed_at_lease_end(
     assert_eq!((usage.holds, usage.spent), (0, 3 + 2));
     store.check_consistency(now()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_caps_and_opt_outs_hold_across_replicas() {
+    let redis = RedisServer::start();
+    let sim = upstream_simulator(60_000);
+    let capped = tenant_file(
+        "capped",
+        "key-capped",
+        "[attempts]\nmax_calls = 2\nwindow_secs = 3600\nscope = \"account\"\n",
+    );
+    let tenants = [("capped.toml", capped)];
+    let a = Replica::start(&redis, &sim.url(), &tenants, None, free_addr()).await;
+    let b = Replica::start(&redis, &sim.url(), &tenants, None, free_addr()).await;
+    // Six calls to one person at once through both replicas: two are placed.
+    let answers = burst(&[&a, &b], "key-capped", 6).await;
+    assert_eq!(count(&answers, StatusCode::OK), 2);
+    assert!(
+        answers
+            .iter()
+            .filter(|a| a.status != StatusCode::OK)
+            .all(|a| a.code() == "attempt_limit_exceeded" && a.headers.contains_key("retry-after"))
+    );
+    assert_eq!(sim.received_calls().len(), 2);
+    // An opt-out taken on one replica stops the next call on the other.
+    let auth = format!("Bearer {ACME_KEY}");
+    let recorded = send(
+        &http_client(),
+        a.addr,
+        Method::POST,
+        "/v1/do-not-call",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        json!({"phone_number": "+14155550199"}).to_string(),
+    )
+    .await;
+    assert_eq!(recorded.status, StatusCode::CREATED);
+    let refused = send(
+        &http_client(),
+        b.addr,
+        Method::POST,
+        "/v1/calls",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        json!({"phone_number": "+14155550199", "agent_id": "agent_abc123"}).to_string(),
+    )
+    .await;
+    assert_eq!(refused.code(), "do_not_call");
+    assert_eq!(sim.received_calls().len(), 2);
+}
