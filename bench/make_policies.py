@@ -3,7 +3,7 @@
 
     make_policies.py SRC_POLICIES OUT_DIR COUNT KEY
 
-Copies schemas/, lists/ and secrets/ from SRC_POLICIES and writes COUNT tenants into
+Copies schemas/, lists/, secrets/ and packs/ from SRC_POLICIES and writes COUNT tenants into
 OUT_DIR/tenants/, each acme's full policy (numbers, agents, calls, destinations with the
 do-not-call list, webhooks, redaction) without [limits] and [budget]: a tenant with no limits.
 
@@ -54,7 +54,7 @@ def main():
     src, out, count, key = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if count < 1:
         raise SystemExit("COUNT must be at least 1")
-    for sub in ("schemas", "lists", "secrets"):
+    for sub in ("schemas", "lists", "secrets", "packs"):
         if (src / sub).is_dir():
             shutil.copytree(src / sub, out / sub, dirs_exist_ok=True)
     tenants = out / "tenants"

@@ -106,25 +106,26 @@ async fn admission(
         "account_max_concurrent_calls".into(),
         "not_evaluated: it depends on every tenant's calls when the request arrives".into(),
     );
-    for (cap, rule) in tenant.attempt_caps(&to.e164) {
+    for (cap, names) in tenant.attempt_caps(to) {
         let times = state
             .attempts(&cap.scope, &to.e164, at - cap.longest_window())
             .await
             .map_err(GatewayError::from)?;
         info.insert("attempts_in_window".into(), times.len().into());
-        if let AttemptOutcome::Exceeded { retry_at } = cap.verdict(&times, at) {
+        if let AttemptOutcome::Exceeded { retry_at, limit } = cap.verdict(&times, at) {
             let mut extra = Map::new();
             extra.insert("retry_at".into(), timestamp(retry_at));
             return Err(Denial {
                 error: GatewayError::AttemptLimitExceeded {
                     message: format!(
-                        "the cap on calls to this number is reached ({} in {} s)",
-                        cap.limits[0].max,
-                        cap.limits[0].window / 1_000_000
+                        "the cap on calls to this number is reached ({} in {} s, {})",
+                        cap.limits[limit].max,
+                        cap.limits[limit].window / 1_000_000,
+                        names[limit]
                     ),
                     retry_after: crate::stages::admission::secs_until(retry_at, at),
                 },
-                rule: Some(rule.into()),
+                rule: Some(names[limit].clone()),
                 extra,
             });
         }
@@ -221,10 +222,10 @@ pub async fn check_request(
             }
             Err(mut denial) => {
                 if denial.error.code() == "outside_calling_hours"
-                    && let (Some(hours), Some(call)) = (&tenant.hours, &req.call)
+                    && let Some(call) = &req.call
+                    && let Ok(to) = phone::parse_e164(&call.phone_number)
                 {
-                    let zones = phone::time_zones(&call.phone_number);
-                    let next = hours.next_allowed(at, zones);
+                    let next = crate::stages::phone::next_allowed(tenant, &to, at);
                     denial.extra.insert(
                         "next_allowed_at".into(),
                         next.map_or(Value::Null, |t| t.to_string().into()),

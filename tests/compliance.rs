@@ -536,7 +536,11 @@ fn check_request(config: &Path, tenant: &str, body: &Value, at: &str) -> (i32, V
 
 #[test]
 fn check_request_judges_calling_hours_across_zones_without_a_state_file() {
-    let setup = Setup::new(&[], &[]);
+    let regulated = format!(
+        "packs = [\"us-federal\", \"us-states\"]\n{}",
+        tenant_file("regulated", "regulated-key", "")
+    );
+    let setup = Setup::new(&[("regulated.toml", regulated)], &[]);
     let config = &setup.config;
     // Monday 16:30 UTC: 11:30 in New York, 08:30 in Los Angeles.
     let at = "2026-01-05T16:30:00Z";
@@ -569,6 +573,16 @@ fn check_request_judges_calling_hours_across_zones_without_a_state_file() {
         "2026-01-10T12:00:00-05:00",
     );
     assert_eq!(saturday["next_allowed_at"], "2026-01-12T14:00:00Z");
+    // A pack's rule: no calls on Christmas in Alabama; the next chance is 08:00 the day after.
+    let (code, christmas) = check_request(
+        config,
+        "regulated",
+        &acme_call("+12055550123"),
+        "2026-12-25T18:00:00Z",
+    );
+    assert_eq!(code, 1, "{christmas}");
+    assert_eq!(christmas["rule"], "us-states/AL holidays");
+    assert_eq!(christmas["next_allowed_at"], "2026-12-26T14:00:00Z");
     // The shared list, and a malformed body.
     let (code, listed) = check_request(config, "acme", &acme_call("+14155550100"), at);
     assert_eq!(

@@ -15,7 +15,7 @@ pub struct CallingHours {
     unknown_zone: UnknownZone,
 }
 
-fn parse_hhmm(s: &str) -> Result<Time, String> {
+pub(super) fn parse_hhmm(s: &str) -> Result<Time, String> {
     let (h, m) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?} is not HH:MM"))?;
@@ -29,7 +29,7 @@ fn parse_hhmm(s: &str) -> Result<Time, String> {
     Time::new(h, m, 0, 0).map_err(|_| format!("{s:?} is not a time of day"))
 }
 
-fn parse_day(s: &str) -> Result<Weekday, String> {
+pub(super) fn parse_day(s: &str) -> Result<Weekday, String> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "mon" | "monday" => Weekday::Monday,
         "tue" | "tuesday" => Weekday::Tuesday,
@@ -100,6 +100,11 @@ impl CallingHours {
             }
         }
         Ok(())
+    }
+
+    /// The local time the window opens.
+    pub fn start(&self) -> Time {
+        self.start
     }
 
     /// The first instant at or after `now` when a call may start, within the next 8 days; `None`

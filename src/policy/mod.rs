@@ -12,8 +12,10 @@
 //! Every problem is reported with its file, line and reason.
 
 mod hours;
+pub mod jurisdiction;
 mod model;
 pub mod numbers;
+pub mod packs;
 pub mod redaction;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -53,8 +55,12 @@ pub struct Tenant {
     pub redaction: Redaction,
     pub limits: LimitsPolicy,
     pub budget: BudgetPolicy,
-    /// Caps on calls to one destination.
+    /// Caps on calls to one destination: the tenant's own (or the default) and its packs'.
     pub attempts: Vec<AttemptRule>,
+    /// Jurisdiction packs inherited.
+    pub packs: Vec<Arc<packs::Pack>>,
+    /// Holidays added by the operator and by the tenant.
+    pub extra_holidays: Vec<Arc<packs::ExtraHolidays>>,
     /// Signs events relayed to the tenant's webhook.
     pub webhook_secret: Option<crate::config::Secret>,
 }
@@ -80,15 +86,18 @@ impl std::fmt::Debug for Tenant {
 /// A compiled attempt cap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRule {
-    /// Where it was written, for refusals (`attempts`, `defaults/attempts`).
-    pub name: &'static str,
+    /// Where it was written, for refusals (`attempts`, `defaults/attempts`, `us-states/FL
+    /// attempts`).
+    pub name: String,
     pub max_calls: u32,
     pub window_secs: u64,
     pub scope: AttemptsScope,
+    /// The regions it applies to (a pack rule's); empty: every destination.
+    pub regions: Vec<String>,
 }
 
 impl AttemptRule {
-    fn compile(name: &'static str, p: &AttemptsPolicy) -> Result<AttemptRule, String> {
+    fn compile(name: &str, p: &AttemptsPolicy) -> Result<AttemptRule, String> {
         let max_window = (crate::state::MAX_ATTEMPT_WINDOW_US / 1_000_000) as u64;
         if p.max_calls == 0 {
             return Err("attempts.max_calls must be at least 1".into());
@@ -99,10 +108,11 @@ impl AttemptRule {
             ));
         }
         Ok(AttemptRule {
-            name,
+            name: name.to_string(),
             max_calls: p.max_calls,
             window_secs: p.window_secs,
             scope: p.scope,
+            regions: Vec::new(),
         })
     }
 }
@@ -119,14 +129,19 @@ pub struct Destinations {
 }
 
 impl Tenant {
-    /// The attempt caps on calls to `phone_number`, one per scope, each named by its first rule.
+    /// The attempt caps on calls to `to`, one per scope, with the name of the rule behind each
+    /// of its limits.
     pub fn attempt_caps(
         &self,
-        phone_number: &str,
-    ) -> Vec<(crate::state::AttemptCap, &'static str)> {
+        to: &crate::phone::Number,
+    ) -> Vec<(crate::state::AttemptCap, Vec<String>)> {
         use crate::state::{AttemptCap, AttemptLimit, AttemptScope};
-        let mut caps: Vec<(AttemptCap, &'static str)> = Vec::new();
+        let jurisdiction = jurisdiction::Jurisdiction::of(to);
+        let mut caps: Vec<(AttemptCap, Vec<String>)> = Vec::new();
         for rule in &self.attempts {
+            if !rule.regions.is_empty() && !rule.regions.iter().any(|r| jurisdiction.is_in(r)) {
+                continue;
+            }
             let scope = match rule.scope {
                 AttemptsScope::Tenant => AttemptScope::Tenant(self.id.clone()),
                 AttemptsScope::Account => AttemptScope::Account,
@@ -136,14 +151,17 @@ impl Tenant {
                 window: rule.window_secs as i64 * 1_000_000,
             };
             match caps.iter_mut().find(|(cap, _)| cap.scope == scope) {
-                Some((cap, _)) => cap.limits.push(limit),
+                Some((cap, names)) => {
+                    cap.limits.push(limit);
+                    names.push(rule.name.clone());
+                }
                 None => caps.push((
                     AttemptCap {
                         scope,
-                        phone_number: phone_number.to_string(),
+                        phone_number: to.e164.clone(),
                         limits: vec![limit],
                     },
-                    rule.name,
+                    vec![rule.name.clone()],
                 )),
             }
         }
@@ -197,6 +215,21 @@ impl Policies {
             errors.push(e);
             DefaultsFile::default()
         });
+        let default_holidays = match packs::extra_holidays(&defaults.holidays) {
+            Ok(h) => Arc::new(h),
+            Err(reason) => {
+                errors.push(ConfigError::new(dir.join("defaults.toml"), None, reason));
+                Arc::default()
+            }
+        };
+        let shared = Shared {
+            defaults: &defaults,
+            holidays: default_holidays,
+            packs: packs::load_packs(&dir.join("packs")).unwrap_or_else(|mut e| {
+                errors.append(&mut e);
+                HashMap::new()
+            }),
+        };
         let mut tenants = BTreeMap::new();
         let mut by_key: HashMap<[u8; 32], Arc<Tenant>> = HashMap::new();
         let tenant_dir = dir.join("tenants");
@@ -223,7 +256,7 @@ impl Policies {
             ));
         }
         for file in files {
-            match load_tenant(&file, dir, &mut lists, &defaults, hash_key) {
+            match load_tenant(&file, dir, &mut lists, &shared, hash_key) {
                 Ok(tenant) => {
                     let tenant = Arc::new(tenant);
                     if tenants.contains_key(&tenant.id) {
@@ -257,6 +290,13 @@ impl Policies {
             _ => Err(errors),
         }
     }
+}
+
+/// What every tenant may inherit: the defaults, the operator's holidays, the packs.
+struct Shared<'a> {
+    defaults: &'a DefaultsFile,
+    holidays: Arc<packs::ExtraHolidays>,
+    packs: HashMap<String, Arc<packs::Pack>>,
 }
 
 /// The shared defaults, if the file exists.
@@ -312,7 +352,7 @@ fn load_tenant(
     path: &Path,
     policy_dir: &Path,
     lists: &mut ListCache,
-    defaults: &DefaultsFile,
+    shared: &Shared<'_>,
     hash_key: &[u8],
 ) -> Result<Tenant, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path)
@@ -511,7 +551,7 @@ fn load_tenant(
             Redaction::default()
         }
     };
-    let attempts = match (&file.attempts, &defaults.attempts) {
+    let mut attempts = match (&file.attempts, &shared.defaults.attempts) {
         (Some(own), _) => match AttemptRule::compile("attempts", own) {
             Ok(rule) => vec![rule],
             Err(reason) => {
@@ -519,11 +559,40 @@ fn load_tenant(
                 Vec::new()
             }
         },
-        (None, Some(shared)) => AttemptRule::compile("defaults/attempts", shared)
+        (None, Some(default)) => AttemptRule::compile("defaults/attempts", default)
             .into_iter()
             .collect(),
         (None, None) => Vec::new(),
     };
+    let mut tenant_packs = Vec::new();
+    for name in &file.packs {
+        match shared.packs.get(name) {
+            Some(pack) => {
+                for rule in &pack.rules {
+                    if let Some(a) = &rule.attempts
+                        && let Ok(mut cap) = AttemptRule::compile(&rule.name, a)
+                    {
+                        cap.regions = rule.regions.clone();
+                        attempts.push(cap);
+                    }
+                }
+                tenant_packs.push(pack.clone());
+            }
+            None => err(
+                name,
+                format!(
+                    "packs: no pack {name:?} in {}",
+                    policy_dir.join("packs").display()
+                ),
+            ),
+        }
+    }
+    let mut extra_holidays = vec![shared.holidays.clone()];
+    match packs::extra_holidays(&file.holidays) {
+        Ok(own) if !own.is_empty() => extra_holidays.push(Arc::new(own)),
+        Ok(_) => {}
+        Err(reason) => err("[holidays]", reason),
+    }
 
     if !errors.is_empty() {
         return Err(errors);
@@ -555,6 +624,8 @@ fn load_tenant(
         limits: file.limits,
         budget: file.budget,
         attempts,
+        packs: tenant_packs,
+        extra_holidays,
         webhook_secret,
     })
 }

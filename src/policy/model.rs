@@ -41,6 +41,12 @@ pub struct TenantFile {
     /// A cap on calls to one destination; none: the shared default's (`defaults.toml`), if any.
     #[serde(default)]
     pub attempts: Option<AttemptsPolicy>,
+    /// Jurisdiction packs (`policies/packs/<name>.toml`) the tenant inherits.
+    #[serde(default)]
+    pub packs: Vec<String>,
+    /// Legal holidays to add, by region: `"US-AL" = ["2026-12-24"]`.
+    #[serde(default)]
+    pub holidays: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// What every tenant inherits where its own file is silent (`policies/defaults.toml`).
@@ -49,6 +55,9 @@ pub struct TenantFile {
 pub struct DefaultsFile {
     #[serde(default)]
     pub attempts: Option<AttemptsPolicy>,
+    /// Legal holidays the operator adds for every tenant, by region.
+    #[serde(default)]
+    pub holidays: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// At most `max_calls` calls to the same destination in a rolling window of `window_secs`.

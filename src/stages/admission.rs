@@ -239,7 +239,7 @@ impl AsyncStage for AdmissionContext {
         Box::pin(async move {
             let ctx = self;
             let facts = req.facts.clone();
-            let refuse = |span: &tracing::Span, rule: &'static str, e: GatewayError| {
+            let refuse = |span: &tracing::Span, rule: String, e: GatewayError| {
                 facts.note(span, "stage", "admission");
                 facts.note(span, "rule", rule);
                 e
@@ -249,17 +249,17 @@ impl AsyncStage for AdmissionContext {
                 .call
                 .as_ref()
                 .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
-            let to = req
+            let destination = req
                 .destination
-                .as_ref()
-                .map(|d| d.e164.clone())
+                .clone()
                 .ok_or_else(|| GatewayError::Internal("admission ran before phone".into()))?;
+            let to = destination.e164.clone();
             // A number opted out at run time (by any tenant, or an operator) is not called: a
             // look-up, so the refusal consumes nothing.
             if let Some(entry) = opt_out_for(&*ctx.store, &tenant.id, &to).await? {
                 return Err(refuse(
                     &req.span,
-                    opt_out_rule(&entry),
+                    opt_out_rule(&entry).into(),
                     GatewayError::DoNotCall,
                 ));
             }
@@ -267,7 +267,7 @@ impl AsyncStage for AdmissionContext {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(refuse(
                     &req.span,
-                    "limits.requests_per_minute",
+                    "limits.requests_per_minute".into(),
                     GatewayError::RateLimitExceeded {
                         message: format!(
                             "request rate limit of {} per minute exceeded",
@@ -289,21 +289,22 @@ impl AsyncStage for AdmissionContext {
             // Attempt caps: each counted atomically, or refused with nothing counted; the ones
             // counted are given back if a later cap or admission refuses.
             let mut attempts = Vec::new();
-            for (cap, rule) in tenant.attempt_caps(&to) {
+            for (cap, names) in tenant.attempt_caps(&destination) {
                 let taken = ctx.store.take_attempt(&cap, &reservation_id, now).await;
                 let refusal = match taken {
                     Ok(AttemptOutcome::Taken) => {
                         attempts.push(cap.scope);
                         continue;
                     }
-                    Ok(AttemptOutcome::Exceeded { retry_at }) => refuse(
+                    Ok(AttemptOutcome::Exceeded { retry_at, limit }) => refuse(
                         &req.span,
-                        rule,
+                        names[limit].clone(),
                         GatewayError::AttemptLimitExceeded {
                             message: format!(
-                                "the cap on calls to this number is reached ({} in {} s); retry after {}",
-                                cap.limits[0].max,
-                                cap.limits[0].window / 1_000_000,
+                                "the cap on calls to this number is reached ({} in {} s, {}); retry after {}",
+                                cap.limits[limit].max,
+                                cap.limits[limit].window / 1_000_000,
+                                names[limit],
                                 jiff::Timestamp::from_microsecond(retry_at)
                                     .map(|t| t.to_string())
                                     .unwrap_or_default()
@@ -347,7 +348,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::TenantSlotsFull { limit } => {
                     return Err(refuse(
                         &req.span,
-                        "limits.max_concurrent_calls",
+                        "limits.max_concurrent_calls".into(),
                         GatewayError::RateLimitExceeded {
                             message: format!(
                                 "concurrency limit of {limit} calls in flight reached"
@@ -359,7 +360,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::AccountSlotsFull { limit } => {
                     return Err(refuse(
                         &req.span,
-                        "admission.account_max_concurrent_calls",
+                        "admission.account_max_concurrent_calls".into(),
                         GatewayError::RateLimitExceeded {
                             message: format!(
                                 "the shared account's limit of {limit} calls in flight is reached"
@@ -371,7 +372,7 @@ impl AsyncStage for AdmissionContext {
                 AdmitOutcome::InsufficientCredits { needed, available } => {
                     return Err(refuse(
                         &req.span,
-                        "budget.credits",
+                        "budget.credits".into(),
                         GatewayError::InsufficientCredits(format!(
                             "the call may cost up to {needed} credits; {available} are available"
                         )),

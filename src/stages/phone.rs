@@ -2,11 +2,15 @@
 //! numbering plan; the destination must pass the tenant's country, number-type and prefix rules,
 //! its do-not-call lists, and its calling hours in the recipient's local time.
 
+use std::borrow::Cow;
+
 use super::{CallRequest, Stage};
 use crate::clock::SharedClock;
 use crate::error::GatewayError;
 use crate::phone::{self, Number, PhoneError};
 use crate::policy::Tenant;
+use crate::policy::jurisdiction::Jurisdiction;
+use crate::policy::packs::ExtraHolidays;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -26,14 +30,14 @@ pub fn check_destination(
     tenant: &Tenant,
     to: &Number,
     now: jiff::Timestamp,
-) -> Result<(), (&'static str, GatewayError)> {
+) -> Result<(), (Cow<'static, str>, GatewayError)> {
     let d = &tenant.destinations;
     let region = to.region.as_deref().unwrap_or("001");
     if let Some(allow) = &d.countries_allow
         && !allow.contains(region)
     {
         return Err((
-            "destinations.countries_allow",
+            "destinations.countries_allow".into(),
             GatewayError::DestinationNotAllowed(format!(
                 "calls to region {region} are not allowed"
             )),
@@ -41,7 +45,7 @@ pub fn check_destination(
     }
     if d.countries_deny.contains(region) {
         return Err((
-            "destinations.countries_deny",
+            "destinations.countries_deny".into(),
             GatewayError::DestinationNotAllowed(format!(
                 "calls to region {region} are not allowed"
             )),
@@ -55,7 +59,7 @@ pub fn check_destination(
         && !d.number_types_deny.contains(&kind);
     if !type_allowed {
         return Err((
-            "destinations.number_types",
+            "destinations.number_types".into(),
             GatewayError::DestinationNotAllowed(format!(
                 "calls to {} numbers are not allowed",
                 kind.as_str()
@@ -68,7 +72,7 @@ pub fn check_destination(
         .find(|p| to.e164.starts_with(p.as_str()))
     {
         return Err((
-            "destinations.prefixes_deny",
+            "destinations.prefixes_deny".into(),
             GatewayError::DestinationNotAllowed(format!(
                 "calls to numbers starting {prefix} are not allowed"
             )),
@@ -78,14 +82,80 @@ pub fn check_destination(
         .iter()
         .any(|list| list.contains_e164(&to.e164))
     {
-        return Err(("destinations.do_not_call", GatewayError::DoNotCall));
+        return Err(("destinations.do_not_call".into(), GatewayError::DoNotCall));
     }
+    check_times(tenant, to, now)
+}
+
+/// The rules that depend on the time: the tenant's calling hours, then every rule of its
+/// jurisdiction packs that applies to the number (days, holidays, hours).
+pub fn check_times(
+    tenant: &Tenant,
+    to: &Number,
+    now: jiff::Timestamp,
+) -> Result<(), (Cow<'static, str>, GatewayError)> {
+    let zones = phone::time_zones(&to.e164);
     if let Some(hours) = &tenant.hours {
         hours
-            .check(now, phone::time_zones(&to.e164))
-            .map_err(|e| ("hours", GatewayError::OutsideCallingHours(e)))?;
+            .check(now, zones)
+            .map_err(|e| ("hours".into(), GatewayError::OutsideCallingHours(e)))?;
+    }
+    if tenant.packs.is_empty() {
+        return Ok(());
+    }
+    let jurisdiction = Jurisdiction::of(to);
+    let extra: Vec<&ExtraHolidays> = tenant.extra_holidays.iter().map(|h| &**h).collect();
+    for pack in &tenant.packs {
+        for rule in pack.rules.iter().filter(|r| r.applies(&jurisdiction)) {
+            rule.check(now, zones, &jurisdiction, &extra)
+                .map_err(|reason| {
+                    (
+                        Cow::Owned(rule.name.clone()),
+                        GatewayError::OutsideCallingHours(format!("{reason} ({})", rule.name)),
+                    )
+                })?;
+        }
     }
     Ok(())
+}
+
+/// The first instant at or after `now`, within 9 days, when the time rules allow a call to
+/// `to` (the other rules do not depend on the time); `None` if there is none.
+pub fn next_allowed(tenant: &Tenant, to: &Number, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+    if check_times(tenant, to, now).is_ok() {
+        return Some(now);
+    }
+    // A call becomes possible when some rule's window opens or a day starts, in some zone.
+    let mut openings = vec![jiff::civil::Time::midnight()];
+    if let Some(h) = &tenant.hours {
+        openings.push(h.start());
+    }
+    for pack in &tenant.packs {
+        for rule in &pack.rules {
+            openings.extend(rule.openings());
+        }
+    }
+    let mut candidates = Vec::new();
+    for tz in phone::time_zones(&to.e164) {
+        let today = now.to_zoned_datetime(tz.clone()).date();
+        for days in 0..9 {
+            let Ok(date) = today.checked_add(jiff::Span::new().days(days)) else {
+                continue;
+            };
+            for time in &openings {
+                if let Ok(at) = date.to_datetime(*time).to_zoned_datetime(tz.clone())
+                    && at.timestamp() > now
+                {
+                    candidates.push(at.timestamp());
+                }
+            }
+        }
+    }
+    candidates.sort();
+    candidates.dedup();
+    candidates
+        .into_iter()
+        .find(|t| check_times(tenant, to, *t).is_ok())
 }
 
 impl Stage for PhonePolicy {
@@ -109,7 +179,7 @@ impl Stage for PhonePolicy {
             })?;
         }
         check_destination(tenant, &to, self.clock.now()).map_err(|(rule, e)| {
-            req.facts.note(&req.span, "rule", rule);
+            req.facts.note(&req.span, "rule", rule.into_owned());
             e
         })?;
         req.destination = Some(to);

@@ -417,8 +417,9 @@ pub enum AttemptOutcome {
     /// Counted.
     Taken,
     /// A limit is reached; nothing was counted. A call can be placed again at `retry_at` (unix
-    /// microseconds), when enough attempts have left the windows.
-    Exceeded { retry_at: i64 },
+    /// microseconds), when enough attempts have left the windows; `limit` is the index in
+    /// [`AttemptCap::limits`] of the limit that holds longest.
+    Exceeded { retry_at: i64, limit: usize },
 }
 
 impl AttemptCap {
@@ -430,8 +431,8 @@ impl AttemptCap {
     /// The verdict at `now` for these attempt times (oldest first; at least those within the
     /// longest window).
     pub fn verdict(&self, times: &[i64], now: i64) -> AttemptOutcome {
-        let mut retry_at = None;
-        for limit in &self.limits {
+        let mut retry_at: Option<(i64, usize)> = None;
+        for (index, limit) in self.limits.iter().enumerate() {
             let max = limit.max as usize;
             let counted: Vec<i64> = times
                 .iter()
@@ -444,11 +445,14 @@ impl AttemptCap {
                     0 => i64::MAX - limit.window,
                     _ => counted[counted.len() - max],
                 };
-                retry_at = retry_at.max(Some(at + limit.window));
+                let candidate = (at + limit.window, index);
+                if retry_at.is_none_or(|(r, _)| candidate.0 > r) {
+                    retry_at = Some(candidate);
+                }
             }
         }
         match retry_at {
-            Some(retry_at) => AttemptOutcome::Exceeded { retry_at },
+            Some((retry_at, limit)) => AttemptOutcome::Exceeded { retry_at, limit },
             None => AttemptOutcome::Taken,
         }
     }

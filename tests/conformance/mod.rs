@@ -820,7 +820,8 @@ pub async fn attempts_are_capped_in_a_rolling_window(b: &impl Backend) {
         assert_eq!(
             take(acme.clone(), "r3", NOW + 900 * SEC).await,
             AttemptOutcome::Exceeded {
-                retry_at: NOW + 3_600 * SEC
+                retry_at: NOW + 3_600 * SEC,
+                limit: 0
             }
         );
         // Another tenant, and the account scope, count apart.
@@ -926,7 +927,8 @@ pub async fn concurrent_attempts_never_exceed_a_cap(b: &impl Backend) {
     assert_eq!(
         refused,
         AttemptOutcome::Exceeded {
-            retry_at: NOW + 24 * 3_600 * SEC
+            retry_at: NOW + 24 * 3_600 * SEC,
+            limit: 1
         }
     );
     let next_day = NOW + 24 * 3_600 * SEC + 1;

@@ -61,7 +61,7 @@ level = "warn"
 /// Copy the shipped `policies/` under `dir`, for tests that edit them; returns the copy's path.
 pub fn copy_policies(dir: &std::path::Path) -> PathBuf {
     let copy = dir.join("policies");
-    for sub in ["schemas", "tenants", "lists", "secrets"] {
+    for sub in ["schemas", "tenants", "lists", "secrets", "packs"] {
         std::fs::create_dir_all(copy.join(sub)).unwrap();
         for entry in std::fs::read_dir(repo().join("policies").join(sub)).unwrap() {
             let entry = entry.unwrap();
