@@ -3,7 +3,7 @@
 //! `callgate check-request` and `POST /admin/check-request` run a create-call body through the
 //! same stages as `POST /v1/calls` (validate, phone, fields, redact), as the named tenant, at a
 //! chosen instant, then check admission against the state store without changing it: runtime
-//! opt-outs, attempt caps, the tenant's concurrency limit and its budget. Nothing is consumed: no
+//! opt-outs, consent, attempt caps, the tenant's concurrency limit and its budget. Nothing is consumed: no
 //! slot, no credit, no request-rate allowance, no attempt. The request-rate limit and the
 //! account-wide cap depend on the moment the real request arrives and are reported as not
 //! evaluated.
@@ -97,6 +97,24 @@ async fn admission(
             rule: Some(opt_out_rule(&entry).into()),
             extra,
         });
+    }
+    match crate::consents::check(state, tenant, &req.body, &to.e164, at).await {
+        Ok(Some(id)) => {
+            info.insert("consent_id".into(), id.into());
+        }
+        Ok(None) => {}
+        Err(error @ (GatewayError::ConsentRequired(_) | GatewayError::ConsentInvalid(_))) => {
+            let rule = match error {
+                GatewayError::ConsentRequired(_) => "consent.required",
+                _ => "consent.invalid",
+            };
+            return Err(Denial {
+                error,
+                rule: Some(rule.into()),
+                extra: Map::new(),
+            });
+        }
+        Err(e) => return Err(e.into()),
     }
     info.insert(
         "requests_per_minute".into(),

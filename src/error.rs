@@ -51,6 +51,13 @@ pub enum GatewayError {
     /// The destination is on a do-not-call list.
     #[error("the destination is on a do-not-call list")]
     DoNotCall,
+    /// The tenant requires consent for its calls and the call cites no consent record.
+    #[error("{0}")]
+    ConsentRequired(String),
+    /// The cited consent record does not serve for this call (another tenant's, another
+    /// number's, revoked, of another scope, too old).
+    #[error("{0}")]
+    ConsentInvalid(String),
     /// The recipient's local time is outside the tenant's calling hours.
     #[error("{0}")]
     OutsideCallingHours(String),
@@ -116,7 +123,11 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST
             }
             AgentNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
-            DestinationNotAllowed(_) | DoNotCall | OutsideCallingHours(_) => StatusCode::FORBIDDEN,
+            DestinationNotAllowed(_)
+            | DoNotCall
+            | OutsideCallingHours(_)
+            | ConsentRequired(_)
+            | ConsentInvalid(_) => StatusCode::FORBIDDEN,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RateLimitExceeded { .. } | AttemptLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
@@ -140,6 +151,8 @@ impl GatewayError {
         "destination_not_allowed",
         "do_not_call",
         "outside_calling_hours",
+        "consent_required",
+        "consent_invalid",
         "method_not_allowed",
         "rate_limit_exceeded",
         "attempt_limit_exceeded",
@@ -167,6 +180,8 @@ impl GatewayError {
             DestinationNotAllowed(_) => "destination_not_allowed",
             DoNotCall => "do_not_call",
             OutsideCallingHours(_) => "outside_calling_hours",
+            ConsentRequired(_) => "consent_required",
+            ConsentInvalid(_) => "consent_invalid",
             MethodNotAllowed { .. } => "method_not_allowed",
             RateLimitExceeded { .. } => "rate_limit_exceeded",
             AttemptLimitExceeded { .. } => "attempt_limit_exceeded",

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod calls;
 pub mod clock;
 pub mod config;
+pub mod consents;
 pub mod dryrun;
 pub mod error;
 pub mod lifecycle;

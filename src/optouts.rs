@@ -135,6 +135,22 @@ impl OptOutApi {
     ) -> Result<http::Response<Body>, GatewayError> {
         let added = self.store.add_opt_out(entry.clone()).await?;
         self.audit_line(request_id, "add", &entry, added);
+        // The person asked not to be called: their consents (to every tenant, or to the
+        // entry's tenant) no longer serve.
+        let revoked = self
+            .store
+            .revoke_consents_for(
+                &entry.phone_number,
+                entry.tenant.as_deref(),
+                self.clock.now().as_microsecond(),
+                "opt_out",
+            )
+            .await?;
+        for id in &revoked {
+            if let Some(record) = crate::state::StateStore::get_consent(&*self.store, id).await? {
+                crate::consents::audit_line(&self.audit, request_id, "revoked", &record);
+            }
+        }
         tracing::info!(
             target: "audit",
             destination = %phone::mask(&entry.phone_number),

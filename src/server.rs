@@ -240,6 +240,11 @@ impl Gateway {
             max_requests_in_flight: settings.server.max_requests_in_flight,
             audit: audit.clone(),
             optouts: optouts.clone(),
+            consents: crate::consents::ConsentApi {
+                store: store.clone(),
+                clock: clock.clone(),
+                audit: audit.clone(),
+            },
         });
         let background = lifecycle.clone().spawn(Duration::from_millis(
             settings.state.sweep_interval_ms.max(10),

@@ -59,6 +59,8 @@ pub struct AppContext {
     pub audit: Arc<crate::audit::Audit>,
     /// `POST /v1/do-not-call`.
     pub optouts: crate::optouts::OptOutApi,
+    /// `/v1/consents`.
+    pub consents: crate::consents::ConsentApi,
 }
 
 /// A request refused by the in-flight cap (tower's load shedding), as our error.
@@ -125,6 +127,7 @@ where
             relay: ctx.relay,
             body_limits: ctx.body_limits,
             optouts: ctx.optouts,
+            consents: ctx.consents,
         })
         .boxed_clone()
 }
@@ -134,12 +137,21 @@ where
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
         "/v1/calls" => Some("GET, POST"),
-        "/v1/do-not-call" => Some("POST"),
+        "/v1/do-not-call" | "/v1/consents" => Some("POST"),
+        p if p.starts_with("/v1/consents/") => Some("GET, DELETE"),
         "/healthz" | "/readyz" => Some("GET"),
         p if p.starts_with("/v1/calls/") => Some("GET"),
         p if p.starts_with("/v1/relay/") => Some("POST"),
         _ => None,
     }
+}
+
+/// The request id the trace layer gave a request.
+fn request_id_of<B>(req: &Request<B>) -> String {
+    req.extensions()
+        .get::<crate::stages::trace::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
 }
 
 struct Router<B> {
@@ -148,6 +160,7 @@ struct Router<B> {
     relay: Relay,
     body_limits: BodyLimits,
     optouts: crate::optouts::OptOutApi,
+    consents: crate::consents::ConsentApi,
 }
 
 impl<B> Clone for Router<B> {
@@ -158,6 +171,7 @@ impl<B> Clone for Router<B> {
             relay: self.relay.clone(),
             body_limits: self.body_limits,
             optouts: self.optouts.clone(),
+            consents: self.consents.clone(),
         }
     }
 }
@@ -222,11 +236,7 @@ where
             (Method::POST, "/v1/do-not-call") => {
                 let optouts = self.optouts.clone();
                 let limits = self.body_limits;
-                let request_id = req
-                    .extensions()
-                    .get::<crate::stages::trace::RequestId>()
-                    .map(|r| r.0.clone())
-                    .unwrap_or_default();
+                let request_id = request_id_of(&req);
                 Box::pin(async move {
                     let tenant = crate::stages::authenticate::authenticate(
                         req.headers(),
@@ -235,6 +245,36 @@ where
                     facts.tenant(&span, &tenant.id);
                     let body = read_body(req.into_body(), limits).await?;
                     optouts.tenant_add(&tenant, &request_id, &body).await
+                })
+            }
+            (Method::POST, "/v1/consents") => {
+                let (consents, policies) = (self.consents.clone(), self.optouts.policies.clone());
+                let limits = self.body_limits;
+                let request_id = request_id_of(&req);
+                Box::pin(async move {
+                    let tenant = crate::stages::authenticate::authenticate(
+                        req.headers(),
+                        &policies.current(),
+                    )?;
+                    facts.tenant(&span, &tenant.id);
+                    let body = read_body(req.into_body(), limits).await?;
+                    consents.register(&tenant, &request_id, &body).await
+                })
+            }
+            (method @ (Method::GET | Method::DELETE), p) if p.starts_with("/v1/consents/") => {
+                let (consents, policies) = (self.consents.clone(), self.optouts.policies.clone());
+                let id = p["/v1/consents/".len()..].to_string();
+                let request_id = request_id_of(&req);
+                Box::pin(async move {
+                    let tenant = crate::stages::authenticate::authenticate(
+                        req.headers(),
+                        &policies.current(),
+                    )?;
+                    facts.tenant(&span, &tenant.id);
+                    match method {
+                        Method::GET => consents.get(&tenant, &id).await,
+                        _ => consents.revoke(&tenant, &request_id, &id).await,
+                    }
                 })
             }
             (Method::GET, "/healthz") => {

@@ -659,3 +659,216 @@ async fn check_request_reads_a_running_gateways_state_without_changing_it() {
     );
     gw.shutdown().await;
 }
+
+fn consent_call(number: &str, consent_id: &str) -> Value {
+    json!({"phone_number": number, "agent_id": "agent_abc123", "metadata": {"consent_id": consent_id}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_records_serve_their_own_tenant_number_and_scope_until_revoked() {
+    let policy = "[consent]\nrequired = true\nscopes = [\"marketing\"]\nmax_age_days = 365\n";
+    let setup = Setup::new(
+        &[
+            ("ai.toml", tenant_file("ai", "ai-key", policy)),
+            ("other.toml", tenant_file("other", "other-key", policy)),
+        ],
+        &[],
+    );
+    let clock = clock();
+    let gw = setup.start(&clock).await;
+    let register = |key: &'static str, body: Value| {
+        let gw = &gw;
+        async move { tenant_post(gw, key, "/v1/consents", &body).await }
+    };
+    let consent = |number: &str, scope: &str, captured_at: &str| {
+        json!({"phone_number": number, "scope": scope, "captured_at": captured_at,
+               "source": "web form 12", "seller": "Acme Inc.", "text": "I agree to calls by an AI agent."})
+    };
+    // No consent cited.
+    let refused = call(&gw, "ai-key", &acme_call(NUMBER)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.code(), "consent_required");
+    // Bad records change nothing.
+    for (body, code) in [
+        (
+            consent("+1415", "marketing", "2026-01-01T00:00:00Z"),
+            "invalid_phone_number",
+        ),
+        (
+            consent(NUMBER, "marketing", "2027-01-01T00:00:00Z"),
+            "invalid_request",
+        ),
+        (
+            consent(NUMBER, "", "2026-01-01T00:00:00Z"),
+            "invalid_request",
+        ),
+        (
+            json!({"phone_number": NUMBER, "scope": "marketing", "captured_at": "2026-01-01T00:00:00Z",
+                   "source": "s", "seller": "s", "text": "x", "text_sha256": "ab"}),
+            "invalid_request",
+        ),
+    ] {
+        let answer = register("ai-key", body).await;
+        assert_eq!(answer.code(), code, "{:?}", answer.json());
+    }
+    let created = register(
+        "ai-key",
+        consent(NUMBER, "marketing", "2026-01-02T10:00:00Z"),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.json());
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(created.json()["status"], "active");
+    assert_eq!(created.json()["text_sha256"].as_str().unwrap().len(), 64);
+
+    let ok = call(&gw, "ai-key", &consent_call(NUMBER, &id)).await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.json());
+    // Another tenant cannot cite it, nor read it; it serves this number only.
+    let theirs = call(&gw, "other-key", &consent_call(NUMBER, &id)).await;
+    assert_eq!(theirs.code(), "consent_invalid");
+    assert!(
+        theirs.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another tenant")
+    );
+    let auth = "Bearer other-key".to_string();
+    let read = send(
+        &http_client(),
+        gw.addr(),
+        Method::GET,
+        &format!("/v1/consents/{id}"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::NOT_FOUND);
+    let elsewhere = call(&gw, "ai-key", &consent_call("+14155550124", &id)).await;
+    assert_eq!(elsewhere.code(), "consent_invalid");
+    let unknown = call(&gw, "ai-key", &consent_call(NUMBER, "cns_nope")).await;
+    assert_eq!(unknown.code(), "consent_invalid");
+    // Another scope, or too old.
+    let info = register(
+        "ai-key",
+        consent(NUMBER, "informational", "2026-01-02T10:00:00Z"),
+    )
+    .await;
+    let info_id = info.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(&gw, "ai-key", &consent_call(NUMBER, &info_id))
+            .await
+            .code(),
+        "consent_invalid"
+    );
+    let old = register(
+        "ai-key",
+        consent(NUMBER, "marketing", "2024-06-01T10:00:00Z"),
+    )
+    .await;
+    let old_id = old.json()["id"].as_str().unwrap().to_string();
+    let too_old = call(&gw, "ai-key", &consent_call(NUMBER, &old_id)).await;
+    assert!(
+        too_old.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("365 days")
+    );
+
+    // The tenant revokes a second record; it is kept, and no longer serves.
+    let second = register(
+        "ai-key",
+        consent("+14155550124", "marketing", "2026-01-02T10:00:00Z"),
+    )
+    .await;
+    let second_id = second.json()["id"].as_str().unwrap().to_string();
+    let auth = "Bearer ai-key".to_string();
+    let revoked = send(
+        &http_client(),
+        gw.addr(),
+        Method::DELETE,
+        &format!("/v1/consents/{second_id}"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    assert_eq!(revoked.json()["status"], "revoked");
+    assert_eq!(revoked.json()["revoked_by"], "tenant");
+    assert_eq!(
+        call(&gw, "ai-key", &consent_call("+14155550124", &second_id))
+            .await
+            .code(),
+        "consent_invalid"
+    );
+
+    // An opt-out (by any tenant) revokes the number's records.
+    let opted = tenant_post(
+        &gw,
+        "other-key",
+        "/v1/do-not-call",
+        &json!({"phone_number": NUMBER}),
+    )
+    .await;
+    assert_eq!(opted.status, StatusCode::CREATED);
+    let read = send(
+        &http_client(),
+        gw.addr(),
+        Method::GET,
+        &format!("/v1/consents/{id}"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(read.json()["status"], "revoked");
+    assert_eq!(read.json()["revoked_by"], "opt_out");
+    // Even once an operator lifts the opt-out, the revoked consent does not serve.
+    let lifted = admin(
+        &gw,
+        Method::DELETE,
+        &format!("/admin/do-not-call/{NUMBER}"),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(lifted.status, StatusCode::OK);
+    let after = call(&gw, "ai-key", &consent_call(NUMBER, &id)).await;
+    assert_eq!(after.code(), "consent_invalid");
+    assert!(
+        after.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opt_out")
+    );
+
+    assert_eq!(
+        placed(&gw),
+        1,
+        "only the call with a valid consent reached the upstream"
+    );
+    let lines = setup.audit();
+    let allowed = lines
+        .iter()
+        .find(|l| l["type"] == "decision" && l["decision"] == "allowed")
+        .unwrap();
+    assert_eq!(allowed["consent_id"], id.as_str());
+    let consent_lines: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .filter(|l| l["type"] == "consent" && l["consent_id"] == id.as_str())
+        .map(|l| (l["action"].as_str().unwrap(), l["by"].as_str()))
+        .collect();
+    assert_eq!(
+        consent_lines,
+        [("registered", None), ("revoked", Some("opt_out"))]
+    );
+    let refusals = decisions_with(&lines, "consent_invalid");
+    assert!(refusals.iter().all(|l| l["rule"] == "consent.invalid"));
+    gw.shutdown().await;
+
+    // After a restart, the records and their revocations are as they were.
+    let gw = setup.start(&clock).await;
+    assert_eq!(
+        call(&gw, "ai-key", &consent_call(NUMBER, &id)).await.code(),
+        "consent_invalid"
+    );
+    assert_eq!(placed(&gw), 0);
+    gw.shutdown().await;
+}

@@ -57,6 +57,8 @@ pub struct Tenant {
     pub budget: BudgetPolicy,
     /// Caps on calls to one destination: the tenant's own (or the default) and its packs'.
     pub attempts: Vec<AttemptRule>,
+    /// Consent for AI-voice calls, when required.
+    pub consent: Option<ConsentPolicy>,
     /// Jurisdiction packs inherited.
     pub packs: Vec<Arc<packs::Pack>>,
     /// Holidays added by the operator and by the tenant.
@@ -624,6 +626,7 @@ fn load_tenant(
         limits: file.limits,
         budget: file.budget,
         attempts,
+        consent: file.consent.filter(|c| c.required),
         packs: tenant_packs,
         extra_holidays,
         webhook_secret,

@@ -41,6 +41,9 @@ pub struct TenantFile {
     /// A cap on calls to one destination; none: the shared default's (`defaults.toml`), if any.
     #[serde(default)]
     pub attempts: Option<AttemptsPolicy>,
+    /// Consent for AI-voice calls: the tenant's own switch (no pack turns it on).
+    #[serde(default)]
+    pub consent: Option<ConsentPolicy>,
     /// Jurisdiction packs (`policies/packs/<name>.toml`) the tenant inherits.
     #[serde(default)]
     pub packs: Vec<String>,
@@ -58,6 +61,28 @@ pub struct DefaultsFile {
     /// Legal holidays the operator adds for every tenant, by region.
     #[serde(default)]
     pub holidays: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Prior express consent for AI-voice calls (FCC 24-17): each call cites a consent record.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentPolicy {
+    /// Calls must cite a consent record.
+    #[serde(default)]
+    pub required: bool,
+    /// The record's scope must be one of these; empty: any scope serves.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The metadata key that holds the record's id.
+    #[serde(default = "consent_key")]
+    pub metadata_key: String,
+    /// A consent captured longer ago than this no longer serves.
+    #[serde(default)]
+    pub max_age_days: Option<u32>,
+}
+
+fn consent_key() -> String {
+    "consent_id".into()
 }
 
 /// At most `max_calls` calls to the same destination in a rolling window of `window_secs`.

@@ -263,6 +263,19 @@ impl AsyncStage for AdmissionContext {
                     GatewayError::DoNotCall,
                 ));
             }
+            // Consent for AI-voice calls, where the tenant requires it: a look-up too.
+            let now_us = ctx.clock.now().as_microsecond();
+            match crate::consents::check(&*ctx.store, &tenant, &req.body, &to, now_us).await {
+                Ok(Some(id)) => req.facts.note(&req.span, "consent_id", id),
+                Ok(None) => {}
+                Err(e @ GatewayError::ConsentRequired(_)) => {
+                    return Err(refuse(&req.span, "consent.required".into(), e));
+                }
+                Err(e @ GatewayError::ConsentInvalid(_)) => {
+                    return Err(refuse(&req.span, "consent.invalid".into(), e));
+                }
+                Err(e) => return Err(e),
+            }
             if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(refuse(

@@ -374,6 +374,29 @@ pub struct OptOut {
     pub created_at: i64,
 }
 
+/// A consent record: the called person's prior express consent to AI-voice calls, as a tenant
+/// registered it. Kept after revocation, as evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ConsentRecord {
+    pub id: String,
+    pub tenant: String,
+    pub phone_number: String,
+    pub scope: String,
+    /// When the consent was given (unix microseconds).
+    pub captured_at: i64,
+    /// Where (a web form, a call recording).
+    pub source: String,
+    /// The seller the consent names.
+    pub seller: String,
+    /// The consent text as shown, if given, and its SHA-256 (hex).
+    pub text: Option<String>,
+    pub text_sha256: String,
+    pub created_at: i64,
+    /// When it was revoked, and why (`tenant`, `opt_out`, `admin`).
+    pub revoked_at: Option<i64>,
+    pub revoked_by: Option<String>,
+}
+
 /// The longest attempt window a policy may set (30 days); attempts older than this are
 /// forgotten by [`StateStore::purge_attempts`].
 pub const MAX_ATTEMPT_WINDOW_US: i64 = 30 * 24 * 3_600 * 1_000_000;
@@ -588,6 +611,26 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> StoreFuture<'static, Vec<i64>>;
     /// Forget attempts older than the longest window ([`MAX_ATTEMPT_WINDOW_US`]) before `now`.
     fn purge_attempts(&self, now: i64) -> StoreFuture<'static, usize>;
+    /// Record a consent.
+    fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()>;
+    /// A consent record by id (revoked ones too).
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>>;
+    /// Revoke a record (it is kept); the record after, `None` if there is none. A record
+    /// already revoked stays as it was.
+    fn revoke_consent(
+        &self,
+        id: &str,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Option<ConsentRecord>>;
+    /// Revoke every live record for a number (only `tenant`'s if given); their ids.
+    fn revoke_consents_for(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Vec<String>>;
     /// Wait until everything queued so far is durable (graceful shutdown).
     fn flush(&self) -> StoreFuture<'static, ()>;
     /// Whether the store answers (`/readyz`).
@@ -600,6 +643,7 @@ pub trait StateStore: Send + Sync + 'static {
 /// one; so is a read-only snapshot of a state file ([`sqlite::SqliteSnapshot`]).
 pub trait StateView: Send + Sync {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage>;
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>>;
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>>;
     fn attempts(
         &self,
@@ -612,6 +656,9 @@ pub trait StateView: Send + Sync {
 impl<S: StateStore + ?Sized> StateView for S {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         StateStore::usage(self, tenant, now)
+    }
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
+        StateStore::get_consent(self, id)
     }
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
         StateStore::opt_outs(self, phone_number)
@@ -629,6 +676,9 @@ impl<S: StateStore + ?Sized> StateView for S {
 impl<S: StateStore + ?Sized> StateView for std::sync::Arc<S> {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         StateStore::usage(&**self, tenant, now)
+    }
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
+        StateStore::get_consent(&**self, id)
     }
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
         StateStore::opt_outs(&**self, phone_number)

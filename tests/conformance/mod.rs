@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use callgate::state::{
     AdmitOutcome, AdmitRequest, AttemptCap, AttemptLimit, AttemptOutcome, AttemptScope,
-    BudgetTerms, CallEvent, EventOutcome, IdempotencyBegin, IdempotencyClaim, OptOut, Period,
-    RelayToken, StateStore, StoredResponse, Usage,
+    BudgetTerms, CallEvent, ConsentRecord, EventOutcome, IdempotencyBegin, IdempotencyClaim,
+    OptOut, Period, RelayToken, StateStore, StoredResponse, Usage,
 };
 use serde_json::json;
 
@@ -938,6 +938,77 @@ pub async fn concurrent_attempts_never_exceed_a_cap(b: &impl Backend) {
     );
 }
 
+pub async fn consents_are_kept_after_revocation(b: &impl Backend) {
+    let record = |id: &str, tenant: &str, number: &str| ConsentRecord {
+        id: id.into(),
+        tenant: tenant.into(),
+        phone_number: number.into(),
+        scope: "marketing".into(),
+        captured_at: NOW - 86_400 * SEC,
+        source: "web form".into(),
+        seller: "Acme".into(),
+        text: Some("I agree to AI-voice calls".into()),
+        text_sha256: "ab".repeat(32),
+        created_at: NOW,
+        revoked_at: None,
+        revoked_by: None,
+    };
+    {
+        let store = b.open();
+        for (id, tenant, number) in [
+            ("k1", "a", "+14155550123"),
+            ("k2", "b", "+14155550123"),
+            ("k3", "a", "+14155550199"),
+        ] {
+            store.add_consent(record(id, tenant, number)).await.unwrap();
+        }
+        assert_eq!(
+            store.get_consent("k1").await.unwrap(),
+            Some(record("k1", "a", "+14155550123"))
+        );
+        assert_eq!(store.get_consent("nope").await.unwrap(), None);
+        store.flush().await.unwrap();
+    }
+    let store = b.open();
+    // Revoked once; the record stays, with when and by whom.
+    let revoked = store
+        .revoke_consent("k3", NOW + SEC, "tenant")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (revoked.revoked_at, revoked.revoked_by.as_deref()),
+        (Some(NOW + SEC), Some("tenant"))
+    );
+    let again = store
+        .revoke_consent("k3", NOW + 2 * SEC, "admin")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(NOW + SEC));
+    assert_eq!(
+        store.revoke_consent("nope", NOW, "tenant").await.unwrap(),
+        None
+    );
+    // By number: one tenant's, then everyone's.
+    let mut ids = store
+        .revoke_consents_for("+14155550123", Some("b"), NOW + 3 * SEC, "opt_out")
+        .await
+        .unwrap();
+    assert_eq!(ids, ["k2"]);
+    ids = store
+        .revoke_consents_for("+14155550123", None, NOW + 4 * SEC, "opt_out")
+        .await
+        .unwrap();
+    assert_eq!(ids, ["k1"]);
+    let k1 = store.get_consent("k1").await.unwrap().unwrap();
+    assert_eq!(
+        (k1.revoked_at, k1.revoked_by.as_deref()),
+        (Some(NOW + 4 * SEC), Some("opt_out"))
+    );
+    assert_eq!(k1.text.as_deref(), Some("I agree to AI-voice calls"));
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:expr) => {
@@ -963,6 +1034,7 @@ macro_rules! conformance_suite {
             opt_outs_are_kept_per_scope_and_survive_a_restart,
             attempts_are_capped_in_a_rolling_window,
             concurrent_attempts_never_exceed_a_cap,
+            consents_are_kept_after_revocation,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

@@ -21,6 +21,8 @@
 //! | `<p>:tenants`                | set    | tenants that ever held state                             |
 //! | `<p>:o:{<number>}`           | hash   | runtime opt-outs of a number: `*` (every tenant) or a tenant id -> source and time |
 //! | `<p>:a:{<scope>\|<number>}`  | zset   | attempts to a number in a scope (tenant id or `#account`) by time |
+//! | `<p>:k:{<id>}`               | hash   | a consent record (`rec`, JSON) and its `revoked_at`, `revoked_by` |
+//! | `<p>:ks:{<number>}`          | set    | the ids of a number's consent records                    |
 //!
 //! Every tenant key carries the tenant's hash tag, so a tenant's scripts run in one slot on
 //! Redis Cluster. The account-wide cap spans tenants, so it is its own step in its own slot:
@@ -95,6 +97,7 @@ struct Scripts {
     account: Script,
     rate: Script,
     attempt: Script,
+    revoke: Script,
 }
 
 macro_rules! tenant_script {
@@ -120,6 +123,7 @@ impl Scripts {
             account: Script::new(include_str!("lua/account.lua")),
             rate: Script::new(include_str!("lua/rate.lua")),
             attempt: Script::new(include_str!("lua/attempt.lua")),
+            revoke: Script::new(include_str!("lua/revoke.lua")),
         }
     }
 }
@@ -420,6 +424,44 @@ impl Inner {
     /// A number's attempts in a scope.
     fn attempts_key(&self, scope: &AttemptScope, phone_number: &str) -> String {
         format!("{}:a:{{{}|{phone_number}}}", self.prefix, scope.key())
+    }
+
+    fn consent_key(&self, id: &str) -> String {
+        format!("{}:k:{{{id}}}", self.prefix)
+    }
+
+    fn consents_key(&self, phone_number: &str) -> String {
+        format!("{}:ks:{{{phone_number}}}", self.prefix)
+    }
+
+    /// A consent record from its hash.
+    async fn consent(&self, id: &str) -> Result<Option<ConsentRecord>, StoreError> {
+        let fields: HashMap<String, String> = self
+            .conn()
+            .hgetall(self.consent_key(id))
+            .await
+            .map_err(store_error)?;
+        let Some(rec) = fields.get("rec") else {
+            return Ok(None);
+        };
+        let mut record: ConsentRecord = serde_json::from_str(rec)
+            .map_err(|e| StoreError::Backend(format!("redis: consent record: {e}")))?;
+        record.revoked_at = fields.get("revoked_at").and_then(|t| t.parse().ok());
+        record.revoked_by = fields.get("revoked_by").cloned();
+        Ok(Some(record))
+    }
+
+    /// Revoke a record; whether this revoked it.
+    async fn revoke(&self, id: &str, now: i64, by: &str) -> Result<i64, StoreError> {
+        let mut invocation = self.scripts.revoke.prepare_invoke();
+        invocation
+            .key(self.consent_key(id))
+            .arg(now.to_string())
+            .arg(by);
+        invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)
     }
 
     fn tenants_key(&self) -> String {
@@ -1528,6 +1570,79 @@ impl StateStore for RedisStore {
                 .await
                 .map_err(store_error)?;
             Ok(times.into_iter().map(|(_, at)| at as i64).collect())
+        })
+    }
+
+    fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()> {
+        self.op(move |inner| async move {
+            let mut clean = record.clone();
+            clean.revoked_at = None;
+            clean.revoked_by = None;
+            let json =
+                serde_json::to_string(&clean).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let _: i64 = inner
+                .conn()
+                .hset(inner.consent_key(&record.id), "rec", json)
+                .await
+                .map_err(store_error)?;
+            let _: i64 = inner
+                .conn()
+                .sadd(inner.consents_key(&record.phone_number), &record.id)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+    }
+
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
+        let id = id.to_string();
+        self.op(move |inner| async move { inner.consent(&id).await })
+    }
+
+    fn revoke_consent(
+        &self,
+        id: &str,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Option<ConsentRecord>> {
+        let (id, by) = (id.to_string(), by.to_string());
+        self.op(move |inner| async move {
+            inner.revoke(&id, now, &by).await?;
+            inner.consent(&id).await
+        })
+    }
+
+    fn revoke_consents_for(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Vec<String>> {
+        let (number, tenant, by) = (
+            phone_number.to_string(),
+            tenant.map(str::to_string),
+            by.to_string(),
+        );
+        self.op(move |inner| async move {
+            let ids: Vec<String> = inner
+                .conn()
+                .smembers(inner.consents_key(&number))
+                .await
+                .map_err(store_error)?;
+            let mut revoked = Vec::new();
+            for id in ids {
+                let Some(record) = inner.consent(&id).await? else {
+                    continue;
+                };
+                if tenant.as_deref().is_some_and(|t| t != record.tenant) {
+                    continue;
+                }
+                if inner.revoke(&id, now, &by).await? == 1 {
+                    revoked.push(id);
+                }
+            }
+            Ok(revoked)
         })
     }
 

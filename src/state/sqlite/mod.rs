@@ -688,6 +688,79 @@ impl StateStore for SqliteStore {
         }))
     }
 
+    fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()> {
+        Box::pin(self.writer.run(Urgency::Shed, move |conn, _| {
+            queries::put_consent(conn, &record)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
+        let id = id.to_string();
+        let writer = self.writer.clone();
+        let readers = self.readers.clone();
+        Box::pin(async move {
+            // A record registered or revoked a moment ago is read as it is now.
+            writer.committed_up_to_now().await?;
+            readers
+                .read(move |conn| queries::get_consent(conn, &id))
+                .await
+        })
+    }
+
+    fn revoke_consent(
+        &self,
+        id: &str,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Option<ConsentRecord>> {
+        let (id, by) = (id.to_string(), by.to_string());
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let Some(mut record) = queries::get_consent(conn, &id)? else {
+                return Ok((None, When::Now));
+            };
+            if record.revoked_at.is_some() {
+                return Ok((Some(record), When::Now));
+            }
+            record.revoked_at = Some(now);
+            record.revoked_by = Some(by);
+            queries::put_consent(conn, &record)?;
+            Ok((Some(record), When::Committed))
+        }))
+    }
+
+    fn revoke_consents_for(
+        &self,
+        phone_number: &str,
+        tenant: Option<&str>,
+        now: i64,
+        by: &str,
+    ) -> StoreFuture<'static, Vec<String>> {
+        let (number, tenant, by) = (
+            phone_number.to_string(),
+            tenant.map(str::to_string),
+            by.to_string(),
+        );
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let mut revoked = Vec::new();
+            for mut record in queries::consents_of(conn, &number)? {
+                let theirs = tenant.as_deref().is_none_or(|t| t == record.tenant);
+                if record.revoked_at.is_none() && theirs {
+                    record.revoked_at = Some(now);
+                    record.revoked_by = Some(by.clone());
+                    queries::put_consent(conn, &record)?;
+                    revoked.push(record.id);
+                }
+            }
+            let when = if revoked.is_empty() {
+                When::Now
+            } else {
+                When::Committed
+            };
+            Ok((revoked, when))
+        }))
+    }
+
     fn flush(&self) -> StoreFuture<'static, ()> {
         let writer = self.writer.clone();
         Box::pin(async move { writer.committed_up_to_now().await })

@@ -5,8 +5,8 @@ use serde_json::Value;
 
 use crate::state::accounting::{Pricing, Spend};
 use crate::state::{
-    AdmitRequest, CallRecord, IdempotencyBegin, IdempotencyClaim, OptOut, StoreError,
-    StoredResponse,
+    AdmitRequest, CallRecord, ConsentRecord, IdempotencyBegin, IdempotencyClaim, OptOut,
+    StoreError, StoredResponse,
 };
 
 /// `SELECT` of a call's columns (as [`record_from_row`] reads them) `WHERE` the clause.
@@ -472,4 +472,38 @@ pub fn delete_attempt(
 pub fn purge_attempts(conn: &Connection, before: i64) -> Result<usize, StoreError> {
     let mut stmt = conn.prepare_cached("DELETE FROM attempts WHERE at < ?1")?;
     Ok(stmt.execute([before])?)
+}
+
+/// Store a consent record (new, or revoked).
+pub fn put_consent(conn: &Connection, record: &ConsentRecord) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO consents (id, tenant, phone_number, record) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let json = serde_json::to_string(record).map_err(|e| StoreError::Backend(e.to_string()))?;
+    stmt.execute(params![record.id, record.tenant, record.phone_number, json])?;
+    Ok(())
+}
+
+fn consent_from_json(json: String) -> rusqlite::Result<ConsentRecord> {
+    serde_json::from_str(&json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A consent record by id.
+pub fn get_consent(conn: &Connection, id: &str) -> Result<Option<ConsentRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT record FROM consents WHERE id = ?1")?;
+    Ok(stmt
+        .query_row([id], |r| consent_from_json(r.get(0)?))
+        .optional()?)
+}
+
+/// A number's consent records.
+pub fn consents_of(
+    conn: &Connection,
+    phone_number: &str,
+) -> Result<Vec<ConsentRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT record FROM consents WHERE phone_number = ?1")?;
+    let rows = stmt.query_map([phone_number], |r| consent_from_json(r.get(0)?))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

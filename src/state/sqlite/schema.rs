@@ -73,6 +73,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (scope, phone_number, attempt_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS attempts_at ON attempts(at);
+CREATE TABLE IF NOT EXISTS consents (
+    id           TEXT PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    phone_number TEXT NOT NULL,
+    record       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consents_number ON consents(phone_number);
 ";
 
 /// Pages in the write-ahead log that trigger a checkpoint (4 MB).

@@ -9,7 +9,9 @@ use rusqlite::Connection;
 
 use super::{queries, schema};
 use crate::state::accounting::Ledger;
-use crate::state::{AttemptScope, OptOut, StateView, StoreError, StoreFuture, Usage};
+use crate::state::{
+    AttemptScope, ConsentRecord, OptOut, StateView, StoreError, StoreFuture, Usage,
+};
 
 /// See the module docs.
 pub struct SqliteSnapshot {
@@ -33,14 +35,14 @@ impl SqliteSnapshot {
         let conn = schema::open_reader(path)?;
         let ledger = schema::load_ledger(&conn)?;
         let tables: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('opt_outs', 'attempts')",
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('opt_outs', 'attempts', 'consents')",
             [],
             |r| r.get(0),
         )?;
         Ok(SqliteSnapshot {
             conn: Some(Mutex::new(conn)),
             ledger,
-            compliance_tables: tables == 2,
+            compliance_tables: tables == 3,
         })
     }
 
@@ -61,6 +63,11 @@ impl StateView for SqliteSnapshot {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         let usage = self.ledger.usage(tenant, now);
         Box::pin(std::future::ready(Ok(usage)))
+    }
+
+    fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
+        let found = self.read(|conn| queries::get_consent(conn, id));
+        Box::pin(std::future::ready(found))
     }
 
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
