@@ -12,6 +12,8 @@
 //! POST /admin/do-not-call          {"phone_number", "tenant"?, "reason"?}  an opt-out entry
 //! GET  /admin/do-not-call/{number} a number's entries, and the tenants whose lists hold it
 //! DELETE /admin/do-not-call/{number}[?tenant=ID]  an entry removed
+//! POST /admin/suspensions         {"region", "until", "reason"}  calls to a region suspended
+//! GET  /admin/suspensions          every suspension;  DELETE /admin/suspensions/{region}: lifted
 //! POST /admin/check-request?tenant=ID[&at=RFC3339]  a create-call body's dry run (see
 //!                                  `dryrun`): every stage's verdict; nothing consumed
 //! ```
@@ -59,6 +61,8 @@ pub struct AdminContext {
     pub optouts: crate::optouts::OptOutApi,
     /// `server.max_json_depth`, for `/admin/check-request`.
     pub max_json_depth: usize,
+    /// `/admin/suspensions`.
+    pub suspensions: Arc<crate::suspensions::Suspensions>,
 }
 
 /// The admin service, with the same request ids and error envelope as the tenant API.
@@ -456,6 +460,22 @@ where
                 };
                 let body = crate::stages::limits::read_body(req.into_body(), limits).await?;
                 return ctx.check_request(query.as_deref(), body).await;
+            }
+            if path.starts_with("/admin/suspensions") {
+                let body = match method {
+                    Method::POST => {
+                        crate::stages::limits::read_body(req.into_body(), limits).await?
+                    }
+                    _ => bytes::Bytes::new(),
+                };
+                if let Some(answer) = ctx
+                    .suspensions
+                    .admin(&method, &path, &request_id, &body)
+                    .await
+                {
+                    return answer;
+                }
+                return Err(GatewayError::NotFound("no such route"));
             }
             if path.starts_with("/admin/do-not-call") {
                 let body = match method {

@@ -98,6 +98,20 @@ async fn admission(
             extra,
         });
     }
+    let suspended = crate::suspensions::read(state)
+        .await
+        .map_err(GatewayError::from)?;
+    let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(to);
+    if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, at) {
+        let (rule, error) = crate::suspensions::refusal(s);
+        let mut extra = Map::new();
+        extra.insert("suspended_until".into(), timestamp(s.until));
+        return Err(Denial {
+            error,
+            rule: Some(rule),
+            extra,
+        });
+    }
     match crate::consents::check(state, tenant, &req.body, &to.e164, at).await {
         Ok(Some(id)) => {
             info.insert("consent_id".into(), id.into());

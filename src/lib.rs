@@ -28,6 +28,7 @@ pub mod simulator;
 pub mod stack;
 pub mod stages;
 pub mod state;
+pub mod suspensions;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;

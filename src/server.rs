@@ -195,6 +195,11 @@ impl Gateway {
             let scheme = if tls.is_some() { "https" } else { "http" };
             format!("{scheme}://{addr}")
         });
+        let suspensions = Arc::new(crate::suspensions::Suspensions::new(
+            store.clone(),
+            clock.clone(),
+            audit.clone(),
+        ));
         let optouts = crate::optouts::OptOutApi {
             store: store.clone(),
             policies: policies.clone(),
@@ -215,6 +220,7 @@ impl Gateway {
                 clock: clock.clone(),
                 rate_limits: Arc::new(rate_limits),
                 account_max_concurrent: settings.admission.account_max_concurrent_calls,
+                suspensions: suspensions.clone(),
                 pending_lease_extra: grace + settings.upstream.request_timeout(),
             },
             idempotency: IdempotencyContext {
@@ -305,6 +311,7 @@ impl Gateway {
                     audit: audit.clone(),
                     optouts: optouts.clone(),
                     max_json_depth: settings.server.max_json_depth,
+                    suspensions: suspensions.clone(),
                 });
             let (admin_stop, admin_stopped) = oneshot::channel();
             stops.push(admin_stop);

@@ -872,3 +872,107 @@ async fn consent_records_serve_their_own_tenant_number_and_scope_until_revoked()
     assert_eq!(placed(&gw), 0);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_suspends_calls_to_a_region_until_a_time() {
+    let setup = Setup::new(&[], &[]);
+    let clock = clock();
+    let gw = setup.start(&clock).await;
+    let louisiana = "+15045550123";
+    for (body, param) in [
+        (
+            json!({"region": "Louisiana", "until": "2026-01-06T00:00:00Z", "reason": "storm"}),
+            "/region",
+        ),
+        (
+            json!({"region": "US-LA", "until": "2026-01-01T00:00:00Z", "reason": "storm"}),
+            "/until",
+        ),
+        (
+            json!({"region": "US-LA", "until": "2026-01-06T00:00:00Z", "reason": " "}),
+            "/reason",
+        ),
+    ] {
+        let refused = admin(&gw, Method::POST, "/admin/suspensions", &body).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused.param(), param);
+    }
+    let suspended = admin(
+        &gw,
+        Method::POST,
+        "/admin/suspensions",
+        &json!({"region": "US-LA", "until": "2026-01-05T18:00:00Z", "reason": "declared emergency: hurricane"}),
+    )
+    .await;
+    assert_eq!(
+        suspended.status,
+        StatusCode::CREATED,
+        "{:?}",
+        suspended.json()
+    );
+    let refused = call(&gw, ACME_KEY, &acme_call(louisiana)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.code(), "destination_not_allowed");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hurricane")
+    );
+    assert_eq!(placed(&gw), 0);
+    // Elsewhere calls go on.
+    assert_eq!(
+        call(&gw, ACME_KEY, &acme_call(NUMBER)).await.status,
+        StatusCode::OK
+    );
+    // The dry run says so; an hour later the suspension has lapsed.
+    let dry = admin(
+        &gw,
+        Method::POST,
+        "/admin/check-request?tenant=acme",
+        &acme_call(louisiana),
+    )
+    .await
+    .json();
+    assert_eq!(dry["rule"], "suspension US-LA");
+    assert_eq!(dry["suspended_until"], "2026-01-05T18:00:00Z");
+    let listed = admin(&gw, Method::GET, "/admin/suspensions", &Value::Null)
+        .await
+        .json();
+    assert_eq!(listed["data"][0]["region"], "US-LA");
+    assert_eq!(listed["data"][0]["active"], true);
+    clock.advance(Duration::from_secs(3_601));
+    assert_eq!(
+        call(&gw, ACME_KEY, &acme_call(louisiana)).await.status,
+        StatusCode::OK
+    );
+    let lifted = admin(
+        &gw,
+        Method::DELETE,
+        "/admin/suspensions/US-LA",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(lifted.status, StatusCode::OK);
+    assert_eq!(
+        admin(
+            &gw,
+            Method::DELETE,
+            "/admin/suspensions/US-LA",
+            &Value::Null
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    let lines = setup.audit();
+    let actions: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["type"] == "suspension")
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["suspended", "lifted"]);
+    let refusal = &decisions_with(&lines, "destination_not_allowed")[0];
+    assert_eq!(refusal["rule"], "suspension US-LA");
+    gw.shutdown().await;
+}

@@ -113,7 +113,8 @@ pub fn extra_holidays(table: &BTreeMap<String, Vec<String>>) -> Result<ExtraHoli
     Ok(out)
 }
 
-fn check_region(region: &str) -> Result<(), String> {
+/// Whether `region` is a country (`US`) or a subdivision (`US-FL`) code.
+pub fn check_region(region: &str) -> Result<(), String> {
     let (country, sub) = match region.split_once('-') {
         Some((c, s)) => (c, Some(s)),
         None => (region, None),

@@ -223,6 +223,8 @@ pub struct AdmissionContext {
     pub clock: SharedClock,
     pub rate_limits: Arc<RequestRates>,
     pub account_max_concurrent: u32,
+    /// Suspended regions (declared emergencies).
+    pub suspensions: Arc<crate::suspensions::Suspensions>,
     /// Lease of a reservation not yet bound: the upstream's timeout plus `max_duration` + grace,
     /// since the upstream may place the call even if its answer never arrives.
     pub pending_lease_extra: Duration,
@@ -263,8 +265,15 @@ impl AsyncStage for AdmissionContext {
                     GatewayError::DoNotCall,
                 ));
             }
-            // Consent for AI-voice calls, where the tenant requires it: a look-up too.
+            // A region an operator suspended calls to (a declared emergency).
             let now_us = ctx.clock.now().as_microsecond();
+            let suspended = ctx.suspensions.current().await?;
+            let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(&destination);
+            if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, now_us) {
+                let (rule, error) = crate::suspensions::refusal(s);
+                return Err(refuse(&req.span, rule, error));
+            }
+            // Consent for AI-voice calls, where the tenant requires it: a look-up too.
             match crate::consents::check(&*ctx.store, &tenant, &req.body, &to, now_us).await {
                 Ok(Some(id)) => req.facts.note(&req.span, "consent_id", id),
                 Ok(None) => {}

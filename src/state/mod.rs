@@ -397,6 +397,17 @@ pub struct ConsentRecord {
     pub revoked_by: Option<String>,
 }
 
+/// Calls to a region suspended until a time (a declared emergency), by an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Suspension {
+    /// A country (`US`) or subdivision (`US-LA`).
+    pub region: String,
+    /// Unix microseconds.
+    pub until: i64,
+    pub reason: String,
+    pub created_at: i64,
+}
+
 /// The longest attempt window a policy may set (30 days); attempts older than this are
 /// forgotten by [`StateStore::purge_attempts`].
 pub const MAX_ATTEMPT_WINDOW_US: i64 = 30 * 24 * 3_600 * 1_000_000;
@@ -631,6 +642,12 @@ pub trait StateStore: Send + Sync + 'static {
         now: i64,
         by: &str,
     ) -> StoreFuture<'static, Vec<String>>;
+    /// Suspend calls to a region (replacing its suspension, if any).
+    fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()>;
+    /// Lift a region's suspension; `false` if there was none.
+    fn lift_suspension(&self, region: &str) -> StoreFuture<'static, bool>;
+    /// Every suspension recorded (lapsed ones too, until lifted).
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>>;
     /// Wait until everything queued so far is durable (graceful shutdown).
     fn flush(&self) -> StoreFuture<'static, ()>;
     /// Whether the store answers (`/readyz`).
@@ -643,6 +660,7 @@ pub trait StateStore: Send + Sync + 'static {
 /// one; so is a read-only snapshot of a state file ([`sqlite::SqliteSnapshot`]).
 pub trait StateView: Send + Sync {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage>;
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>>;
     fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>>;
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>>;
     fn attempts(
@@ -656,6 +674,9 @@ pub trait StateView: Send + Sync {
 impl<S: StateStore + ?Sized> StateView for S {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         StateStore::usage(self, tenant, now)
+    }
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
+        StateStore::suspensions(self)
     }
     fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
         StateStore::get_consent(self, id)
@@ -676,6 +697,9 @@ impl<S: StateStore + ?Sized> StateView for S {
 impl<S: StateStore + ?Sized> StateView for std::sync::Arc<S> {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         StateStore::usage(&**self, tenant, now)
+    }
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
+        StateStore::suspensions(&**self)
     }
     fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
         StateStore::get_consent(&**self, id)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use callgate::state::{
     AdmitOutcome, AdmitRequest, AttemptCap, AttemptLimit, AttemptOutcome, AttemptScope,
     BudgetTerms, CallEvent, ConsentRecord, EventOutcome, IdempotencyBegin, IdempotencyClaim,
-    OptOut, Period, RelayToken, StateStore, StoredResponse, Usage,
+    OptOut, Period, RelayToken, StateStore, StoredResponse, Suspension, Usage,
 };
 use serde_json::json;
 
@@ -1009,6 +1009,42 @@ pub async fn consents_are_kept_after_revocation(b: &impl Backend) {
     assert_eq!(k1.text.as_deref(), Some("I agree to AI-voice calls"));
 }
 
+pub async fn suspensions_are_kept_until_lifted(b: &impl Backend) {
+    let la = Suspension {
+        region: "US-LA".into(),
+        until: NOW + 3_600 * SEC,
+        reason: "hurricane".into(),
+        created_at: NOW,
+    };
+    {
+        let store = b.open();
+        assert!(store.suspensions().await.unwrap().is_empty());
+        store.suspend(la.clone()).await.unwrap();
+        // A second suspension of a region replaces the first.
+        let longer = Suspension {
+            until: NOW + 7_200 * SEC,
+            ..la.clone()
+        };
+        store.suspend(longer.clone()).await.unwrap();
+        store
+            .suspend(Suspension {
+                region: "AU".into(),
+                ..la.clone()
+            })
+            .await
+            .unwrap();
+        let all = store.suspensions().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1], longer);
+        store.flush().await.unwrap();
+    }
+    let store = b.open();
+    assert_eq!(store.suspensions().await.unwrap().len(), 2);
+    assert!(store.lift_suspension("US-LA").await.unwrap());
+    assert!(!store.lift_suspension("US-LA").await.unwrap());
+    assert_eq!(store.suspensions().await.unwrap()[0].region, "AU");
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:expr) => {
@@ -1035,6 +1071,7 @@ macro_rules! conformance_suite {
             attempts_are_capped_in_a_rolling_window,
             concurrent_attempts_never_exceed_a_cap,
             consents_are_kept_after_revocation,
+            suspensions_are_kept_until_lifted,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

@@ -23,6 +23,7 @@
 //! | `<p>:a:{<scope>\|<number>}`  | zset   | attempts to a number in a scope (tenant id or `#account`) by time |
 //! | `<p>:k:{<id>}`               | hash   | a consent record (`rec`, JSON) and its `revoked_at`, `revoked_by` |
 //! | `<p>:ks:{<number>}`          | set    | the ids of a number's consent records                    |
+//! | `<p>:suspensions`            | hash   | region -> suspension (JSON)                              |
 //!
 //! Every tenant key carries the tenant's hash tag, so a tenant's scripts run in one slot on
 //! Redis Cluster. The account-wide cap spans tenants, so it is its own step in its own slot:
@@ -1570,6 +1571,43 @@ impl StateStore for RedisStore {
                 .await
                 .map_err(store_error)?;
             Ok(times.into_iter().map(|(_, at)| at as i64).collect())
+        })
+    }
+
+    fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()> {
+        self.op(move |inner| async move {
+            let json = serde_json::to_string(&suspension)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let key = format!("{}:suspensions", inner.prefix);
+            let _: i64 = inner
+                .conn()
+                .hset(key, &suspension.region, json)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+    }
+
+    fn lift_suspension(&self, region: &str) -> StoreFuture<'static, bool> {
+        let region = region.to_string();
+        self.op(move |inner| async move {
+            let key = format!("{}:suspensions", inner.prefix);
+            let removed: i64 = inner.conn().hdel(key, region).await.map_err(store_error)?;
+            Ok(removed == 1)
+        })
+    }
+
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
+        self.op(move |inner| async move {
+            let key = format!("{}:suspensions", inner.prefix);
+            let all: HashMap<String, String> =
+                inner.conn().hgetall(key).await.map_err(store_error)?;
+            let mut out: Vec<Suspension> = all
+                .values()
+                .filter_map(|json| serde_json::from_str(json).ok())
+                .collect();
+            out.sort_by(|a, b| a.region.cmp(&b.region));
+            Ok(out)
         })
     }
 

@@ -688,6 +688,30 @@ impl StateStore for SqliteStore {
         }))
     }
 
+    fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()> {
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            queries::put_suspension(conn, &suspension)?;
+            Ok(((), When::Committed))
+        }))
+    }
+
+    fn lift_suspension(&self, region: &str) -> StoreFuture<'static, bool> {
+        let region = region.to_string();
+        Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
+            let lifted = queries::delete_suspension(conn, &region)?;
+            Ok((lifted, if lifted { When::Committed } else { When::Now }))
+        }))
+    }
+
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
+        let writer = self.writer.clone();
+        let readers = self.readers.clone();
+        Box::pin(async move {
+            writer.committed_up_to_now().await?;
+            readers.read(queries::all_suspensions).await
+        })
+    }
+
     fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()> {
         Box::pin(self.writer.run(Urgency::Shed, move |conn, _| {
             queries::put_consent(conn, &record)?;

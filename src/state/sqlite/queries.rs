@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::state::accounting::{Pricing, Spend};
 use crate::state::{
     AdmitRequest, CallRecord, ConsentRecord, IdempotencyBegin, IdempotencyClaim, OptOut,
-    StoreError, StoredResponse,
+    StoreError, StoredResponse, Suspension,
 };
 
 /// `SELECT` of a call's columns (as [`record_from_row`] reads them) `WHERE` the clause.
@@ -505,5 +505,32 @@ pub fn consents_of(
 ) -> Result<Vec<ConsentRecord>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT record FROM consents WHERE phone_number = ?1")?;
     let rows = stmt.query_map([phone_number], |r| consent_from_json(r.get(0)?))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Record a suspension, replacing the region's.
+pub fn put_suspension(conn: &Connection, s: &Suspension) -> Result<(), StoreError> {
+    let mut stmt =
+        conn.prepare_cached("INSERT OR REPLACE INTO suspensions (region, record) VALUES (?1, ?2)")?;
+    let json = serde_json::to_string(s).map_err(|e| StoreError::Backend(e.to_string()))?;
+    stmt.execute(params![s.region, json])?;
+    Ok(())
+}
+
+/// Lift a region's suspension.
+pub fn delete_suspension(conn: &Connection, region: &str) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare_cached("DELETE FROM suspensions WHERE region = ?1")?;
+    Ok(stmt.execute([region])? == 1)
+}
+
+/// Every suspension.
+pub fn all_suspensions(conn: &Connection) -> Result<Vec<Suspension>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT record FROM suspensions ORDER BY region")?;
+    let rows = stmt.query_map([], |r| {
+        let json: String = r.get(0)?;
+        serde_json::from_str(&json).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -80,6 +80,10 @@ CREATE TABLE IF NOT EXISTS consents (
     record       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS consents_number ON consents(phone_number);
+CREATE TABLE IF NOT EXISTS suspensions (
+    region TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 ";
 
 /// Pages in the write-ahead log that trigger a checkpoint (4 MB).

@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use super::{queries, schema};
 use crate::state::accounting::Ledger;
 use crate::state::{
-    AttemptScope, ConsentRecord, OptOut, StateView, StoreError, StoreFuture, Usage,
+    AttemptScope, ConsentRecord, OptOut, StateView, StoreError, StoreFuture, Suspension, Usage,
 };
 
 /// See the module docs.
@@ -35,14 +35,14 @@ impl SqliteSnapshot {
         let conn = schema::open_reader(path)?;
         let ledger = schema::load_ledger(&conn)?;
         let tables: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('opt_outs', 'attempts', 'consents')",
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('opt_outs', 'attempts', 'consents', 'suspensions')",
             [],
             |r| r.get(0),
         )?;
         Ok(SqliteSnapshot {
             conn: Some(Mutex::new(conn)),
             ledger,
-            compliance_tables: tables == 3,
+            compliance_tables: tables == 4,
         })
     }
 
@@ -63,6 +63,11 @@ impl StateView for SqliteSnapshot {
     fn usage(&self, tenant: &str, now: i64) -> StoreFuture<'static, Usage> {
         let usage = self.ledger.usage(tenant, now);
         Box::pin(std::future::ready(Ok(usage)))
+    }
+
+    fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
+        let found = self.read(queries::all_suspensions);
+        Box::pin(std::future::ready(found))
     }
 
     fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
