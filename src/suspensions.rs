@@ -28,7 +28,14 @@ use crate::state::{StateStore, StateView, StoreError, Suspension};
 /// How long admission trusts the suspensions it read.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-type Cached = Option<(Instant, Arc<Vec<Suspension>>)>;
+/// The list read last, when, and whether a request is reading it again.
+#[derive(Default)]
+struct Cached {
+    list: Option<(Instant, Arc<Vec<Suspension>>)>,
+    /// Since when a request has been reading the list again (a read cut short leaves this set:
+    /// past [`REFRESH`] another request reads it).
+    refreshing: Option<Instant>,
+}
 
 /// The suspensions, cached for admission, and the admin API.
 pub struct Suspensions {
@@ -97,25 +104,35 @@ impl Suspensions {
             store,
             clock,
             audit,
-            cache: Mutex::new(None),
+            cache: Mutex::new(Cached::default()),
         }
     }
 
-    /// The suspensions as of at most [`REFRESH`] ago.
+    /// The suspensions as of at most [`REFRESH`] ago (a little more while one request reads
+    /// them again: the others go on with the list they have).
     pub async fn current(&self) -> Result<Arc<Vec<Suspension>>, StoreError> {
-        if let Some((at, list)) = &*self.cache.lock().unwrap_or_else(|p| p.into_inner())
-            && at.elapsed() < REFRESH
         {
-            return Ok(list.clone());
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match &cache.list {
+                Some((at, list))
+                    if at.elapsed() < REFRESH
+                        || cache.refreshing.is_some_and(|t| t.elapsed() < REFRESH) =>
+                {
+                    return Ok(list.clone());
+                }
+                _ => cache.refreshing = Some(Instant::now()),
+            }
         }
-        let list = Arc::new(StateStore::suspensions(&*self.store).await?);
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), list.clone()));
+        let read = StateStore::suspensions(&*self.store).await;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.refreshing = None;
+        let list = Arc::new(read?);
+        cache.list = Some((Instant::now(), list.clone()));
         Ok(list)
     }
 
     fn invalidate(&self) {
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).list = None;
     }
 
     fn audit_line(&self, request_id: &str, action: &str, region: &str, fields: Map<String, Value>) {

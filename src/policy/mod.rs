@@ -138,6 +138,9 @@ impl Tenant {
         to: &crate::phone::Number,
     ) -> Vec<(crate::state::AttemptCap, Vec<String>)> {
         use crate::state::{AttemptCap, AttemptLimit, AttemptScope};
+        if self.attempts.is_empty() {
+            return Vec::new();
+        }
         let jurisdiction = jurisdiction::Jurisdiction::of(to);
         let mut caps: Vec<(AttemptCap, Vec<String>)> = Vec::new();
         for rule in &self.attempts {

@@ -107,28 +107,7 @@ impl Relay {
 
     /// Read an event's fields through the configured pointers.
     pub fn parse_event(&self, body: &[u8]) -> Result<CallEvent, GatewayError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| GatewayError::InvalidRequest {
-                message: format!("event is not JSON: {e}"),
-                param: None,
-            })?;
-        let s = &self.settings;
-        let status = value
-            .pointer(&s.status_pointer)
-            .and_then(Value::as_str)
-            .ok_or_else(|| GatewayError::invalid(s.status_pointer.clone(), "event has no status"))?
-            .to_string();
-        Ok(CallEvent {
-            call_id: value
-                .pointer(&s.call_id_pointer)
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            is_final: s.final_statuses.iter().any(|f| f == &status),
-            duration: value
-                .pointer(&s.duration_pointer)
-                .and_then(|d| d.as_i64().or_else(|| d.as_f64().map(|f| f.ceil() as i64))),
-            status,
-        })
+        parse_event_with(&self.settings, body)
     }
 
     /// Handle `POST /v1/relay/{token}`.
@@ -181,6 +160,35 @@ impl Relay {
             }
         }
     }
+}
+
+/// Read an event's fields through the configured pointers (the relay's parser, on its own for
+/// the fuzz target).
+pub fn parse_event_with(
+    s: &crate::config::RelaySettings,
+    body: &[u8],
+) -> Result<CallEvent, GatewayError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidRequest {
+        message: format!("event is not JSON: {e}"),
+        param: None,
+    })?;
+
+    let status = value
+        .pointer(&s.status_pointer)
+        .and_then(Value::as_str)
+        .ok_or_else(|| GatewayError::invalid(s.status_pointer.clone(), "event has no status"))?
+        .to_string();
+    Ok(CallEvent {
+        call_id: value
+            .pointer(&s.call_id_pointer)
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        is_final: s.final_statuses.iter().any(|f| f == &status),
+        duration: value
+            .pointer(&s.duration_pointer)
+            .and_then(|d| d.as_i64().or_else(|| d.as_f64().map(|f| f.ceil() as i64))),
+        status,
+    })
 }
 
 #[cfg(test)]

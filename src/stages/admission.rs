@@ -268,10 +268,12 @@ impl AsyncStage for AdmissionContext {
             // A region an operator suspended calls to (a declared emergency).
             let now_us = ctx.clock.now().as_microsecond();
             let suspended = ctx.suspensions.current().await?;
-            let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(&destination);
-            if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, now_us) {
-                let (rule, error) = crate::suspensions::refusal(s);
-                return Err(refuse(&req.span, rule, error));
+            if !suspended.is_empty() {
+                let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(&destination);
+                if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, now_us) {
+                    let (rule, error) = crate::suspensions::refusal(s);
+                    return Err(refuse(&req.span, rule, error));
+                }
             }
             // Consent for AI-voice calls, where the tenant requires it: a look-up too.
             match crate::consents::check(&*ctx.store, &tenant, &req.body, &to, now_us).await {
