@@ -248,25 +248,32 @@ pub async fn check(
         )));
     };
     let bad = |reason: String| Err(GatewayError::ConsentInvalid(reason));
+    // The id is the tenant's metadata: it is never repeated in an answer or a log.
+    let plausible = id
+        .strip_prefix("cns_")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !plausible {
+        return bad(format!("metadata.{key} is not a consent record id"));
+    }
     let Some(record) = state.get_consent(&id).await? else {
-        return bad(format!("no consent record {id:?}"));
+        return bad("no such consent record".into());
     };
     if record.tenant != tenant.id {
-        return bad(format!("consent record {id:?} is another tenant's"));
+        return bad("the consent record is another tenant's".into());
     }
     if record.phone_number != to {
-        return bad(format!("consent record {id:?} is for another number"));
+        return bad("the consent record is for another number".into());
     }
     if let Some(at) = record.revoked_at {
         return bad(format!(
-            "consent record {id:?} was revoked at {} ({})",
+            "the consent record was revoked at {} ({})",
             timestamp(at).as_str().unwrap_or(""),
             record.revoked_by.as_deref().unwrap_or("")
         ));
     }
     if !policy.scopes.is_empty() && !policy.scopes.contains(&record.scope) {
         return bad(format!(
-            "consent record {id:?} has scope {:?}, not one of {:?}",
+            "the consent record has scope {:?}, not one of {:?}",
             record.scope, policy.scopes
         ));
     }
@@ -274,7 +281,7 @@ pub async fn check(
         && record.captured_at < now - i64::from(days) * 86_400 * 1_000_000
     {
         return bad(format!(
-            "consent record {id:?} was captured more than {days} days ago"
+            "the consent record was captured more than {days} days ago"
         ));
     }
     Ok(Some(id))

@@ -138,11 +138,13 @@ async fn admission(
         "account_max_concurrent_calls".into(),
         "not_evaluated: it depends on every tenant's calls when the request arrives".into(),
     );
-    for (cap, names) in tenant.attempt_caps(to) {
-        let times = state
+    for (cap, names) in tenant.attempt_caps(to, false) {
+        let mut times = state
             .attempts(&cap.scope, &to.e164, at - cap.longest_window())
             .await
             .map_err(GatewayError::from)?;
+        // At a past instant, the attempts made since do not count.
+        times.retain(|&t| t <= at);
         info.insert("attempts_in_window".into(), times.len().into());
         if let AttemptOutcome::Exceeded { retry_at, limit } = cap.verdict(&times, at) {
             let mut extra = Map::new();

@@ -119,13 +119,26 @@ impl OptOutApi {
         bytes: &[u8],
     ) -> Result<http::Response<Body>, GatewayError> {
         let entry: TenantEntry = body(bytes)?;
+        let source = format!("tenant:{}", tenant.id);
         let entry = OptOut {
             phone_number: number(&entry.phone_number)?,
             tenant: None,
-            source: format!("tenant:{}", tenant.id),
+            source: source.clone(),
             created_at: self.clock.now().as_microsecond(),
         };
-        self.add(request_id, entry).await
+        let mut answer = self.add(request_id, entry).await?;
+        // An entry recorded before by someone else: its source is not this tenant's business.
+        let body = http_body_util::BodyExt::collect(answer.body_mut())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut shown: Value = serde_json::from_slice(&body).unwrap_or_default();
+        if shown["source"] != source.as_str() {
+            shown["source"] = Value::Null;
+        }
+        *answer.body_mut() =
+            crate::error::Body::from(serde_json::to_vec(&shown).unwrap_or_default());
+        Ok(answer)
     }
 
     async fn add(
@@ -195,11 +208,14 @@ impl OptOutApi {
             (_, "") => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
             (&Method::GET, n) if n.len() > 1 => self.lookup(&n[1..]).await,
             (&Method::DELETE, n) if n.len() > 1 => {
-                let tenant = query.and_then(|q| {
-                    q.split('&')
-                        .find_map(|kv| kv.strip_prefix("tenant="))
-                        .map(str::to_string)
-                });
+                let tenant = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                    .find(|(k, _)| k == "tenant")
+                    .map(|(_, v)| v.into_owned());
+                if let Some(t) = &tenant
+                    && !self.policies.current().tenants.contains_key(t)
+                {
+                    return Some(Err(GatewayError::NotFound("no such tenant")));
+                }
                 self.remove(request_id, &n[1..], tenant).await
             }
             _ => Err(GatewayError::MethodNotAllowed {

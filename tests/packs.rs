@@ -157,12 +157,12 @@ fn pack_attempt_caps_apply_in_their_state_and_tenants_add_holidays() {
     let (_dir, p) = policies("[holidays]\n\"US-AL\" = [\"2026-12-24\"]\n");
     let tenant = &p.tenants["regulated"];
     let fl = parse_e164("+13055550123").unwrap();
-    let caps = tenant.attempt_caps(&fl);
+    let caps = tenant.attempt_caps(&fl, false);
     assert_eq!(caps.len(), 1);
     assert_eq!(caps[0].1, ["us-states/FL attempts"]);
     assert_eq!(caps[0].0.limits[0].max, 3);
     let ny = parse_e164("+12125550123").unwrap();
-    assert!(tenant.attempt_caps(&ny).is_empty());
+    assert!(tenant.attempt_caps(&ny, false).is_empty());
     // The tenant's own holiday.
     assert_eq!(
         verdict(&p, "+12055550123", "2026-12-24T18:00:00Z"),

@@ -13,6 +13,10 @@
 //! the connection), and ends at `\r\n\r\n`. HTTP/2 connections (the client preface) are left to
 //! hyper's own HTTP/2 handling.
 //!
+//! When the listener runs short of connections ([`Pressure`]), a connection that has been idle,
+//! or inside one request head, for [`PRESSED_WAIT`] is closed: idle keep-alive connections and
+//! clients that trickle their headers cannot hold the connection cap against new clients.
+//!
 //! While it reads a head, it also refuses the request-smuggling shape hyper tolerates (it drops
 //! `Content-Length` when `Transfer-Encoding` is present): a head carrying both has the colon of
 //! the second one replaced, so hyper's parser answers `400 Bad Request` and closes.
@@ -22,8 +26,28 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
+
+/// How long a connection may stay idle, or inside a request head, while the listener is short
+/// of connections.
+pub const PRESSED_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether a listener is short of connections: at most `reserve` of its permits are left.
+#[derive(Debug, Clone)]
+pub struct Pressure {
+    pub open: Arc<Semaphore>,
+    pub reserve: usize,
+}
+
+impl Pressure {
+    fn high(&self) -> bool {
+        self.open.available_permits() <= self.reserve
+    }
+}
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -48,6 +72,10 @@ pub struct HeadTimeout<IO> {
     /// Bytes of the connection's start compared with the HTTP/2 preface.
     seen: usize,
     framing: Framing,
+    /// When the connection went idle or began its current head.
+    since: Instant,
+    /// The listener's pressure, and the timer that checks it.
+    pressure: Option<(Pressure, Pin<Box<Sleep>>)>,
 }
 
 /// The framing headers of the head being read.
@@ -108,7 +136,16 @@ impl<IO> HeadTimeout<IO> {
             state: State::Idle,
             seen: 0,
             framing: Framing::default(),
+            since: Instant::now(),
+            pressure: None,
         }
+    }
+
+    /// Also close the connection after [`PRESSED_WAIT`] idle or in a head while `pressure` is
+    /// high.
+    pub fn with_pressure(mut self, pressure: Pressure) -> Self {
+        self.pressure = Some((pressure, Box::pin(tokio::time::sleep(PRESSED_WAIT))));
+        self
     }
 }
 
@@ -138,7 +175,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                 match this.state {
                     State::Off | State::Rest => break,
                     State::Idle => {
-                        this.deadline.as_mut().reset(Instant::now() + this.limit);
+                        this.since = Instant::now();
+                        this.deadline.as_mut().reset(this.since + this.limit);
                         this.framing = Framing::default();
                         this.state = State::Head {
                             matched: u8::from(*byte == b'\r'),
@@ -174,6 +212,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                 "the request head was not received in time",
             )));
         }
+        if polled.is_pending()
+            && matches!(this.state, State::Idle | State::Head { .. })
+            && let Some((pressure, check)) = &mut this.pressure
+        {
+            // Woken now and then to look: a connection that waits is closed when others
+            // need its place.
+            while check.as_mut().poll(cx).is_ready() {
+                if pressure.high() && this.since.elapsed() >= PRESSED_WAIT {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "closed to make room: the listener is short of connections",
+                    )));
+                }
+                check.as_mut().reset(Instant::now() + PRESSED_WAIT / 2);
+            }
+        }
         polled
     }
 }
@@ -187,6 +241,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadTimeout<IO> {
         let this = self.get_mut();
         // A response has begun: the next byte read starts the next request's head.
         if this.state != State::Off && !data.is_empty() {
+            if this.state != State::Idle {
+                this.since = Instant::now();
+            }
             this.state = State::Idle;
         }
         Pin::new(&mut this.io).poll_write(cx, data)
@@ -199,6 +256,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadTimeout<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.state != State::Off && bufs.iter().any(|b| !b.is_empty()) {
+            if this.state != State::Idle {
+                this.since = Instant::now();
+            }
             this.state = State::Idle;
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
@@ -273,6 +333,48 @@ mod tests {
             server.read_to_end(&mut out).await.unwrap();
             assert_eq!(String::from_utf8(out).unwrap(), spoiled);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_idle_and_trickling_connections_are_closed() {
+        let open = Arc::new(Semaphore::new(10));
+        let pressure = Pressure {
+            open: open.clone(),
+            reserve: 1,
+        };
+        let mut buf = [0u8; 256];
+        // Plenty of room: an idle connection waits.
+        let (_idle_client, server) = tokio::io::duplex(1024);
+        let mut idle =
+            HeadTimeout::new(server, Duration::from_secs(10)).with_pressure(pressure.clone());
+        let waited = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut buf)).await;
+        assert!(waited.is_err(), "not closed while there is room");
+        // Short of connections: the idle one goes within a check's period.
+        let _held = open.clone().acquire_many_owned(9).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf)).await;
+        assert_eq!(closed.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
+        // A head trickled byte by byte goes after PRESSED_WAIT, long before its own limit.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut slow = HeadTimeout::new(server, Duration::from_secs(10)).with_pressure(pressure);
+        let started = Instant::now();
+        let result = loop {
+            client.write_all(b"G").await.unwrap();
+            if let Err(e) = slow.read(&mut buf).await {
+                break e;
+            }
+            // Waiting for the next byte, as hyper does.
+            if let Ok(Err(e)) =
+                tokio::time::timeout(Duration::from_millis(900), slow.read(&mut buf)).await
+            {
+                break e;
+            }
+        };
+        assert_eq!(result.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use crate::tls::ReloadableTls;
 
 mod head_timeout;
-pub use head_timeout::HeadTimeout;
+pub use head_timeout::{HeadTimeout, PRESSED_WAIT, Pressure};
 
 /// How many connections a listener holds, how long one may take over a request head, and how
 /// long it may wait idle between requests.
@@ -58,6 +58,11 @@ pub async fn serve(
         .header_read_timeout(timeouts.keepalive_idle);
     let header_timeout = timeouts.header_read;
     let open = Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections.max(1)));
+    // Within a tenth of the cap, idle and trickling connections make room for new ones.
+    let pressure = Pressure {
+        open: open.clone(),
+        reserve: (timeouts.max_connections / 10).max(1),
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -87,7 +92,8 @@ pub async fn serve(
                 let service = TowerToHyperService::new(service.clone());
                 match &tls {
                     None => {
-                        let stream = HeadTimeout::new(stream, header_timeout);
+                        let stream = HeadTimeout::new(stream, header_timeout)
+                            .with_pressure(pressure.clone());
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(async move {
@@ -103,6 +109,7 @@ pub async fn serve(
                         let acceptor = tls.acceptor();
                         let watcher = graceful.watcher();
                         let builder = builder.clone();
+                        let pressure = pressure.clone();
                         tokio::spawn(async move {
                             let _permit = permit;
                             let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -116,7 +123,8 @@ pub async fn serve(
                                     return;
                                 }
                             };
-                            let stream = HeadTimeout::new(stream, header_timeout);
+                            let stream = HeadTimeout::new(stream, header_timeout)
+                                .with_pressure(pressure);
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");

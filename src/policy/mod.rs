@@ -132,13 +132,15 @@ pub struct Destinations {
 
 impl Tenant {
     /// The attempt caps on calls to `to`, one per scope, with the name of the rule behind each
-    /// of its limits.
+    /// of its limits. With `record_account` (some tenant counts every tenant's calls), a call
+    /// is also recorded in the account scope when this tenant has no cap there.
     pub fn attempt_caps(
         &self,
         to: &crate::phone::Number,
+        record_account: bool,
     ) -> Vec<(crate::state::AttemptCap, Vec<String>)> {
         use crate::state::{AttemptCap, AttemptLimit, AttemptScope};
-        if self.attempts.is_empty() {
+        if self.attempts.is_empty() && !record_account {
             return Vec::new();
         }
         let jurisdiction = jurisdiction::Jurisdiction::of(to);
@@ -170,6 +172,16 @@ impl Tenant {
                 )),
             }
         }
+        if record_account && !caps.iter().any(|(c, _)| c.scope == AttemptScope::Account) {
+            caps.push((
+                AttemptCap {
+                    scope: AttemptScope::Account,
+                    phone_number: to.e164.clone(),
+                    limits: Vec::new(),
+                },
+                Vec::new(),
+            ));
+        }
         caps
     }
 
@@ -190,6 +202,9 @@ pub fn key_hash(key: &str) -> [u8; 32] {
 /// All tenants and the request schema.
 pub struct Policies {
     pub tenants: BTreeMap<String, Arc<Tenant>>,
+    /// Some tenant caps calls across every tenant (`scope = "account"`): every tenant's calls
+    /// are then recorded in that scope.
+    pub account_attempts: bool,
     by_key: HashMap<[u8; 32], Arc<Tenant>>,
     pub schema: jsonschema::Validator,
 }
@@ -288,6 +303,9 @@ impl Policies {
         }
         match schema {
             Ok(schema) if errors.is_empty() => Ok(Policies {
+                account_attempts: tenants
+                    .values()
+                    .any(|t| t.attempts.iter().any(|a| a.scope == AttemptsScope::Account)),
                 tenants,
                 by_key,
                 schema,

@@ -313,7 +313,8 @@ impl AsyncStage for AdmissionContext {
             // Attempt caps: each counted atomically, or refused with nothing counted; the ones
             // counted are given back if a later cap or admission refuses.
             let mut attempts = Vec::new();
-            for (cap, names) in tenant.attempt_caps(&destination) {
+            let record_account = req.policies.account_attempts;
+            for (cap, names) in tenant.attempt_caps(&destination, record_account) {
                 let taken = ctx.store.take_attempt(&cap, &reservation_id, now).await;
                 let refusal = match taken {
                     Ok(AttemptOutcome::Taken) => {
@@ -336,7 +337,11 @@ impl AsyncStage for AdmissionContext {
                             retry_after: secs_until(retry_at, now),
                         },
                     ),
-                    Err(e) => e.into(),
+                    Err(e) => {
+                        // The take may have run before the store's answer was lost.
+                        attempts.push(cap.scope.clone());
+                        e.into()
+                    }
                 };
                 return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
                 return Err(refusal);

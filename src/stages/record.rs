@@ -71,9 +71,10 @@ impl AsyncStage for Record {
                 if let Some(g) = guard.as_mut() {
                     g.disarm();
                 }
-                // The upstream answered and refused: no call was made, so no attempt counts.
-                // On no answer (a timeout, a reset) it may have placed the call: it counts.
-                if result.is_ok() {
+                // The upstream answered 4xx, a refusal: no call was made, so no attempt counts.
+                // On a 5xx or no answer (a timeout, a reset) it may have placed the call: it
+                // counts.
+                if matches!(&result, Ok(r) if r.status().is_client_error()) {
                     super::admission::return_attempts(&**store, &attempts, &destination, &id).await;
                 }
                 return result;

@@ -462,13 +462,16 @@ impl StateStore for SqliteStore {
 
     fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'static, Option<CallRecord>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
-        let committed = {
-            let call_id = call_id.clone();
-            self.readers
-                .read(move |conn| queries::load_call(conn, CallKey::Upstream, &call_id))
-        };
+        let readers = self.readers.clone();
         let writer = self.writer.clone();
         Box::pin(async move {
+            // What the counters already show (an event's settlement) is committed first, so
+            // that the call reads as its usage does.
+            writer.committed_up_to_now().await?;
+            let committed = {
+                let call_id = call_id.clone();
+                readers.read(move |conn| queries::load_call(conn, CallKey::Upstream, &call_id))
+            };
             let found = match committed.await? {
                 Some((record, _)) => Some(record),
                 // Not committed yet (its bind may be queued): ask the writer, which has run
