@@ -87,6 +87,15 @@ fn each_jurisdiction_is_judged_by_its_own_rules() {
             "2026-01-06T02:45:00Z",
             "ca-crtc/weekday hours",
         ), // Mon 21:45
+        // Past the years the holiday table covers, a holiday rule refuses rather than guess.
+        (
+            "+12055550123",
+            "2031-01-07T18:00:00Z",
+            "us-states/AL holidays",
+        ),
+        ("+12125550123", "2031-01-07T18:00:00Z", "ok"),
+        // Puerto Rico is in the US: federal hours apply (07:30 in San Juan).
+        ("+17875550123", "2026-01-05T11:30:00Z", "us-federal/hours"),
         // Sydney (UTC+11 in January): Saturday until 17:00, never Sunday, not Australia Day.
         ("+61291234567", "2026-01-10T05:30:00Z", "ok"), // Sat 16:30
         (

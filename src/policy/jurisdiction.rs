@@ -48,6 +48,22 @@ static HOLIDAYS: LazyLock<HolidayTable> = LazyLock::new(|| {
 impl Jurisdiction {
     /// The jurisdiction of a parsed number.
     pub fn of(number: &Number) -> Jurisdiction {
+        // US territories have region codes of their own in the numbering plan; US rules reach
+        // them as subdivisions of the US.
+        let territory = match number.region.as_deref() {
+            Some("PR") => Some("US-PR"),
+            Some("GU") => Some("US-GU"),
+            Some("VI") => Some("US-VI"),
+            Some("AS") => Some("US-AS"),
+            Some("MP") => Some("US-MP"),
+            _ => None,
+        };
+        if let Some(territory) = territory {
+            return Jurisdiction {
+                country: "US".into(),
+                subdivision: Some(territory),
+            };
+        }
         let country = number.region.clone().unwrap_or_else(|| "001".into());
         let subdivision = match country.as_str() {
             "US" | "CA" => number
@@ -75,6 +91,23 @@ impl Jurisdiction {
             },
         }
     }
+}
+
+/// The first and last year the generated holiday table covers.
+static COVERED: LazyLock<(i16, i16)> = LazyLock::new(|| {
+    let years = HOLIDAYS.values().flatten().map(|d| d.year());
+    let (mut first, mut last) = (i16::MAX, i16::MIN);
+    for y in years {
+        first = first.min(y);
+        last = last.max(y);
+    }
+    (first, last)
+});
+
+/// Whether the generated holiday table covers `date`'s year.
+pub fn holidays_cover(date: Date) -> bool {
+    let (first, last) = *COVERED;
+    (first..=last).contains(&date.year())
 }
 
 /// Whether `date` is a legal holiday in `region` in the generated table.
@@ -136,5 +169,14 @@ mod tests {
         assert!(is_listed_holiday("AU", christmas));
         assert!(!is_listed_holiday("US-AL", "2026-12-23".parse().unwrap()));
         assert_eq!(holiday_years(), "2025-2030");
+        assert!(holidays_cover(christmas));
+        assert!(!holidays_cover("2031-01-02".parse().unwrap()));
+    }
+
+    #[test]
+    fn us_territories_are_in_the_us() {
+        let pr = of("+17875550123");
+        assert_eq!((pr.country.as_str(), pr.subdivision), ("US", Some("US-PR")));
+        assert!(pr.is_in("US") && pr.is_in("US-PR") && !pr.is_in("US-FL"));
     }
 }

@@ -25,7 +25,7 @@ use jiff::tz::TimeZone;
 use serde::Deserialize;
 
 use super::hours::{parse_day, parse_hhmm};
-use super::jurisdiction::{Jurisdiction, is_listed_holiday};
+use super::jurisdiction::{Jurisdiction, holiday_years, holidays_cover, is_listed_holiday};
 use super::model::AttemptsPolicy;
 use crate::config::{ConfigError, find_line, line_of};
 
@@ -227,6 +227,14 @@ impl Rule {
             let day = local.weekday();
             if self.banned_days.contains(&day) {
                 return Err(format!("no calls on {day:?} in {}", self.where_(j)));
+            }
+            if self.holidays && !holidays_cover(local.date()) {
+                // Unknown holidays: refused rather than called on one (regenerate the table).
+                return Err(format!(
+                    "no holiday data for {} (data/holidays.tsv covers {}; regenerate it with scripts/gen_holidays.py)",
+                    local.date().year(),
+                    holiday_years()
+                ));
             }
             if self.holidays && self.is_holiday(local.date(), j, extra) {
                 return Err(format!(
