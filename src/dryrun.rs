@@ -22,14 +22,14 @@ use crate::clock::ManualClock;
 use crate::error::GatewayError;
 use crate::phone;
 use crate::policy::{Policies, Tenant};
-use crate::stages::admission::{opt_out_for, opt_out_rule};
+use crate::stages::admission::{Refusal, admit_refusal, attempt_refusal, read_checks};
 use crate::stages::fields::FieldPolicy;
 use crate::stages::phone::PhonePolicy;
 use crate::stages::redact::Redact;
 use crate::stages::trace::RequestFacts;
 use crate::stages::validate::Validate;
 use crate::stages::{CallRequest, Stage};
-use crate::state::{AttemptOutcome, StateView};
+use crate::state::{AdmitOutcome, AttemptOutcome, StateView};
 
 /// The stages a dry run reports, in the order the gateway runs them.
 pub const STAGES: &[&str] = &[
@@ -48,6 +48,20 @@ struct Denial {
     extra: Map<String, Value>,
 }
 
+impl From<Refusal> for Denial {
+    fn from(r: Refusal) -> Self {
+        Denial {
+            error: r.error,
+            rule: Some(r.rule),
+            extra: r
+                .detail
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
 impl From<GatewayError> for Denial {
     fn from(error: GatewayError) -> Self {
         Denial {
@@ -56,12 +70,6 @@ impl From<GatewayError> for Denial {
             extra: Map::new(),
         }
     }
-}
-
-fn timestamp(us: i64) -> Value {
-    jiff::Timestamp::from_microsecond(us)
-        .map(|t| Value::String(t.to_string()))
-        .unwrap_or(Value::Null)
 }
 
 /// Run one synchronous stage; its refusal carries the rule it noted.
@@ -89,46 +97,13 @@ async fn admission(
     let internal = || GatewayError::Internal("admission checked before phone".into());
     let to = req.destination.as_ref().ok_or_else(internal)?;
     let call = req.call.as_ref().ok_or_else(internal)?;
-    if let Some(entry) = opt_out_for(state, &tenant.id, &to.e164).await? {
-        let mut extra = Map::new();
-        extra.insert("opt_out".into(), crate::optouts::view(&entry));
-        return Err(Denial {
-            error: GatewayError::DoNotCall,
-            rule: Some(opt_out_rule(&entry).into()),
-            extra,
-        });
-    }
-    let suspended = crate::suspensions::read(state)
-        .await
-        .map_err(GatewayError::from)?;
-    let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(to);
-    if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, at) {
-        let (rule, error) = crate::suspensions::refusal(s);
-        let mut extra = Map::new();
-        extra.insert("suspended_until".into(), timestamp(s.until));
-        return Err(Denial {
-            error,
-            rule: Some(rule),
-            extra,
-        });
-    }
-    match crate::consents::check(state, tenant, &req.body, &to.e164, at).await {
+    let suspended = state.suspensions().await.map_err(GatewayError::from)?;
+    match read_checks(state, tenant, to, &req.body, &suspended, at).await? {
         Ok(Some(id)) => {
             info.insert("consent_id".into(), id.into());
         }
         Ok(None) => {}
-        Err(error @ (GatewayError::ConsentRequired(_) | GatewayError::ConsentInvalid(_))) => {
-            let rule = match error {
-                GatewayError::ConsentRequired(_) => "consent.required",
-                _ => "consent.invalid",
-            };
-            return Err(Denial {
-                error,
-                rule: Some(rule.into()),
-                extra: Map::new(),
-            });
-        }
-        Err(e) => return Err(e.into()),
+        Err(r) => return Err(r.into()),
     }
     info.insert(
         "requests_per_minute".into(),
@@ -147,21 +122,7 @@ async fn admission(
         times.retain(|&t| t <= at);
         info.insert("attempts_in_window".into(), times.len().into());
         if let AttemptOutcome::Exceeded { retry_at, limit } = cap.verdict(&times, at) {
-            let mut extra = Map::new();
-            extra.insert("retry_at".into(), timestamp(retry_at));
-            return Err(Denial {
-                error: GatewayError::AttemptLimitExceeded {
-                    message: format!(
-                        "the cap on calls to this number is reached ({} in {} s, {})",
-                        cap.limits[limit].max,
-                        cap.limits[limit].window / 1_000_000,
-                        names[limit]
-                    ),
-                    retry_after: crate::stages::admission::secs_until(retry_at, at),
-                },
-                rule: Some(names[limit].clone()),
-                extra,
-            });
+            return Err(attempt_refusal(&cap, &names[limit], limit, retry_at, at).into());
         }
     }
     let usage = state
@@ -171,15 +132,9 @@ async fn admission(
     info.insert("slots".into(), usage.slots.into());
     if let Some(limit) = tenant.limits.max_concurrent_calls
         && usage.slots >= i64::from(limit)
+        && let Some(r) = admit_refusal(&AdmitOutcome::TenantSlotsFull { limit })
     {
-        return Err(Denial {
-            error: GatewayError::RateLimitExceeded {
-                message: format!("concurrency limit of {limit} calls in flight reached"),
-                retry_after: None,
-            },
-            rule: Some("limits.max_concurrent_calls".into()),
-            extra: Map::new(),
-        });
+        return Err(r.into());
     }
     let max_duration = call.max_duration.unwrap_or(tenant.default_max_duration);
     let hold = tenant.budget.hold_for(max_duration, to.region.as_deref());
@@ -188,13 +143,13 @@ async fn admission(
         let available = credits - usage.spent - usage.holds;
         info.insert("available".into(), available.into());
         if hold > available {
-            return Err(Denial {
-                error: GatewayError::InsufficientCredits(format!(
-                    "the call may cost up to {hold} credits; {available} are available"
-                )),
-                rule: Some("budget.credits".into()),
-                extra: Map::new(),
-            });
+            let short = AdmitOutcome::InsufficientCredits {
+                needed: hold,
+                available,
+            };
+            if let Some(r) = admit_refusal(&short) {
+                return Err(r.into());
+            }
         }
     }
     Ok(())

@@ -126,26 +126,22 @@ impl OptOutApi {
             source: source.clone(),
             created_at: self.clock.now().as_microsecond(),
         };
-        let mut answer = self.add(request_id, entry).await?;
+        let (status, entry) = self.add(request_id, entry).await?;
+        let mut shown = view(&entry);
         // An entry recorded before by someone else: its source is not this tenant's business.
-        let body = http_body_util::BodyExt::collect(answer.body_mut())
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let mut shown: Value = serde_json::from_slice(&body).unwrap_or_default();
-        if shown["source"] != source.as_str() {
+        if entry.source != source {
             shown["source"] = Value::Null;
         }
-        *answer.body_mut() =
-            crate::error::Body::from(serde_json::to_vec(&shown).unwrap_or_default());
-        Ok(answer)
+        Ok(json_response(status, &shown))
     }
 
+    /// Record an entry (audited, revoking the number's consents): `201` and the entry, or `200`
+    /// and the entry of its scope that was there.
     async fn add(
         &self,
         request_id: &str,
         entry: OptOut,
-    ) -> Result<http::Response<Body>, GatewayError> {
+    ) -> Result<(StatusCode, OptOut), GatewayError> {
         let added = self.store.add_opt_out(entry.clone()).await?;
         self.audit_line(request_id, "add", &entry, added);
         // The person asked not to be called: their consents (to every tenant, or to the
@@ -159,10 +155,8 @@ impl OptOutApi {
                 "opt_out",
             )
             .await?;
-        for id in &revoked {
-            if let Some(record) = crate::state::StateStore::get_consent(&*self.store, id).await? {
-                crate::consents::audit_line(&self.audit, request_id, "revoked", &record);
-            }
+        for record in &revoked {
+            crate::consents::audit_line(&self.audit, request_id, "revoked", record);
         }
         tracing::info!(
             target: "audit",
@@ -187,7 +181,7 @@ impl OptOutApi {
         } else {
             StatusCode::OK
         };
-        Ok(json_response(status, &view(&shown)))
+        Ok((status, shown))
     }
 
     /// The admin routes under `/admin/do-not-call`; `None` if `path` is not one.
@@ -246,7 +240,8 @@ impl OptOutApi {
             source,
             created_at: self.clock.now().as_microsecond(),
         };
-        self.add(request_id, entry).await
+        let (status, entry) = self.add(request_id, entry).await?;
+        Ok(json_response(status, &view(&entry)))
     }
 
     async fn lookup(&self, raw: &str) -> Result<http::Response<Body>, GatewayError> {

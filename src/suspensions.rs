@@ -23,7 +23,7 @@ use crate::audit::Audit;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, json_response};
 use crate::policy::jurisdiction::Jurisdiction;
-use crate::state::{StateStore, StateView, StoreError, Suspension};
+use crate::state::{StateStore, StoreError, Suspension};
 
 /// How long admission trusts the suspensions it read.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -68,11 +68,6 @@ pub fn refusal(s: &Suspension) -> (String, GatewayError) {
             s.region, s.reason
         )),
     )
-}
-
-/// Every suspension in a state view (for the dry run).
-pub async fn read(state: &(impl StateView + ?Sized)) -> Result<Vec<Suspension>, StoreError> {
-    state.suspensions().await
 }
 
 #[derive(serde::Deserialize)]

@@ -187,12 +187,119 @@ pub async fn opt_out_for(
         .find(|e| e.tenant.as_deref().is_none_or(|t| t == tenant)))
 }
 
-/// The rule an opt-out refusal names.
-pub fn opt_out_rule(entry: &OptOut) -> &'static str {
-    match entry.tenant {
-        None => "do_not_call.opt_out",
-        Some(_) => "do_not_call.tenant_entry",
+/// A refusal by admission: the rule that decided, the error, and what a dry run shows beside it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub rule: String,
+    pub error: GatewayError,
+    /// A field the dry run adds to its verdict (`opt_out`, `suspended_until`, `retry_at`).
+    pub detail: Option<(&'static str, serde_json::Value)>,
+}
+
+impl Refusal {
+    fn new(rule: impl Into<String>, error: GatewayError) -> Self {
+        Refusal {
+            rule: rule.into(),
+            error,
+            detail: None,
+        }
     }
+}
+
+fn timestamp(us: i64) -> serde_json::Value {
+    jiff::Timestamp::from_microsecond(us)
+        .map(|t| serde_json::Value::String(t.to_string()))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The checks of admission that only read state, for the gateway and the dry run alike: a
+/// runtime opt-out, a suspended region, consent. Passed: the cited consent id, if any.
+pub async fn read_checks(
+    state: &(impl crate::state::StateView + ?Sized),
+    tenant: &Tenant,
+    to: &crate::phone::Number,
+    body: &[u8],
+    suspended: &[crate::state::Suspension],
+    now: i64,
+) -> Result<Result<Option<String>, Refusal>, GatewayError> {
+    if let Some(entry) = opt_out_for(state, &tenant.id, &to.e164).await? {
+        let rule = match entry.tenant {
+            None => "do_not_call.opt_out",
+            Some(_) => "do_not_call.tenant_entry",
+        };
+        return Ok(Err(Refusal {
+            detail: Some(("opt_out", crate::optouts::view(&entry))),
+            ..Refusal::new(rule, GatewayError::DoNotCall)
+        }));
+    }
+    if !suspended.is_empty() {
+        let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(to);
+        if let Some(s) = crate::suspensions::stopping(suspended, &jurisdiction, now) {
+            let (rule, error) = crate::suspensions::refusal(s);
+            return Ok(Err(Refusal {
+                detail: Some(("suspended_until", timestamp(s.until))),
+                ..Refusal::new(rule, error)
+            }));
+        }
+    }
+    match crate::consents::check(state, tenant, body, &to.e164, now).await {
+        Ok(id) => Ok(Ok(id)),
+        Err(e @ GatewayError::ConsentRequired(_)) => Ok(Err(Refusal::new("consent.required", e))),
+        Err(e @ GatewayError::ConsentInvalid(_)) => Ok(Err(Refusal::new("consent.invalid", e))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The refusal of an attempt cap's `limit` (named `name`), free again at `retry_at`.
+pub fn attempt_refusal(
+    cap: &crate::state::AttemptCap,
+    name: &str,
+    limit: usize,
+    retry_at: i64,
+    now: i64,
+) -> Refusal {
+    let error = GatewayError::AttemptLimitExceeded {
+        message: format!(
+            "the cap on calls to this number is reached ({} in {} s, {name}); retry after {}",
+            cap.limits[limit].max,
+            cap.limits[limit].window / 1_000_000,
+            timestamp(retry_at).as_str().unwrap_or_default()
+        ),
+        retry_after: secs_until(retry_at, now),
+    };
+    Refusal {
+        detail: Some(("retry_at", timestamp(retry_at))),
+        ..Refusal::new(name, error)
+    }
+}
+
+/// The refusal an admission outcome means; `None` for `Admitted`.
+pub fn admit_refusal(outcome: &AdmitOutcome) -> Option<Refusal> {
+    Some(match *outcome {
+        AdmitOutcome::Admitted => return None,
+        AdmitOutcome::TenantSlotsFull { limit } => Refusal::new(
+            "limits.max_concurrent_calls",
+            GatewayError::RateLimitExceeded {
+                message: format!("concurrency limit of {limit} calls in flight reached"),
+                retry_after: None,
+            },
+        ),
+        AdmitOutcome::AccountSlotsFull { limit } => Refusal::new(
+            "admission.account_max_concurrent_calls",
+            GatewayError::RateLimitExceeded {
+                message: format!(
+                    "the shared account's limit of {limit} calls in flight is reached"
+                ),
+                retry_after: None,
+            },
+        ),
+        AdmitOutcome::InsufficientCredits { needed, available } => Refusal::new(
+            "budget.credits",
+            GatewayError::InsufficientCredits(format!(
+                "the call may cost up to {needed} credits; {available} are available"
+            )),
+        ),
+    })
 }
 
 /// Give back attempts counted for a call that was not placed; a failure is logged (the attempt
@@ -256,36 +363,23 @@ impl AsyncStage for AdmissionContext {
                 .clone()
                 .ok_or_else(|| GatewayError::Internal("admission ran before phone".into()))?;
             let to = destination.e164.clone();
-            // A number opted out at run time (by any tenant, or an operator) is not called: a
-            // look-up, so the refusal consumes nothing.
-            if let Some(entry) = opt_out_for(&*ctx.store, &tenant.id, &to).await? {
-                return Err(refuse(
-                    &req.span,
-                    opt_out_rule(&entry).into(),
-                    GatewayError::DoNotCall,
-                ));
-            }
-            // A region an operator suspended calls to (a declared emergency).
+            // Runtime opt-outs, suspended regions, consent: look-ups, so a refusal consumes
+            // nothing.
             let now_us = ctx.clock.now().as_microsecond();
             let suspended = ctx.suspensions.current().await?;
-            if !suspended.is_empty() {
-                let jurisdiction = crate::policy::jurisdiction::Jurisdiction::of(&destination);
-                if let Some(s) = crate::suspensions::stopping(&suspended, &jurisdiction, now_us) {
-                    let (rule, error) = crate::suspensions::refusal(s);
-                    return Err(refuse(&req.span, rule, error));
-                }
-            }
-            // Consent for AI-voice calls, where the tenant requires it: a look-up too.
-            match crate::consents::check(&*ctx.store, &tenant, &req.body, &to, now_us).await {
-                Ok(Some(id)) => req.facts.note(&req.span, "consent_id", id),
+            match read_checks(
+                &*ctx.store,
+                &tenant,
+                &destination,
+                &req.body,
+                &suspended,
+                now_us,
+            )
+            .await?
+            {
+                Ok(Some(consent_id)) => req.facts.note(&req.span, "consent_id", consent_id),
                 Ok(None) => {}
-                Err(e @ GatewayError::ConsentRequired(_)) => {
-                    return Err(refuse(&req.span, "consent.required".into(), e));
-                }
-                Err(e @ GatewayError::ConsentInvalid(_)) => {
-                    return Err(refuse(&req.span, "consent.invalid".into(), e));
-                }
-                Err(e) => return Err(e),
+                Err(r) => return Err(refuse(&req.span, r.rule, r.error)),
             }
             if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -321,22 +415,10 @@ impl AsyncStage for AdmissionContext {
                         attempts.push(cap.scope);
                         continue;
                     }
-                    Ok(AttemptOutcome::Exceeded { retry_at, limit }) => refuse(
-                        &req.span,
-                        names[limit].clone(),
-                        GatewayError::AttemptLimitExceeded {
-                            message: format!(
-                                "the cap on calls to this number is reached ({} in {} s, {}); retry after {}",
-                                cap.limits[limit].max,
-                                cap.limits[limit].window / 1_000_000,
-                                names[limit],
-                                jiff::Timestamp::from_microsecond(retry_at)
-                                    .map(|t| t.to_string())
-                                    .unwrap_or_default()
-                            ),
-                            retry_after: secs_until(retry_at, now),
-                        },
-                    ),
+                    Ok(AttemptOutcome::Exceeded { retry_at, limit }) => {
+                        let r = attempt_refusal(&cap, &names[limit], limit, retry_at, now);
+                        refuse(&req.span, r.rule, r.error)
+                    }
                     Err(e) => {
                         // The take may have run before the store's answer was lost.
                         attempts.push(cap.scope.clone());
@@ -372,41 +454,8 @@ impl AsyncStage for AdmissionContext {
             if !matches!(outcome, Ok(AdmitOutcome::Admitted)) {
                 return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
             }
-            match outcome? {
-                AdmitOutcome::Admitted => {}
-                AdmitOutcome::TenantSlotsFull { limit } => {
-                    return Err(refuse(
-                        &req.span,
-                        "limits.max_concurrent_calls".into(),
-                        GatewayError::RateLimitExceeded {
-                            message: format!(
-                                "concurrency limit of {limit} calls in flight reached"
-                            ),
-                            retry_after: None,
-                        },
-                    ));
-                }
-                AdmitOutcome::AccountSlotsFull { limit } => {
-                    return Err(refuse(
-                        &req.span,
-                        "admission.account_max_concurrent_calls".into(),
-                        GatewayError::RateLimitExceeded {
-                            message: format!(
-                                "the shared account's limit of {limit} calls in flight is reached"
-                            ),
-                            retry_after: None,
-                        },
-                    ));
-                }
-                AdmitOutcome::InsufficientCredits { needed, available } => {
-                    return Err(refuse(
-                        &req.span,
-                        "budget.credits".into(),
-                        GatewayError::InsufficientCredits(format!(
-                            "the call may cost up to {needed} credits; {available} are available"
-                        )),
-                    ));
-                }
+            if let Some(r) = admit_refusal(&outcome?) {
+                return Err(refuse(&req.span, r.rule, r.error));
             }
             tracing::info!(
                 target: "audit",

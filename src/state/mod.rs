@@ -634,14 +634,14 @@ pub trait StateStore: Send + Sync + 'static {
         now: i64,
         by: &str,
     ) -> StoreFuture<'static, Option<ConsentRecord>>;
-    /// Revoke every live record for a number (only `tenant`'s if given); their ids.
+    /// Revoke every live record for a number (only `tenant`'s if given); the records revoked.
     fn revoke_consents_for(
         &self,
         phone_number: &str,
         tenant: Option<&str>,
         now: i64,
         by: &str,
-    ) -> StoreFuture<'static, Vec<String>>;
+    ) -> StoreFuture<'static, Vec<ConsentRecord>>;
     /// Suspend calls to a region (replacing its suspension, if any).
     fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()>;
     /// Lift a region's suspension; `false` if there was none.

@@ -991,16 +991,18 @@ pub async fn consents_are_kept_after_revocation(b: &impl Backend) {
         None
     );
     // By number: one tenant's, then everyone's.
-    let mut ids = store
+    let ids = |records: Vec<ConsentRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let revoked = store
         .revoke_consents_for("+14155550123", Some("b"), NOW + 3 * SEC, "opt_out")
         .await
         .unwrap();
-    assert_eq!(ids, ["k2"]);
-    ids = store
+    assert_eq!(revoked[0].revoked_at, Some(NOW + 3 * SEC));
+    assert_eq!(ids(revoked), ["k2"]);
+    let revoked = store
         .revoke_consents_for("+14155550123", None, NOW + 4 * SEC, "opt_out")
         .await
         .unwrap();
-    assert_eq!(ids, ["k1"]);
+    assert_eq!(ids(revoked), ["k1"]);
     let k1 = store.get_consent("k1").await.unwrap().unwrap();
     assert_eq!(
         (k1.revoked_at, k1.revoked_by.as_deref()),

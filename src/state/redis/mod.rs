@@ -1656,7 +1656,7 @@ impl StateStore for RedisStore {
         tenant: Option<&str>,
         now: i64,
         by: &str,
-    ) -> StoreFuture<'static, Vec<String>> {
+    ) -> StoreFuture<'static, Vec<ConsentRecord>> {
         let (number, tenant, by) = (
             phone_number.to_string(),
             tenant.map(str::to_string),
@@ -1677,7 +1677,11 @@ impl StateStore for RedisStore {
                     continue;
                 }
                 if inner.revoke(&id, now, &by).await? == 1 {
-                    revoked.push(id);
+                    revoked.push(ConsentRecord {
+                        revoked_at: Some(now),
+                        revoked_by: Some(by.clone()),
+                        ..record
+                    });
                 }
             }
             Ok(revoked)

@@ -762,7 +762,7 @@ impl StateStore for SqliteStore {
         tenant: Option<&str>,
         now: i64,
         by: &str,
-    ) -> StoreFuture<'static, Vec<String>> {
+    ) -> StoreFuture<'static, Vec<ConsentRecord>> {
         let (number, tenant, by) = (
             phone_number.to_string(),
             tenant.map(str::to_string),
@@ -776,7 +776,7 @@ impl StateStore for SqliteStore {
                     record.revoked_at = Some(now);
                     record.revoked_by = Some(by.clone());
                     queries::put_consent(conn, &record)?;
-                    revoked.push(record.id);
+                    revoked.push(record);
                 }
             }
             let when = if revoked.is_empty() {
