@@ -373,11 +373,36 @@ pub struct SimulatorSettings {
     pub ring_ms: u64,
     /// Time the call talks before it completes (capped by `max_duration`).
     pub talk_ms: u64,
+    /// Each call talks `talk_ms` plus a random 0..=`talk_jitter_ms` more.
+    pub talk_jitter_ms: u64,
     /// Concurrent calls the simulated account allows (`rate_limit_exceeded` beyond).
     pub max_concurrent_calls: usize,
     /// Credits of the simulated account, one per started minute of `max_duration`
     /// (`insufficient_credits` when exhausted); none means unlimited.
     pub credits: Option<u64>,
+    /// Calls remembered (live ones always are); past this, the oldest finished are forgotten.
+    pub keep_calls: usize,
+    /// Upstream faults to inject (all off by default).
+    pub faults: SimFaults,
+}
+
+/// Faults the simulator injects, each a share of requests or events (0.0 to 1.0), decided at
+/// random per request. What it did is kept in its ledger (`GET /_sim/ledger`), so that a soak
+/// run can check the gateway's accounting against what really happened.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimFaults {
+    /// `POST /v1/calls` answered `500` without placing the call.
+    pub error_rate: f64,
+    /// `POST /v1/calls` whose connection is closed with no answer, the call not placed.
+    pub reset_rate: f64,
+    /// `POST /v1/calls` placed, its answer held back `hang_ms` (past the gateway's timeout).
+    pub hang_rate: f64,
+    pub hang_ms: u64,
+    /// Webhook events never sent (no attempt, no retry).
+    pub lost_event_rate: f64,
+    /// `GET /v1/calls/{id}` answered `500`.
+    pub lookup_error_rate: f64,
 }
 
 impl Default for SimulatorSettings {
@@ -392,8 +417,11 @@ impl Default for SimulatorSettings {
             queue_ms: 200,
             ring_ms: 2_000,
             talk_ms: 10_000,
+            talk_jitter_ms: 0,
             max_concurrent_calls: 1_000,
             credits: None,
+            keep_calls: 10_000,
+            faults: SimFaults::default(),
         }
     }
 }

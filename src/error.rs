@@ -84,11 +84,17 @@ pub enum GatewayError {
     /// No such route or resource.
     #[error("{0}")]
     NotFound(&'static str),
-    /// The upstream could not be reached (connect error, TLS error, reset).
+    /// The upstream could not be reached (connect error, TLS error): the request never went out.
     #[error("the upstream is unavailable")]
     UpstreamUnavailable,
-    /// The upstream did not answer in time.
-    #[error("the upstream did not answer in time")]
+    /// The exchange broke after the request went out (a reset, the connection closed before
+    /// the whole answer): the upstream may have placed the call.
+    #[error(
+        "the connection to the upstream was lost before its answer; the call may have been placed"
+    )]
+    UpstreamLost,
+    /// The upstream did not answer in time: it may have placed the call.
+    #[error("the upstream did not answer in time; the call may have been placed")]
     UpstreamTimeout,
     /// The gateway is saturated (its state store's queue is full): nothing was taken; retry
     /// after `retry_after` seconds.
@@ -132,7 +138,7 @@ impl GatewayError {
             RateLimitExceeded { .. } | AttemptLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             IdempotencyConflict(_) => StatusCode::CONFLICT,
-            UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            UpstreamUnavailable | UpstreamLost => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Overloaded { .. } | StateUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,7 +194,7 @@ impl GatewayError {
             InsufficientCredits(_) => "insufficient_credits",
             IdempotencyConflict(_) => "idempotency_conflict",
             NotFound(_) => "not_found",
-            UpstreamUnavailable => "upstream_unavailable",
+            UpstreamUnavailable | UpstreamLost => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             Overloaded { .. } => "gateway_overloaded",
             StateUnavailable { .. } => "state_unavailable",

@@ -84,6 +84,10 @@ enum Command {
         /// The account key requests must carry.
         #[arg(long, env = "RINGYO_SIM_API_KEY", default_value = "sim-account-key")]
         api_key: String,
+        /// A TOML file of simulator settings (the `[simulator]` table's keys: timings, account,
+        /// `keep_calls`, `[faults]`); the defaults when absent.
+        #[arg(long)]
+        settings: Option<PathBuf>,
     },
 }
 
@@ -108,7 +112,28 @@ fn main() -> ExitCode {
             at,
         } => check_request(&config, &tenant, &body, at.as_deref()),
         Command::Serve { config } => run(serve(config)),
-        Command::Simulator { listen, api_key } => run(simulator(listen, api_key)),
+        Command::Simulator {
+            listen,
+            api_key,
+            settings,
+        } => {
+            let settings = match settings.map(|path| {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|text| {
+                        toml::from_str::<callgate::config::SimulatorSettings>(&text)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                    })
+            }) {
+                None => Default::default(),
+                Some(Ok(settings)) => settings,
+                Some(Err(e)) => {
+                    eprintln!("callgate simulator: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run(simulator(listen, api_key, settings))
+        }
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match callgate::audit::verify(&file) {
@@ -360,7 +385,11 @@ fn keygen(tenant: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn simulator(listen: SocketAddr, api_key: String) -> ExitCode {
+async fn simulator(
+    listen: SocketAddr,
+    api_key: String,
+    settings: callgate::config::SimulatorSettings,
+) -> ExitCode {
     let _telemetry = callgate::telemetry::init(&LogSettings::default(), &Default::default());
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
@@ -369,7 +398,7 @@ async fn simulator(listen: SocketAddr, api_key: String) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sim = Simulator::spawn(listener, Default::default(), api_key);
+    let sim = Simulator::spawn(listener, settings, api_key);
     tracing::warn!(url = %sim.url(), "Ringyo simulator listening; no real calls are placed");
     let _ = tokio::signal::ctrl_c().await;
     ExitCode::SUCCESS

@@ -246,7 +246,13 @@ impl Upstream {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 tracing::warn!(error = %error_chain(&e), "upstream request failed");
-                GatewayError::UpstreamUnavailable
+                // A connect error means the request never went out; anything later (a reset,
+                // the connection closed before the answer) may have reached the upstream.
+                if e.is_connect() {
+                    GatewayError::UpstreamUnavailable
+                } else {
+                    GatewayError::UpstreamLost
+                }
             })?;
             let (parts, body) = response.into_parts();
             let bytes = Limited::new(body, MAX_UPSTREAM_BODY)
@@ -254,7 +260,7 @@ impl Upstream {
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, "upstream response could not be read");
-                    GatewayError::UpstreamUnavailable
+                    GatewayError::UpstreamLost
                 })?
                 .to_bytes();
             Ok(Response::from_parts(parts, bytes))

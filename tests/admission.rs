@@ -318,22 +318,15 @@ async fn the_reconciler_settles_quiet_calls_from_the_upstream() {
 }
 
 #[tokio::test]
-async fn upstream_faults_release_the_slot_and_the_hold() {
+async fn upstream_refusals_release_the_slot_and_the_hold() {
     let refused = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
+    // The request never went out, or the upstream answered: no call was placed.
     let cases = [
         ("refuses connections", refused),
-        (
-            "hangs past the timeout",
-            broken_upstream(Broken::Hang).await,
-        ),
         ("answers 500", broken_upstream(Broken::Status500).await),
-        (
-            "resets mid-response",
-            broken_upstream(Broken::ResetMidResponse).await,
-        ),
     ];
     for (name, addr) in cases {
         let upstream = format!("url = \"http://{addr}\"\napi_key = \"{ACCOUNT_KEY}\"");
@@ -354,9 +347,100 @@ async fn upstream_faults_release_the_slot_and_the_hold() {
     }
 }
 
+/// The request went out and no answer came back: the upstream may have placed the call, so
+/// the slot and the hold stay until its events or its lease settle it (a call running with no
+/// slot and no charge would be a credit slipped).
+#[tokio::test]
+async fn a_lost_answer_keeps_the_slot_and_the_hold_until_the_lease() {
+    let cases = [
+        ("hangs past the timeout", Broken::Hang, "upstream_timeout"),
+        (
+            "resets mid-response",
+            Broken::ResetMidResponse,
+            "upstream_unavailable",
+        ),
+    ];
+    for (name, mode, code) in cases {
+        let addr = broken_upstream(mode).await;
+        let upstream = format!("url = \"http://{addr}\"\napi_key = \"{ACCOUNT_KEY}\"");
+        let tenant = tenant_file(
+            "t",
+            KEY,
+            "[limits]\nmax_concurrent_calls = 1\n[budget]\ncredits = 100\n",
+        );
+        let extra = "[admission]\nlease_grace_secs = 5\n";
+        let gw = TestGateway::start_custom_upstream(&[("t.toml", tenant)], &upstream, extra).await;
+        let answer = gw.create_call(KEY, &call(60)).await;
+        assert_eq!(answer.code(), code, "{name}");
+        assert!(
+            answer.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("may have been placed"),
+            "{name}: {}",
+            answer.json()
+        );
+        let usage = gw.usage("t").await;
+        assert_eq!((usage.slots, usage.holds, usage.spent), (1, 1, 0), "{name}");
+        let again = gw.create_call(KEY, &call(60)).await;
+        assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS, "{name}");
+        // No event ever comes: the lease (max_duration + upstream timeout + grace) ends it at
+        // the full hold, the rule for a call the gateway cannot follow.
+        gw.clock.advance(Duration::from_secs(60 + 2 + 5 + 1));
+        assert_eq!(gw.gateway.sweep_now().await.unwrap(), 1, "{name}");
+        let usage = gw.usage("t").await;
+        assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 1), "{name}");
+    }
+}
+
+/// The simulator places the call and holds its answer back past the gateway's timeout: the
+/// client is told `upstream_timeout`, the call's events (they carry the reservation's relay
+/// token) bind it, and it is settled at its real duration. A retry with the same
+/// Idempotency-Key is told the same, and places nothing.
+#[tokio::test]
+async fn a_call_whose_answer_was_lost_is_found_by_its_events_and_charged_once() {
+    let tenant = tenant_file(
+        "t",
+        KEY,
+        "[limits]\nmax_concurrent_calls = 1\n[budget]\ncredits = 1000\nprice_per_increment = 3\nincrement_secs = 1\n",
+    );
+    let sim = "[simulator]\nqueue_ms = 10\nring_ms = 10\ntalk_ms = 1100\n\
+               [simulator.faults]\nhang_rate = 1.0\nhang_ms = 1500\n";
+    let gw = TestGateway::start_custom_upstream(
+        &[("t.toml", tenant)],
+        &format!("{}\nrequest_timeout_ms = 400", simulator_upstream()),
+        sim,
+    )
+    .await;
+    let answer = gw.create_call_keyed(KEY, "order-7", &call(60)).await;
+    assert_eq!(answer.code(), "upstream_timeout");
+    let retry = gw.create_call_keyed(KEY, "order-7", &call(60)).await;
+    assert_eq!(retry.code(), "upstream_timeout");
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(gw.simulator().received_calls().len(), 1);
+    // Talks 1.1 s: 2 started seconds at 3 credits, not the hold of 180.
+    let usage = gw.wait_usage("t", |u| u.slots == 0).await;
+    assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 6));
+    let ledger = gw.simulator().ledger();
+    let placed = &ledger["calls"][0];
+    assert_eq!(placed["trail"]["answer"], "withheld");
+    let listed = gw
+        .send(
+            Method::GET,
+            "/v1/calls",
+            &[("authorization", &format!("Bearer {KEY}"))],
+            "",
+        )
+        .await;
+    let calls = listed.json()["data"].clone();
+    assert_eq!(calls.as_array().map(Vec::len), Some(1), "{listed:?}");
+    assert_eq!(calls[0]["id"], placed["id"]);
+    assert_eq!(calls[0]["status"], "completed");
+}
+
 #[tokio::test]
 async fn a_client_that_disconnects_mid_request_leaves_nothing_behind() {
-    let addr = broken_upstream(Broken::Hang).await;
+    let addr = broken_upstream(Broken::SlowStatus500).await;
     let upstream = format!("url = \"http://{addr}\"\napi_key = \"{ACCOUNT_KEY}\"");
     let tenant = tenant_file("t", KEY, "[budget]\ncredits = 100\n");
     let gw = TestGateway::start_custom_upstream(&[("t.toml", tenant)], &upstream, "").await;
@@ -366,11 +450,12 @@ async fn a_client_that_disconnects_mid_request_leaves_nothing_behind() {
         let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
         s.write_all(format!("POST /v1/calls HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"phone_number\":").as_bytes()).await.unwrap();
     }
-    // After admission, while the upstream hangs: the client gives up.
+    // After admission, while the upstream is slow: the client gives up.
     let gave_up =
         tokio::time::timeout(Duration::from_millis(300), gw.create_call(KEY, &call(60))).await;
     assert!(gave_up.is_err());
-    // The upstream's timeout (2 s in tests) ends the exchange; the slot and hold go with it.
+    // The exchange goes on without the client; the upstream's refusal (a 500 after 1 s) frees
+    // the slot and the hold.
     let usage = gw.wait_usage("t", |u| u.slots == 0).await;
     assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 0));
 }

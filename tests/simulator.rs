@@ -281,3 +281,129 @@ async fn events_are_retried_with_their_id() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+fn faults(f: callgate::config::SimFaults) -> SimulatorSettings {
+    SimulatorSettings {
+        faults: f,
+        ..fast()
+    }
+}
+
+fn relayed(hook: &Receiver, reservation: &str) -> serde_json::Value {
+    json!({"phone_number": "+14155551234", "agent_id": "agent_abc123",
+           "webhook_url": hook.url(&format!("/v1/relay/{reservation}.secret"))})
+}
+
+/// Errors and resets drop the request before anything is placed; the ledger names the
+/// reservation of each (read from the relay URL), so a soak run can account for it.
+#[tokio::test]
+async fn injected_errors_and_resets_place_nothing_and_are_in_the_ledger() {
+    use callgate::config::SimFaults;
+    let hook = Receiver::start().await;
+    let sim = simulator(faults(SimFaults {
+        error_rate: 1.0,
+        ..Default::default()
+    }))
+    .await;
+    let answer = post(&sim, ACCOUNT_KEY, relayed(&hook, "res_1")).await;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(sim.active_calls(), 0);
+    let ledger = sim.ledger();
+    assert_eq!(
+        ledger["dropped"],
+        json!([{"fault": "error", "reservation": "res_1"}])
+    );
+    assert_eq!(ledger["faults"]["errors"], 1);
+    assert_eq!(ledger["calls"], json!([]));
+
+    let sim = simulator(faults(SimFaults {
+        reset_rate: 1.0,
+        ..Default::default()
+    }))
+    .await;
+    let request = http::Request::post(format!("http://{}/v1/calls", sim.addr()))
+        .header("authorization", format!("Bearer {ACCOUNT_KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            relayed(&hook, "res_2").to_string(),
+        )))
+        .unwrap();
+    let reset = tokio::time::timeout(Duration::from_secs(5), http_client().request(request))
+        .await
+        .expect("the simulator closed the connection in time");
+    assert!(reset.is_err(), "a reset gets no answer: {reset:?}");
+    assert_eq!(sim.active_calls(), 0);
+    assert_eq!(
+        sim.ledger()["dropped"],
+        json!([{"fault": "reset", "reservation": "res_2"}])
+    );
+}
+
+/// A hang places the call and holds its answer back; lost events are never sent; failing
+/// look-ups answer 500. The ledger says which.
+#[tokio::test]
+async fn hangs_lost_events_and_failing_lookups() {
+    use callgate::config::SimFaults;
+    let hook = Receiver::start().await;
+    let sim = simulator(faults(SimFaults {
+        hang_rate: 1.0,
+        hang_ms: 600,
+        lost_event_rate: 1.0,
+        lookup_error_rate: 1.0,
+        ..Default::default()
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    let answer = post(&sim, ACCOUNT_KEY, relayed(&hook, "res_3")).await;
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    let id = answer.json()["id"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {ACCOUNT_KEY}");
+    let looked_up = send(
+        &http_client(),
+        sim.addr(),
+        Method::GET,
+        &format!("/v1/calls/{id}"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(looked_up.status, StatusCode::INTERNAL_SERVER_ERROR);
+    // The call runs its course (1.1 s talk); none of its three events is sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.active_calls() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.bodies().is_empty());
+    let ledger = sim.ledger();
+    let call = &ledger["calls"][0];
+    assert_eq!(call["id"], id.as_str());
+    assert_eq!(call["reservation"], "res_3");
+    assert_eq!(call["status"], "completed");
+    assert_eq!(call["duration"], 2);
+    assert_eq!(
+        call["trail"],
+        json!({"answer": "withheld", "events": 3, "events_lost": 3,
+               "events_delivered": 0, "final_delivered": false})
+    );
+    assert_eq!(ledger["faults"]["hangs"], 1);
+    assert_eq!(ledger["faults"]["events_lost"], 3);
+    assert_eq!(ledger["faults"]["lookup_errors"], 1);
+}
+
+/// Delivered events are counted in the ledger, the final one named.
+#[tokio::test]
+async fn delivered_events_are_in_the_ledger() {
+    let hook = Receiver::start().await;
+    let sim = simulator(fast()).await;
+    let answer = post(&sim, ACCOUNT_KEY, relayed(&hook, "res_4")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    hook.wait_for(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let trail = sim.ledger()["calls"][0]["trail"].clone();
+    assert_eq!(
+        trail,
+        json!({"answer": "sent", "events": 3, "events_lost": 0,
+               "events_delivered": 3, "final_delivered": true})
+    );
+}

@@ -6,9 +6,14 @@
 //! It runs in-process (`upstream.url = "simulator"`, and in tests) or standalone
 //! (`callgate simulator --listen ADDR`). It places no real calls. It echoes the metadata it
 //! received and keeps a log of every request, so tests can see exactly what left the gateway.
+//!
+//! Faults can be injected (`[simulator.faults]`, see [`SimFaults`]): errors, resets and hung
+//! answers on `POST /v1/calls`, lost events, failing look-ups. Its ledger (`GET /_sim/ledger`,
+//! [`Simulator::ledger`]) says what happened to every call and every dropped request, with the
+//! gateway's reservation id read from the call's relay URL, so a soak run (`bench/soak.sh`) can
+//! check the gateway's store call by call.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +25,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::config::SimulatorSettings;
+use crate::config::{SimFaults, SimulatorSettings};
 use crate::error::{Body, json_response};
 use crate::phone;
 use crate::upstream::{ClientOptions, HttpClient, build_client};
@@ -46,6 +51,37 @@ impl Received {
 struct SimCall {
     object: Value,
     webhook_url: Option<String>,
+    /// What happened to the call's answer and its events, for the ledger.
+    trail: Trail,
+}
+
+/// What became of a call's answer and events.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Trail {
+    /// `sent`, or `withheld` (a hang fault: the answer went out only after `hang_ms`).
+    answer: &'static str,
+    /// Events the lifecycle produced, events dropped by the lost-event fault, and events the
+    /// receiver accepted (a 2xx) after retries.
+    events: u32,
+    events_lost: u32,
+    events_delivered: u32,
+    /// Whether the final event was accepted.
+    final_delivered: bool,
+}
+
+/// A `POST /v1/calls` the simulator dropped without placing a call (an error or reset fault).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Dropped {
+    fault: &'static str,
+    reservation: Option<String>,
+}
+
+/// The gateway's reservation id in a relay URL (`.../v1/relay/<reservation>.<secret>?...`).
+fn reservation_of(webhook_url: Option<&str>) -> Option<String> {
+    let token = webhook_url?.split("/v1/relay/").nth(1)?;
+    let token = token.split(['?', '#']).next()?;
+    let (reservation, _secret) = token.split_once('.')?;
+    Some(reservation.to_string())
 }
 
 struct State {
@@ -55,13 +91,40 @@ struct State {
     received: Mutex<std::collections::VecDeque<Received>>,
     credits_left: Mutex<Option<u64>>,
     client: HttpClient,
+    dropped: Mutex<std::collections::VecDeque<Dropped>>,
+    counts: Mutex<FaultCounts>,
 }
+
+/// How many faults were injected, by kind.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct FaultCounts {
+    errors: u64,
+    resets: u64,
+    hangs: u64,
+    events_lost: u64,
+    lookup_errors: u64,
+}
+
+/// Whether a fault of this share happens now.
+fn roll(share: f64) -> bool {
+    share > 0.0 && rand::random::<f64>() < share
+}
+
+/// The connection is closed with no answer (a reset fault).
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("simulated reset")
+    }
+}
+
+impl std::error::Error for Reset {}
 
 /// Requests kept for [`Simulator::received`]: the most recent ones. A simulator serving a
 /// gateway for days keeps bounded memory.
 const RECEIVED_KEPT: usize = 10_000;
-/// Calls kept: past this many, the oldest finished calls are forgotten (live ones never are).
-const CALLS_KEPT: usize = 10_000;
 
 /// The simulated calls, and the order they were placed in (for forgetting the oldest).
 #[derive(Default)]
@@ -144,6 +207,8 @@ impl Simulator {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let state = Arc::new(State {
             credits_left: Mutex::new(settings.credits),
+            dropped: Mutex::new(std::collections::VecDeque::new()),
+            counts: Mutex::new(FaultCounts::default()),
             settings,
             api_key,
             calls: Mutex::new(Calls::default()),
@@ -226,6 +291,38 @@ impl Simulator {
     pub fn active_calls(&self) -> usize {
         active(&self.state)
     }
+
+    /// What happened: every call kept, with its answer's and events' fate and the gateway's
+    /// reservation id; every request dropped by a fault; the faults injected by kind.
+    pub fn ledger(&self) -> Value {
+        ledger(&self.state)
+    }
+}
+
+fn ledger(state: &State) -> Value {
+    let calls: Vec<Value> = {
+        let calls = lock(&state.calls);
+        calls
+            .order
+            .iter()
+            .filter_map(|id| calls.by_id.get(id))
+            .map(|call| {
+                let o = &call.object;
+                json!({
+                    "id": o["id"],
+                    "status": o["status"],
+                    "duration": o.get("duration"),
+                    "max_duration": o["max_duration"],
+                    "metadata": o["metadata"],
+                    "reservation": reservation_of(call.webhook_url.as_deref()),
+                    "trail": call.trail,
+                })
+            })
+            .collect()
+    };
+    let dropped: Vec<Dropped> = lock(&state.dropped).iter().cloned().collect();
+    let counts = lock(&state.counts).clone();
+    json!({"calls": calls, "dropped": dropped, "faults": counts})
 }
 
 fn active(state: &State) -> usize {
@@ -243,16 +340,15 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     )
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let mut received = lock(&state.received);
     keep_last(
-        &mut received,
+        &mut lock(&state.received),
         Received {
             method: parts.method.clone(),
             path: parts.uri.path().to_string(),
@@ -261,7 +357,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         },
         RECEIVED_KEPT,
     );
-    drop(received);
     let authorized = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -275,8 +370,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         ));
     }
     let path = parts.uri.path();
+    let faults = &state.settings.faults;
     let response = match (&parts.method, path) {
-        (&Method::POST, "/v1/calls") => create_call(&state, &parts.headers, &body),
+        (&Method::POST, "/v1/calls") => return create_call(&state, &parts.headers, &body).await,
+        (&Method::GET, "/_sim/ledger") => json_response(StatusCode::OK, &ledger(&state)),
+        (&Method::GET, p) if p.starts_with("/v1/calls/") && roll(faults.lookup_error_rate) => {
+            lock(&state.counts).lookup_errors += 1;
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "simulated fault",
+            )
+        }
         (&Method::GET, p) if p.starts_with("/v1/calls/") => {
             let id = &p["/v1/calls/".len()..];
             match lock(&state.calls).by_id.get(id) {
@@ -289,7 +394,48 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(response)
 }
 
-fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Response<Body> {
+/// `POST /v1/calls`, with the faults configured: an error or a reset drops the request before
+/// anything is placed; a hang places the call and holds its answer back.
+async fn create_call(
+    state: &Arc<State>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response<Body>, Reset> {
+    let faults: &SimFaults = &state.settings.faults;
+    let drop_as = |fault: &'static str| {
+        let reservation = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| reservation_of(v.get("webhook_url").and_then(Value::as_str)));
+        keep_last(
+            &mut lock(&state.dropped),
+            Dropped { fault, reservation },
+            state.settings.keep_calls,
+        );
+    };
+    if roll(faults.error_rate) {
+        drop_as("error");
+        lock(&state.counts).errors += 1;
+        return Ok(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "simulated fault",
+        ));
+    }
+    if roll(faults.reset_rate) {
+        drop_as("reset");
+        lock(&state.counts).resets += 1;
+        return Err(Reset);
+    }
+    let hang = roll(faults.hang_rate);
+    let response = place_call(state, headers, body, hang);
+    if hang && response.status().is_success() {
+        lock(&state.counts).hangs += 1;
+        tokio::time::sleep(Duration::from_millis(faults.hang_ms)).await;
+    }
+    Ok(response)
+}
+
+fn place_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes, hang: bool) -> Response<Body> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -397,8 +543,12 @@ fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Respons
         SimCall {
             object: object.clone(),
             webhook_url,
+            trail: Trail {
+                answer: if hang { "withheld" } else { "sent" },
+                ..Trail::default()
+            },
         },
-        CALLS_KEPT,
+        s.keep_calls,
     );
     tokio::spawn(lifecycle(state.clone(), id, max_duration));
     json_response(StatusCode::OK, &object)
@@ -406,7 +556,11 @@ fn create_call(state: &Arc<State>, headers: &HeaderMap, body: &Bytes) -> Respons
 
 async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
     let s = state.settings.clone();
-    let talk = Duration::from_millis(s.talk_ms).min(Duration::from_secs(max_duration));
+    let jitter = match s.talk_jitter_ms {
+        0 => 0,
+        j => rand::random::<u64>() % (j + 1),
+    };
+    let talk = Duration::from_millis(s.talk_ms + jitter).min(Duration::from_secs(max_duration));
     let steps = [
         (Duration::from_millis(s.queue_ms), "ringing"),
         (Duration::from_millis(s.ring_ms), "in_progress"),
@@ -416,14 +570,21 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
     // after them, never the call.
     let (events, mut queue) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
     let client = state.client.clone();
+    let sender = state.clone();
+    let call_id = id.clone();
     tokio::spawn(async move {
         while let Some((url, event)) = queue.recv().await {
-            deliver(&client, &url, &event).await;
+            let delivered = deliver(&client, &url, &event).await;
+            let last = event["status"] == "completed";
+            if let Some(call) = lock(&sender.calls).by_id.get_mut(&call_id) {
+                call.trail.events_delivered += u32::from(delivered);
+                call.trail.final_delivered |= delivered && last;
+            }
         }
     });
     for (wait, status) in steps {
         tokio::time::sleep(wait).await;
-        let (event, hook) = {
+        let (event, hook, lost) = {
             let mut calls = lock(&state.calls);
             let Some(call) = calls.by_id.get_mut(&id) else {
                 return;
@@ -442,9 +603,17 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
                 call.object["duration"] = json!(secs);
                 event["duration"] = json!(secs);
             }
-            (event, call.webhook_url.clone())
+            call.trail.events += 1;
+            let hook = call.webhook_url.clone();
+            let lost = hook.is_some() && roll(s.faults.lost_event_rate);
+            if lost {
+                call.trail.events_lost += 1;
+            }
+            (event, hook, lost)
         };
-        if let Some(url) = hook {
+        if lost {
+            lock(&state.counts).events_lost += 1;
+        } else if let Some(url) = hook {
             let _ = events.send((url, event));
         }
     }
@@ -454,7 +623,8 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
 /// 429 is retried with backoff (100 ms, doubling), the same `event_id` each time.
 const DELIVERY_ATTEMPTS: u32 = 6;
 
-async fn deliver(client: &HttpClient, url: &str, event: &Value) {
+/// Whether the receiver accepted the event (a 2xx, or another answer that is not retried).
+async fn deliver(client: &HttpClient, url: &str, event: &Value) -> bool {
     let body = Bytes::from(event.to_string());
     let mut backoff = Duration::from_millis(100);
     for attempt in 1..=DELIVERY_ATTEMPTS {
@@ -462,12 +632,15 @@ async fn deliver(client: &HttpClient, url: &str, event: &Value) {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body.clone()))
         else {
-            return;
+            return false;
         };
         let retry =
             match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
                 Ok(Ok(response)) => {
                     let status = response.status();
+                    if status.is_success() {
+                        return true;
+                    }
                     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
                 }
                 Ok(Err(e)) => {
@@ -480,12 +653,13 @@ async fn deliver(client: &HttpClient, url: &str, event: &Value) {
                 }
             };
         if !retry {
-            return;
+            return false;
         }
         tokio::time::sleep(backoff).await;
         backoff *= 2;
     }
     tracing::debug!(%url, "simulator webhook event dropped after retries");
+    false
 }
 
 #[cfg(test)]
@@ -496,6 +670,7 @@ mod tests {
         SimCall {
             object: json!({"status": status}),
             webhook_url: None,
+            trail: Trail::default(),
         }
     }
 

@@ -128,9 +128,32 @@ impl AsyncStage for IdempotencyContext {
                     }
                 }
             };
+            let request_id = req.request_id.clone();
             let result = call_next(next, req).await;
             let response = match result {
                 Ok(response) if is_final(response.status()) => response,
+                Err(e @ (GatewayError::UpstreamTimeout | GatewayError::UpstreamLost)) => {
+                    // No answer came back: the upstream may have placed the call. The key keeps
+                    // this answer, so a retry is told the same rather than placing a second
+                    // call (the call, if placed, shows in `GET /v1/calls` once its events come).
+                    let again = match &e {
+                        GatewayError::UpstreamTimeout => GatewayError::UpstreamTimeout,
+                        _ => GatewayError::UpstreamLost,
+                    };
+                    let (parts, body) = again.into_response(&request_id).into_parts();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let stored = StoredResponse {
+                        status: parts.status.as_u16(),
+                        body: bytes.to_vec(),
+                        content_type: "application/json".into(),
+                    };
+                    keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
+                    return Err(e);
+                }
                 other => {
                     // The client gets this answer whatever the store says; a key the store
                     // cannot give up now is given up in the background.
@@ -160,41 +183,48 @@ impl AsyncStage for IdempotencyContext {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/json")
                 .to_string();
-            // Queued before the answer goes out, committed with the next batch: the answer does
-            // not wait for the commit. A retry meanwhile sees the key in flight and waits.
-            // The call is placed: the client gets its answer even if the store cannot keep it
-            // now (kept in the background; a retry meanwhile waits, then sees it in flight).
             let stored = StoredResponse {
                 status: parts.status.as_u16(),
                 body: bytes.to_vec(),
                 content_type,
             };
-            let store = ctx.store.clone();
-            let complete = store
-                .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
-                .await;
-            crate::tasks::spawn(async move {
-                let first = match complete {
-                    Ok(queued) => queued.await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = first {
-                    tracing::warn!(%tenant, error = %e, "storing the idempotent answer failed; retrying");
-                    let gave_up = "storing the idempotent answer failed; the key stays in flight until its TTL";
-                    crate::tasks::retry(First::AfterWait, gave_up, || {
-                        let queued = store.idempotency_complete(
-                            &tenant,
-                            &key,
-                            claim.clone(),
-                            stored.clone(),
-                        );
-                        async move { queued.await?.await }
-                    })
-                    .await;
-                }
-            }
-            .in_current_span());
+            keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
             Ok(Response::from_parts(parts, Body::from(bytes)))
         })
     }
+}
+
+/// Keep a key's final answer. Queued before the answer goes out, committed with the next batch:
+/// the answer does not wait for the commit (a retry meanwhile sees the key in flight and waits).
+/// The client gets its answer even if the store cannot keep it now: it is kept in the background.
+async fn keep_answer(
+    store: Arc<dyn StateStore>,
+    tenant: String,
+    key: String,
+    claim: IdempotencyClaim,
+    stored: StoredResponse,
+) {
+    let complete = store
+        .idempotency_complete(&tenant, &key, claim.clone(), stored.clone())
+        .await;
+    crate::tasks::spawn(
+        async move {
+            let first = match complete {
+                Ok(queued) => queued.await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = first {
+                tracing::warn!(%tenant, error = %e, "storing the idempotent answer failed; retrying");
+                let gave_up =
+                    "storing the idempotent answer failed; the key stays in flight until its TTL";
+                crate::tasks::retry(First::AfterWait, gave_up, || {
+                    let queued =
+                        store.idempotency_complete(&tenant, &key, claim.clone(), stored.clone());
+                    async move { queued.await?.await }
+                })
+                .await;
+            }
+        }
+        .in_current_span(),
+    );
 }

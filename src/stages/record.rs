@@ -1,6 +1,16 @@
 //! Stage 11: record. Wraps the forward stage: when the upstream accepts the call, the reservation's
 //! slot and hold are bound to the upstream's call id with a lease ending at `max_duration` + grace;
-//! when it refuses, fails or times out, they are released at once and nothing is charged.
+//! when it answers a refusal (any non-2xx) or cannot be reached at all, they are released at once
+//! and nothing is charged.
+//!
+//! When the request went out and no answer came back (a timeout, a reset, the connection closed
+//! mid-answer) the upstream may have placed the call, and releasing would let it run with no slot
+//! and no charge. The reservation is kept as it is, pending, with the lease admission gave it
+//! (`max_duration` + upstream timeout + grace): the call's first event, which carries the
+//! reservation's relay token, binds it to the upstream's call id and the call is settled as
+//! any other; if no event ever comes, the lease ends it at the full hold (the rule for every
+//! call the gateway cannot follow). The client is told so (`upstream_timeout`,
+//! `upstream_unavailable`: "the call may have been placed").
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +69,16 @@ impl AsyncStage for Record {
             let mut guard = req.reservation_guard.take();
             let result = call_next(next, req).await;
             let accepted = matches!(&result, Ok(response) if response.status().is_success());
+            if matches!(
+                &result,
+                Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamLost)
+            ) {
+                tracing::info!(target: "audit", reservation = %id, "kept: the upstream's answer was lost and it may have placed the call; its events or its lease settle it");
+                if let Some(g) = guard.as_mut() {
+                    g.disarm();
+                }
+                return result;
+            }
             if !accepted {
                 // The client gets the upstream's own answer whatever happens here; a release the
                 // store cannot do now is retried in the background.
@@ -72,8 +92,7 @@ impl AsyncStage for Record {
                     g.disarm();
                 }
                 // The upstream answered 4xx, a refusal: no call was made, so no attempt counts.
-                // On a 5xx or no answer (a timeout, a reset) it may have placed the call: it
-                // counts.
+                // On a 5xx it may have placed the call: it counts.
                 if matches!(&result, Ok(r) if r.status().is_client_error()) {
                     super::admission::return_attempts(&**store, &attempts, &destination, &id).await;
                 }

@@ -33,6 +33,11 @@ pub fn repo() -> PathBuf {
 /// A config file for tests: the shipped policies, the simulator with fast timings, plus `extra`
 /// TOML appended (later keys win inside `[section]` blocks given in full).
 pub fn config_text(upstream: &str, extra: &str) -> String {
+    // An `upstream` that sets its own request timeout keeps it.
+    let timeout = match upstream.contains("request_timeout_ms") {
+        true => "",
+        false => "request_timeout_ms = 2000",
+    };
     format!(
         r#"
 [server]
@@ -41,7 +46,7 @@ shutdown_grace_ms = 2000
 
 [upstream]
 {upstream}
-request_timeout_ms = 2000
+{timeout}
 connect_timeout_ms = 1000
 
 [policies]
@@ -375,6 +380,8 @@ pub enum Broken {
     Status500,
     /// Reads the request, starts an answer, then drops the connection mid-response.
     ResetMidResponse,
+    /// Answers 500, a second after the request.
+    SlowStatus500,
 }
 
 /// Start a broken upstream on loopback; returns its address.
@@ -387,13 +394,16 @@ pub async fn broken_upstream(mode: Broken) -> SocketAddr {
         while let Ok((mut stream, _)) = listener.accept().await {
             match mode {
                 Broken::Hang => held.push(stream),
-                Broken::Status500 | Broken::ResetMidResponse => {
+                Broken::Status500 | Broken::ResetMidResponse | Broken::SlowStatus500 => {
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
                         let _ =
                             tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf))
                                 .await;
-                        if let Broken::Status500 = mode {
+                        if let Broken::SlowStatus500 = mode {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        if let Broken::Status500 | Broken::SlowStatus500 = mode {
                             let body = r#"{"error":{"code":"internal","message":"boom"}}"#;
                             let answer = format!(
                                 "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
