@@ -357,7 +357,7 @@ token_file = "admin_token"
             if call["status"] not in ("completed", "failed"):
                 failures.append(f"call {call['id']} still {call['status']} at the simulator")
                 continue
-            if row["call_id"] == call["id"]:
+            if row["call_id"] == call["id"] and row["status"] != "expired":
                 want = charge_for(call.get("duration") or 0, row["increment_secs"], row["price"],
                                   row["held"])
                 if row["charged"] != want or row["status"] != call["status"]:
@@ -365,6 +365,13 @@ token_file = "admin_token"
                                     f"{row['charged']}, simulator {call['status']} "
                                     f"{call.get('duration')} s = {want}")
                 kinds["placed: charged its duration" + (" (answer lost)" if trail["answer"] == "withheld" else "")] += 1
+            elif (row["call_id"] == call["id"] and row["status"] == "expired"
+                  and row["charged"] == row["held"] and not trail["final_delivered"]
+                  and trail["final_lookups"] == 0):
+                # Bound, its final event lost, and every look-up once it had ended failed (or
+                # none came before its lease): the gateway could not know, and the documented
+                # rule charges the hold.
+                kinds["placed, final event lost, no look-up answered in time: charged its hold"] += 1
             elif row["call_id"] is None and row["status"] == "expired" and row["charged"] == row["held"]:
                 # The gateway never learned of it: no answer reached it and no event did.
                 if trail["events_delivered"] == 0 and (trail["answer"] == "withheld" or kills):

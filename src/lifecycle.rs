@@ -5,9 +5,10 @@
 //! (settling what lapsed while the gateway was down) and every `state.sweep_interval_ms`.
 //!
 //! The reconciler, where the upstream has `GET /v1/calls/{id}` (`reconcile.enabled`), asks the
-//! upstream about live calls that have had no event for `reconcile.quiet_after_secs` and applies
-//! its answer: a call the upstream says has ended is settled from that answer. It asks about
-//! [`RECONCILE_CONCURRENCY`] calls at a time.
+//! upstream about live calls that have had no event for `reconcile.quiet_after_secs`, and about
+//! those whose lease ends within its next two rounds, and applies its answer: a call the
+//! upstream says has ended is settled from that answer (what it used, where the lease would
+//! charge its full hold). It asks about [`RECONCILE_CONCURRENCY`] calls at a time.
 //!
 //! The two run independently: an upstream that hangs on every look-up slows reconciliation
 //! (each look-up is bounded by the upstream timeout), never lease expiry.
@@ -127,7 +128,11 @@ impl Lifecycle {
         }
         let now = self.clock.now().as_microsecond();
         let quiet_since = now - (self.reconcile.quiet_after_secs as i64) * 1_000_000;
-        let calls = self.store.quiet_calls(quiet_since, 100).await?;
+        // Calls whose lease ends before the next two rounds are asked about too, quiet or not:
+        // the lease would settle them at the full hold, where the upstream's answer charges
+        // what they really used (a call whose final event was lost near `max_duration`).
+        let lapsing_by = now + 2 * (self.reconcile.interval_ms.max(100) as i64) * 1_000;
+        let calls = self.store.quiet_calls(quiet_since, lapsing_by, 100).await?;
         let mut lookups = tokio::task::JoinSet::new();
         let mut settled = 0;
         for (tenant, call_id) in calls

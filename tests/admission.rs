@@ -317,6 +317,40 @@ async fn the_reconciler_settles_quiet_calls_from_the_upstream() {
     assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 1));
 }
 
+/// Every event of the call is lost, and it is not quiet long enough to be asked about; but its
+/// lease is about to end, which would charge the full hold: the reconciler asks first, and the
+/// call is charged what it used.
+#[tokio::test]
+async fn a_call_about_to_lapse_is_reconciled_before_its_lease_ends() {
+    let extra = "[simulator]\nqueue_ms = 10\nring_ms = 10\ntalk_ms = 300\n\
+         [simulator.faults]\nlost_event_rate = 1.0\n\
+         [admission]\nlease_grace_secs = 30\n\
+         [reconcile]\nenabled = true\nquiet_after_secs = 100000\ninterval_ms = 10000\nrefresh_on_read = false\n";
+    let tenant = tenant_file("t", KEY, "[budget]\ncredits = 100\n");
+    let gw = TestGateway::start_custom(&[("t.toml", tenant)], extra).await;
+    assert_eq!(gw.create_call(KEY, &call(60)).await.status, StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw.simulator().active_calls() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its lease ends at 60 s + 30 s of grace; the look-ahead is two rounds (20 s).
+    assert_eq!(gw.gateway.reconcile_now().await.unwrap(), 0);
+    gw.clock.advance(Duration::from_secs(75));
+    assert_eq!(gw.gateway.reconcile_now().await.unwrap(), 1);
+    let usage = gw.usage("t").await;
+    // One started minute, not the hold (also one minute here, so check the status too).
+    assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 1));
+    let listed = gw
+        .send(
+            Method::GET,
+            "/v1/calls",
+            &[("authorization", &format!("Bearer {KEY}"))],
+            "",
+        )
+        .await;
+    assert_eq!(listed.json()["data"][0]["status"], "completed");
+}
+
 #[tokio::test]
 async fn upstream_refusals_release_the_slot_and_the_hold() {
     let refused = std::net::TcpListener::bind("127.0.0.1:0")

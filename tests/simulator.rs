@@ -384,7 +384,7 @@ async fn hangs_lost_events_and_failing_lookups() {
     assert_eq!(
         call["trail"],
         json!({"answer": "withheld", "events": 3, "events_lost": 3,
-               "events_delivered": 0, "final_delivered": false})
+               "events_delivered": 0, "final_delivered": false, "final_lookups": 0})
     );
     assert_eq!(ledger["faults"]["hangs"], 1);
     assert_eq!(ledger["faults"]["events_lost"], 3);
@@ -400,10 +400,22 @@ async fn delivered_events_are_in_the_ledger() {
     assert_eq!(answer.status, StatusCode::OK);
     hook.wait_for(3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let id = answer.json()["id"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {ACCOUNT_KEY}");
+    let looked_up = send(
+        &http_client(),
+        sim.addr(),
+        Method::GET,
+        &format!("/v1/calls/{id}"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(looked_up.json()["status"], "completed");
     let trail = sim.ledger()["calls"][0]["trail"].clone();
     assert_eq!(
         trail,
         json!({"answer": "sent", "events": 3, "events_lost": 0,
-               "events_delivered": 3, "final_delivered": true})
+               "events_delivered": 3, "final_delivered": true, "final_lookups": 1})
     );
 }

@@ -67,6 +67,8 @@ struct Trail {
     events_delivered: u32,
     /// Whether the final event was accepted.
     final_delivered: bool,
+    /// Look-ups (`GET /v1/calls/{id}`) answered once the call had ended.
+    final_lookups: u32,
 }
 
 /// A `POST /v1/calls` the simulator dropped without placing a call (an error or reset fault).
@@ -384,8 +386,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         (&Method::GET, p) if p.starts_with("/v1/calls/") => {
             let id = &p["/v1/calls/".len()..];
-            match lock(&state.calls).by_id.get(id) {
-                Some(call) => json_response(StatusCode::OK, &call.object),
+            match lock(&state.calls).by_id.get_mut(id) {
+                Some(call) => {
+                    call.trail.final_lookups += u32::from(call.finished());
+                    json_response(StatusCode::OK, &call.object)
+                }
                 None => error(StatusCode::NOT_FOUND, "not_found", "no such call"),
             }
         }

@@ -550,8 +550,14 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> StoreFuture<'static, Usage>;
     /// Settle every call whose lease ended by `now` at its full hold; returns them.
     fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>>;
-    /// Live calls bound to an upstream id and not updated since `quiet_since`.
-    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'static, Vec<CallRecord>>;
+    /// Live calls bound to an upstream id that were not updated since `quiet_since`, or whose
+    /// lease ends by `lapsing_by` (those first): what the reconciler asks the upstream about.
+    fn quiet_calls(
+        &self,
+        quiet_since: i64,
+        lapsing_by: i64,
+        limit: usize,
+    ) -> StoreFuture<'static, Vec<CallRecord>>;
     /// One of a tenant's calls by upstream id.
     fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'static, Option<CallRecord>>;
     /// A tenant's bound calls, newest first, after the reservation id `before` if given.

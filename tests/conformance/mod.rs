@@ -562,9 +562,44 @@ pub async fn reads_are_per_tenant_and_paged(b: &impl Backend) {
         .unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].call_id.as_deref(), Some("c0"));
-    let quiet = store.quiet_calls(NOW, 10).await.unwrap();
+    let quiet = store.quiet_calls(NOW, NOW, 10).await.unwrap();
     assert_eq!(quiet.len(), 4);
-    assert!(store.quiet_calls(NOW - 1, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .quiet_calls(NOW - 1, NOW, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Not quiet, but lapsing (leases end at NOW + 900 s): due all the same, each once.
+    let lapsing = store
+        .quiet_calls(NOW - 1, NOW + 900 * SEC, 10)
+        .await
+        .unwrap();
+    assert_eq!(lapsing.len(), 4);
+    let lapsing = store.quiet_calls(NOW, NOW + 900 * SEC, 10).await.unwrap();
+    assert_eq!(lapsing.len(), 4);
+    assert_eq!(
+        store
+            .quiet_calls(NOW, NOW + 900 * SEC, 3)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // A pending call (admitted, not bound) is never asked about: it has no upstream id.
+    assert_eq!(
+        store.admit(request("a", "r-pending", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(
+        store
+            .quiet_calls(NOW, NOW + 7_200 * SEC, 10)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
     consistent(&store, NOW).await;
 }
 

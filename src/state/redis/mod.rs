@@ -1182,13 +1182,19 @@ impl StateStore for RedisStore {
         })
     }
 
-    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'static, Vec<CallRecord>> {
+    fn quiet_calls(
+        &self,
+        quiet_since: i64,
+        lapsing_by: i64,
+        limit: usize,
+    ) -> StoreFuture<'static, Vec<CallRecord>> {
         self.op(move |inner| async move {
             let tenants = inner.tenants().await?;
             let args = [
                 "quiet".to_string(),
                 quiet_since.to_string(),
                 limit.to_string(),
+                lapsing_by.to_string(),
             ];
             let found = inner
                 .per_tenant(tenants, |tenant| {
@@ -1197,7 +1203,7 @@ impl StateStore for RedisStore {
                 })
                 .await?;
             let mut calls: Vec<CallRecord> = found.into_iter().flatten().collect();
-            calls.sort_by_key(|c| c.updated_at);
+            calls.sort_by_key(|c| (c.lease_expires_at > lapsing_by, c.updated_at));
             calls.truncate(limit);
             Ok(calls)
         })

@@ -455,9 +455,14 @@ impl StateStore for SqliteStore {
         }))
     }
 
-    fn quiet_calls(&self, quiet_since: i64, limit: usize) -> StoreFuture<'static, Vec<CallRecord>> {
+    fn quiet_calls(
+        &self,
+        quiet_since: i64,
+        lapsing_by: i64,
+        limit: usize,
+    ) -> StoreFuture<'static, Vec<CallRecord>> {
         self.readers
-            .read(move |conn| queries::quiet_calls(conn, quiet_since, limit))
+            .read(move |conn| queries::quiet_calls(conn, quiet_since, lapsing_by, limit))
     }
 
     fn get_call(&self, tenant: &str, call_id: &str) -> StoreFuture<'static, Option<CallRecord>> {

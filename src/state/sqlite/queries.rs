@@ -226,13 +226,18 @@ pub fn lapsed_calls(conn: &Connection, now: i64) -> Result<Vec<(CallRecord, Pric
 pub fn quiet_calls(
     conn: &Connection,
     quiet_since: i64,
+    lapsing_by: i64,
     limit: usize,
 ) -> Result<Vec<CallRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(select_calls!(
-        "live = 1 AND call_id IS NOT NULL AND updated_at <= ?1 ORDER BY updated_at LIMIT ?2",
+        "live = 1 AND call_id IS NOT NULL AND (updated_at <= ?1 OR lease_expires_at <= ?3) \
+         ORDER BY lease_expires_at > ?3, updated_at LIMIT ?2",
     ))?;
     let rows = stmt
-        .query_map(params![quiet_since, limit as i64], record_from_row)?
+        .query_map(
+            params![quiet_since, limit as i64, lapsing_by],
+            record_from_row,
+        )?
         .map(|r| r.map(|r| r.0))
         .collect::<Result<_, _>>()?;
     Ok(rows)
