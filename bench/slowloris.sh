@@ -5,7 +5,8 @@
 # and half trickling a request head one byte a second (slowloris). Prints wrk's req/s, p50/p99
 # and errors for both runs, how many slow connections the gateway closed (under pressure, with
 # a tenth of the cap left, connections idle or mid-head for 2 s are closed) and how many it
-# refused at the cap, and the gateway's peak RSS. Needs wrk, nginx, curl, python3.
+# refused at the cap, how a new client fares (one fresh connection every 100 ms: answered or
+# refused, and how long it took), and the gateway's peak RSS. Needs wrk, nginx, curl, python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); BENCH=$ROOT/bench; CALLGATE_BIN=${CALLGATE_BIN:-$ROOT/target/release/callgate}
 MAXCONN=${MAXCONN:-1000}; SLOW=${SLOW:-1500}
@@ -89,9 +90,36 @@ while time.monotonic() < end:
                     pass
 print(f"slow connections: {opened} opened, {closed} closed by the gateway, {refused} refused at the cap (503), {len(conns)} open at the end")
 EOF
-python3 $T/slow.py $CG $SLOW 16 > $T/slow.out & S=$!
+# A new client every 100 ms: a fresh connection, GET /healthz, its answer and how long it took.
+cat > $T/probe.py <<'EOF'
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+times, codes = [], {}
+for _ in range(n):
+    t0 = time.monotonic()
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        data = s.recv(64)
+        s.close()
+        code = data[9:12].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+    except OSError:
+        code = "error"
+    codes[code] = codes.get(code, 0) + 1
+    if code == "200":
+        times.append(time.monotonic() - t0)
+    time.sleep(0.1)
+times.sort()
+pct = lambda p: f"{times[min(len(times) - 1, int(p * len(times)))] * 1000:.1f} ms" if times else "-"
+print(f"new clients (one every 100 ms): {codes}; served in p50 {pct(0.5)}, p99 {pct(0.99)}, max {pct(1.0)}")
+EOF
+echo "without slow clients: $(python3 $T/probe.py $CG 50)"
+python3 $T/slow.py $CG $SLOW 18 > $T/slow.out & S=$!
 sleep 4   # let them pile up against the cap
+python3 $T/probe.py $CG 100 > $T/probe.out & PR=$!
 measure "wrk -c32 with $SLOW slow connections (cap $MAXCONN)"
+wait $PR
+echo "with $SLOW slow connections: $(cat $T/probe.out)"
 wait $S; S=
 cat $T/slow.out
 echo "gateway peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$P/status)"

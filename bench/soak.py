@@ -53,6 +53,7 @@ ADMIN_TOKEN = "soak-admin-token"
 MAX_DURATION = 20
 UPSTREAM_TIMEOUT_MS = 1500
 LEASE_GRACE = 5
+INF = float("inf")
 
 # id, key, policy additions. Prices differ so that every charge rule is exercised.
 TENANTS = [
@@ -174,7 +175,7 @@ hash_key_file = "hash_key"
 
 [log]
 format = "json"
-level = "warn"
+level = "info"
 
 [audit]
 path = "audit.jsonl"
@@ -313,7 +314,7 @@ token_file = "admin_token"
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute(
             "SELECT reservation_id, tenant, call_id, status, live, hold, charged, price, "
-            "increment_secs, duration, max_duration FROM calls")]
+            "increment_secs, duration, max_duration, updated_at FROM calls")]
         for r in rows:
             # `hold` is what a live call holds now (0 once settled); a call's hold at admission
             # is its max_duration's started increments at its price.
@@ -366,11 +367,12 @@ token_file = "admin_token"
                                     f"{call.get('duration')} s = {want}")
                 kinds["placed: charged its duration" + (" (answer lost)" if trail["answer"] == "withheld" else "")] += 1
             elif (row["call_id"] == call["id"] and row["status"] == "expired"
-                  and row["charged"] == row["held"] and not trail["final_delivered"]
-                  and trail["final_lookups"] == 0):
-                # Bound, its final event lost, and every look-up once it had ended failed (or
-                # none came before its lease): the gateway could not know, and the documented
-                # rule charges the hold.
+                  and row["charged"] == row["held"]
+                  and min(trail["final_delivered_at"] or INF,
+                          trail["first_final_lookup_at"] or INF) > row["updated_at"] // 1000):
+                # Bound, its final event lost, and no look-up answered that it had ended before
+                # its lease did (each failed, or none came in time): the gateway could not know,
+                # and the documented rule charges the hold.
                 kinds["placed, final event lost, no look-up answered in time: charged its hold"] += 1
             elif row["call_id"] is None and row["status"] == "expired" and row["charged"] == row["held"]:
                 # The gateway never learned of it: no answer reached it and no event did.
@@ -380,7 +382,7 @@ token_file = "admin_token"
                     failures.append(f"call {call['id']}: answered or evented ({trail}) yet "
                                     f"never bound; expired at the hold")
             else:
-                failures.append(f"call {call['id']}: store row {row}")
+                failures.append(f"call {call['id']}: store row {row}; simulator: {call}")
 
         # 4: every other row.
         for row in rows:
@@ -453,6 +455,8 @@ token_file = "admin_token"
                 break
         time.sleep(3)  # let the last commits land
         ledger = self.ledger()
+        with open(os.path.join(self.dir, "ledger.json"), "w") as f:
+            json.dump(ledger, f)
         failures, kinds = self.check(ledger)
         # The counters rebuilt from the file at start must agree too.
         self.restart_gateway(signal.SIGTERM)

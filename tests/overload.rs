@@ -83,47 +83,79 @@ async fn requests_past_the_in_flight_cap_are_refused_at_once_and_take_nothing() 
     );
 }
 
+/// Two connections busy mid-body (neither idle nor in a head, so neither is closed to make
+/// room) fill a cap of two. A third waits in the waiting room (a tenth of the cap, at least
+/// one) and is told 503 when no place frees in time; a fourth, with the room full, is told at
+/// once. When the cap is held by idle connections instead, a new one waits while an idle one
+/// is closed to make room, and is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_past_the_cap_are_told_and_closed() {
+async fn connections_past_the_cap_wait_for_room_then_are_told_and_closed() {
     let text = config_text(&simulator_upstream(), fast_simulator()).replace(
         "shutdown_grace_ms = 2000",
         "shutdown_grace_ms = 2000\nmax_connections = 2",
     );
     let gw = TestGateway::start_with_config(&text).await;
-    let mut held = Vec::new();
+    let mut busy = Vec::new();
     for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        c.write_all(
+            b"POST /v1/calls HTTP/1.1\r\nhost: x\r\nauthorization: Bearer demo-acme-key\r\n\
+              content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"phone",
+        )
+        .await
+        .unwrap();
+        busy.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let third = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fourth = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let read = |mut c: tokio::net::TcpStream| async move {
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        answer
+    };
+    let answer = read(fourth).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"));
+    assert!(answer.contains("\"code\":\"gateway_overloaded\""));
+    assert!(
+        started.elapsed() < callgate::listen::ADMIT_WAIT,
+        "the fourth is told at once"
+    );
+    let answer = read(third).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        started.elapsed() >= callgate::listen::ADMIT_WAIT - Duration::from_millis(200),
+        "the third waited for room first"
+    );
+    // The busy ones leave; two idle keep-alive connections hold the cap instead.
+    drop(busy);
+    let mut idle = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while idle.len() < 2 {
         let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
         c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
         let mut buf = [0u8; 512];
-        let n = c.read(&mut buf).await.unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        held.push(c);
-    }
-    let mut third = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), third.read_to_string(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(answer.contains("retry-after: 1"));
-    assert!(answer.contains("\"code\":\"gateway_overloaded\""));
-    // One of the two leaves: a new connection is served.
-    drop(held.pop());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        let _ = c.read_to_string(&mut answer).await;
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
+        let n = c.read(&mut buf).await.unwrap_or(0);
+        if buf[..n].starts_with(b"HTTP/1.1 200") {
+            idle.push(c);
         }
-        assert!(std::time::Instant::now() < deadline, "{answer}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(std::time::Instant::now() < deadline);
     }
+    // A new client waits while an idle connection is closed to make room, and is served.
+    let started = std::time::Instant::now();
+    let mut c = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read(c).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() <= callgate::listen::ADMIT_WAIT + Duration::from_millis(500));
 }

@@ -384,7 +384,8 @@ async fn hangs_lost_events_and_failing_lookups() {
     assert_eq!(
         call["trail"],
         json!({"answer": "withheld", "events": 3, "events_lost": 3,
-               "events_delivered": 0, "final_delivered": false, "final_lookups": 0})
+               "events_delivered": 0, "final_delivered": false, "final_lookups": 0,
+               "final_delivered_at": null, "first_final_lookup_at": null})
     );
     assert_eq!(ledger["faults"]["hangs"], 1);
     assert_eq!(ledger["faults"]["events_lost"], 3);
@@ -412,10 +413,17 @@ async fn delivered_events_are_in_the_ledger() {
     )
     .await;
     assert_eq!(looked_up.json()["status"], "completed");
-    let trail = sim.ledger()["calls"][0]["trail"].clone();
+    let mut trail = sim.ledger()["calls"][0]["trail"].clone();
+    let now = jiff::Timestamp::now().as_millisecond();
+    for at in ["final_delivered_at", "first_final_lookup_at"] {
+        let when = trail[at].as_i64().unwrap();
+        assert!(when <= now && when > now - 10_000, "{at}: {when}");
+        trail[at] = json!("seen");
+    }
     assert_eq!(
         trail,
         json!({"answer": "sent", "events": 3, "events_lost": 0,
-               "events_delivered": 3, "final_delivered": true, "final_lookups": 1})
+               "events_delivered": 3, "final_delivered": true, "final_lookups": 1,
+               "final_delivered_at": "seen", "first_final_lookup_at": "seen"})
     );
 }

@@ -23,7 +23,8 @@ pub struct ConnectionLimits {
     pub header_read: Duration,
     /// An idle keep-alive connection's life between requests.
     pub keepalive_idle: Duration,
-    /// Open connections at most; past it a new one gets a `503` and is closed.
+    /// Open connections at most; past it a new one waits for a place (up to [`ADMIT_WAIT`]),
+    /// then gets a `503` and is closed.
     pub max_connections: usize,
 }
 
@@ -36,14 +37,104 @@ fn refusal() -> String {
     )
 }
 
+/// How long a connection that arrives at the cap may wait for a place: long enough for the
+/// pressure rule to close a connection that idles or trickles ([`PRESSED_WAIT`], checked every
+/// half of it).
+pub const ADMIT_WAIT: Duration = Duration::from_millis(PRESSED_WAIT.as_millis() as u64 * 3 / 2);
+
+type Service = tower::util::BoxCloneService<
+    http::Request<hyper::body::Incoming>,
+    http::Response<crate::error::Body>,
+    std::convert::Infallible,
+>;
+
+/// What every connection of a listener is served with.
+#[derive(Clone)]
+struct Serving {
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    service: Service,
+    tls: Option<Arc<ReloadableTls>>,
+    header_timeout: Duration,
+    pressure: Pressure,
+}
+
+impl Serving {
+    /// Serve one connection in a task of its own, holding its place (`permit`) until it ends.
+    fn spawn(
+        &self,
+        stream: tokio::net::TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let Serving {
+            builder,
+            service,
+            tls,
+            header_timeout,
+            pressure,
+        } = self.clone();
+        let service = TowerToHyperService::new(service);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let ended = match tls {
+                None => {
+                    let stream = HeadTimeout::new(stream, header_timeout).with_pressure(pressure);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => {
+                    // The handshake runs in the connection's task, bounded like a header read,
+                    // so a slow client cannot stall the accept loop.
+                    let acceptor = tls.acceptor();
+                    let stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let stream = HeadTimeout::new(stream, header_timeout).with_pressure(pressure);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Tell a connection past the cap so, and close it.
+fn refuse(stream: tokio::net::TcpStream) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            stream.write_all(refusal().as_bytes()),
+        )
+        .await;
+    });
+}
+
 /// Serve `service` on `listener` until `stopped` fires, then drain.
+///
+/// At most `max_connections` are served at once. Within a tenth of the cap, connections that
+/// idle or trickle a request head for [`PRESSED_WAIT`] are closed to make room (see
+/// [`HeadTimeout`]). A connection that arrives at the cap waits for a place, first come first
+/// served, up to [`ADMIT_WAIT`], in a waiting room of a tenth of the cap; when the room is full,
+/// or no place frees in time, it is told `503 gateway_overloaded` and closed. So clients that
+/// hold connections open without using them cannot keep new clients out.
 pub async fn serve(
     listener: TcpListener,
-    service: tower::util::BoxCloneService<
-        http::Request<hyper::body::Incoming>,
-        http::Response<crate::error::Body>,
-        std::convert::Infallible,
-    >,
+    service: Service,
     tls: Option<Arc<ReloadableTls>>,
     timeouts: ConnectionLimits,
     grace: Duration,
@@ -56,12 +147,19 @@ pub async fn serve(
         .timer(TokioTimer::new())
         // hyper's one timer covers the idle wait; the head's own limit is `HeadTimeout`'s.
         .header_read_timeout(timeouts.keepalive_idle);
-    let header_timeout = timeouts.header_read;
     let open = Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections.max(1)));
-    // Within a tenth of the cap, idle and trickling connections make room for new ones.
-    let pressure = Pressure {
-        open: open.clone(),
-        reserve: (timeouts.max_connections / 10).max(1),
+    let tenth = (timeouts.max_connections / 10).max(1);
+    let waiting = Arc::new(tokio::sync::Semaphore::new(tenth));
+    let serving = Serving {
+        builder,
+        service,
+        tls,
+        header_timeout: timeouts.header_read,
+        // Within a tenth of the cap, idle and trickling connections make room for new ones.
+        pressure: Pressure {
+            open: open.clone(),
+            reserve: tenth,
+        },
     };
     loop {
         tokio::select! {
@@ -75,63 +173,23 @@ pub async fn serve(
                         continue;
                     }
                 };
-                // Past the connection cap: told so, and closed (not queued, not left hanging).
-                let Ok(permit) = open.clone().try_acquire_owned() else {
-                    tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        let mut stream = stream;
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            stream.write_all(refusal().as_bytes()),
-                        )
-                        .await;
-                    });
+                if let Ok(permit) = open.clone().try_acquire_owned() {
+                    serving.spawn(stream, permit, graceful.watcher());
+                    continue;
+                }
+                // At the cap: wait for a place in the waiting room, or be told and closed.
+                let Ok(seat) = waiting.clone().try_acquire_owned() else {
+                    refuse(stream);
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(service.clone());
-                match &tls {
-                    None => {
-                        let stream = HeadTimeout::new(stream, header_timeout)
-                            .with_pressure(pressure.clone());
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
+                let (open, serving, watcher) = (open.clone(), serving.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let _seat = seat;
+                    match tokio::time::timeout(ADMIT_WAIT, open.acquire_owned()).await {
+                        Ok(Ok(permit)) => serving.spawn(stream, permit, watcher),
+                        _ => refuse(stream),
                     }
-                    Some(tls) => {
-                        // The handshake runs in the connection's task, bounded like a header
-                        // read, so a slow client cannot stall the accept loop.
-                        let acceptor = tls.acceptor();
-                        let watcher = graceful.watcher();
-                        let builder = builder.clone();
-                        let pressure = pressure.clone();
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let stream = HeadTimeout::new(stream, header_timeout)
-                                .with_pressure(pressure);
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                    }
-                }
+                });
             }
             _ = &mut stopped => break,
         }

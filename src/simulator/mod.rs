@@ -69,6 +69,14 @@ struct Trail {
     final_delivered: bool,
     /// Look-ups (`GET /v1/calls/{id}`) answered once the call had ended.
     final_lookups: u32,
+    /// When (Unix ms) the final event was accepted, and when a look-up first answered that the
+    /// call had ended: from then on the receiver could know.
+    final_delivered_at: Option<i64>,
+    first_final_lookup_at: Option<i64>,
+}
+
+fn unix_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
 }
 
 /// A `POST /v1/calls` the simulator dropped without placing a call (an error or reset fault).
@@ -388,7 +396,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             let id = &p["/v1/calls/".len()..];
             match lock(&state.calls).by_id.get_mut(id) {
                 Some(call) => {
-                    call.trail.final_lookups += u32::from(call.finished());
+                    if call.finished() {
+                        call.trail.final_lookups += 1;
+                        call.trail.first_final_lookup_at.get_or_insert_with(unix_ms);
+                    }
                     json_response(StatusCode::OK, &call.object)
                 }
                 None => error(StatusCode::NOT_FOUND, "not_found", "no such call"),
@@ -583,7 +594,10 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
             let last = event["status"] == "completed";
             if let Some(call) = lock(&sender.calls).by_id.get_mut(&call_id) {
                 call.trail.events_delivered += u32::from(delivered);
-                call.trail.final_delivered |= delivered && last;
+                if delivered && last {
+                    call.trail.final_delivered = true;
+                    call.trail.final_delivered_at.get_or_insert_with(unix_ms);
+                }
             }
         }
     });
