@@ -258,7 +258,8 @@ pub struct ServerSettings {
     /// `header_read_timeout_ms`, so that a peer reusing a pooled connection (the upstream
     /// sending call events) does not race the gateway closing it.
     pub keepalive_idle_timeout_ms: u64,
-    /// Open connections at most; past it a new connection is answered `503` and closed.
+    /// Open connections at most; past it a new connection waits for a place (up to
+    /// `listen::ADMIT_WAIT`), then is answered `503` and closed.
     pub max_connections: usize,
     /// Requests handled at once; past it a request is answered `503 gateway_overloaded` with
     /// `Retry-After` at once, nothing taken.
