@@ -84,11 +84,13 @@ pub enum GatewayError {
     /// No such route or resource.
     #[error("{0}")]
     NotFound(&'static str),
-    /// The upstream could not be reached (connect error, TLS error): the request never went out.
-    #[error("the upstream is unavailable")]
+    /// The upstream could not be reached (DNS, connect, TLS, proxy; or no connection within the
+    /// request timeout): the request never went out, the call was not placed.
+    #[error("the upstream is unavailable; the call was not placed")]
     UpstreamUnavailable,
     /// The exchange broke after the request went out (a reset, the connection closed before
-    /// the whole answer): the upstream may have placed the call.
+    /// the whole answer, an acceptance whose body could not be read): the upstream may have
+    /// placed the call.
     #[error(
         "the connection to the upstream was lost before its answer; the call may have been placed"
     )]
@@ -166,6 +168,7 @@ impl GatewayError {
         "idempotency_conflict",
         "not_found",
         "upstream_unavailable",
+        "upstream_connection_lost",
         "upstream_timeout",
         "gateway_overloaded",
         "state_unavailable",
@@ -194,7 +197,8 @@ impl GatewayError {
             InsufficientCredits(_) => "insufficient_credits",
             IdempotencyConflict(_) => "idempotency_conflict",
             NotFound(_) => "not_found",
-            UpstreamUnavailable | UpstreamLost => "upstream_unavailable",
+            UpstreamUnavailable => "upstream_unavailable",
+            UpstreamLost => "upstream_connection_lost",
             UpstreamTimeout => "upstream_timeout",
             Overloaded { .. } => "gateway_overloaded",
             StateUnavailable { .. } => "state_unavailable",

@@ -1,6 +1,9 @@
 //! The upstream client: one pooled HTTP/1.1 + HTTP/2 client (rustls for HTTPS), connect and
-//! request timeouts, and the account key. Failures are mapped to `upstream_unavailable` (502) and
-//! `upstream_timeout` (504); upstream answers, errors included, are passed through unchanged.
+//! request timeouts, and the account key. Upstream answers, errors included, are passed through
+//! unchanged. Failures are told apart by whether the request went out ([`SentBody`]): before it
+//! did (DNS, connect, TLS, proxy, a request handed back unsent, a timeout meanwhile) the call was
+//! not placed: `upstream_unavailable` (502). After it did, it may have been:
+//! `upstream_timeout` (504) or `upstream_connection_lost` (502).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,8 +28,59 @@ use crate::error::{Body, GatewayError};
 /// Largest upstream answer the gateway will relay.
 const MAX_UPSTREAM_BODY: usize = 1024 * 1024;
 
-/// The pooled HTTP client used for the upstream and for webhook deliveries.
-pub type HttpClient = Client<HttpsConnector<ProxyConnector<HttpConnector>>, Full<Bytes>>;
+/// The pooled HTTP client used for the upstream.
+pub type HttpClient = Client<HttpsConnector<ProxyConnector<HttpConnector>>, SentBody>;
+
+/// A request body that records when the client first asks for it: hyper does so once it has a
+/// connection (TLS and proxy tunnel included) and is writing the request. Until then, the
+/// request has certainly not gone out.
+#[derive(Debug)]
+pub struct SentBody {
+    inner: Full<Bytes>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SentBody {
+    pub fn new(bytes: Bytes) -> Self {
+        SentBody {
+            inner: Full::new(bytes),
+            asked: Arc::default(),
+        }
+    }
+
+    /// The flag that says whether the request may have gone out.
+    pub fn asked(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.asked.clone()
+    }
+}
+
+impl hyper::body::Body for SentBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        this.asked.store(true, std::sync::atomic::Ordering::Release);
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A body-less request is written without its body being asked for: count it as asked
+        // when the client checks, which it does as it writes the head.
+        let end = self.inner.is_end_stream();
+        if end {
+            self.asked.store(true, std::sync::atomic::Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// TLS, proxy, pool and timeout settings for [`build_client`].
 #[derive(Clone)]
@@ -130,16 +184,26 @@ where
 
 /// A pooled client that speaks HTTP/1.1 and HTTP/2 (ALPN) over TLS with the configured trust
 /// roots, and plain HTTP where a URL says `http://`; through the proxy where configured.
-pub fn build_client(options: &ClientOptions) -> HttpClient {
+pub fn build_client<B>(
+    options: &ClientOptions,
+) -> Client<HttpsConnector<ProxyConnector<HttpConnector>>, B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     build_client_with(options, HttpConnector::new())
 }
 
 /// As [`build_client`], over a given TCP connector (e.g. one with a guarded resolver).
-pub fn build_client_with<R>(
+pub fn build_client_with<R, B>(
     options: &ClientOptions,
     mut http: HttpConnector<R>,
-) -> Client<HttpsConnector<ProxyConnector<HttpConnector<R>>>, Full<Bytes>>
+) -> Client<HttpsConnector<ProxyConnector<HttpConnector<R>>>, B>
 where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     R: tower::Service<hyper_util::client::legacy::connect::dns::Name>
         + Clone
         + Send
@@ -227,8 +291,15 @@ impl Upstream {
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
+        let body = SentBody::new(body.unwrap_or_default());
+        let sent = body.asked();
+        let went_out = {
+            let sent = sent.clone();
+            move || sent.load(std::sync::atomic::Ordering::Acquire)
+        };
+        let went_out_after = move || sent.load(std::sync::atomic::Ordering::Acquire);
         let mut request = builder
-            .body(Full::new(body.unwrap_or_default()))
+            .body(body)
             .map_err(|e| GatewayError::Internal(format!("building upstream request: {e}")))?;
         // The client span of the call's trace; the upstream gets it as the parent in
         // `traceparent`. The URL holds no secret (the key is in a header).
@@ -246,23 +317,28 @@ impl Upstream {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 tracing::warn!(error = %error_chain(&e), "upstream request failed");
-                // A connect error means the request never went out; anything later (a reset,
-                // the connection closed before the answer) may have reached the upstream.
-                if e.is_connect() {
-                    GatewayError::UpstreamUnavailable
-                } else {
+                // Before the request went out (connect, TLS, a request handed back unsent) the
+                // call was not placed; after, it may have been.
+                if went_out() && !e.is_connect() {
                     GatewayError::UpstreamLost
+                } else {
+                    GatewayError::UpstreamUnavailable
                 }
             })?;
             let (parts, body) = response.into_parts();
-            let bytes = Limited::new(body, MAX_UPSTREAM_BODY)
-                .collect()
-                .await
-                .map_err(|e| {
+            let bytes = match Limited::new(body, MAX_UPSTREAM_BODY).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                // A refusal is a refusal, whatever became of its body: its status is relayed.
+                Err(e) if !parts.status.is_success() => {
+                    tracing::warn!(error = %e, status = %parts.status, "upstream error body could not be read");
+                    Bytes::new()
+                }
+                // An acceptance whose body (and so the call's id) is lost: the call was placed.
+                Err(e) => {
                     tracing::warn!(error = %e, "upstream response could not be read");
-                    GatewayError::UpstreamLost
-                })?
-                .to_bytes();
+                    return Err(GatewayError::UpstreamLost);
+                }
+            };
             Ok(Response::from_parts(parts, bytes))
         };
         let started = std::time::Instant::now();
@@ -284,11 +360,17 @@ impl Upstream {
         match outcome {
             Ok(result) => result,
             Err(_) => {
+                let sent = went_out_after();
                 tracing::warn!(
                     timeout_ms = self.timeout.as_millis() as u64,
+                    sent,
                     "upstream timed out"
                 );
-                Err(GatewayError::UpstreamTimeout)
+                // Still connecting (a DNS, TLS or proxy stall): nothing went out.
+                Err(match sent {
+                    true => GatewayError::UpstreamTimeout,
+                    false => GatewayError::UpstreamUnavailable,
+                })
             }
         }
     }

@@ -358,12 +358,36 @@ async fn upstream_refusals_release_the_slot_and_the_hold() {
         .local_addr()
         .unwrap();
     // The request never went out, or the upstream answered: no call was placed.
+    let hang = broken_upstream(Broken::Hang).await;
     let cases = [
-        ("refuses connections", refused),
-        ("answers 500", broken_upstream(Broken::Status500).await),
+        (
+            "refuses connections",
+            format!("http://{refused}"),
+            "upstream_unavailable",
+        ),
+        // Connected, but the TLS handshake never completes: nothing went out by the timeout.
+        (
+            "stalls in the TLS handshake",
+            format!("https://{hang}"),
+            "upstream_unavailable",
+        ),
+        (
+            "answers 500",
+            format!("http://{}", broken_upstream(Broken::Status500).await),
+            "internal",
+        ),
+        // A refusal whose body is cut short is still a refusal: its status is relayed.
+        (
+            "answers 500 and resets mid-body",
+            format!(
+                "http://{}",
+                broken_upstream(Broken::Status500CutShort).await
+            ),
+            "",
+        ),
     ];
-    for (name, addr) in cases {
-        let upstream = format!("url = \"http://{addr}\"\napi_key = \"{ACCOUNT_KEY}\"");
+    for (name, url, code) in cases {
+        let upstream = format!("url = \"{url}\"\napi_key = \"{ACCOUNT_KEY}\"");
         let tenant = tenant_file(
             "t",
             KEY,
@@ -373,6 +397,9 @@ async fn upstream_refusals_release_the_slot_and_the_hold() {
         let gw = TestGateway::start_custom_upstream(&text_tenants, &upstream, "").await;
         let answer = gw.create_call(KEY, &call(60)).await;
         assert!(answer.status.is_server_error(), "{name}: {}", answer.status);
+        if !code.is_empty() {
+            assert_eq!(answer.code(), code, "{name}");
+        }
         let usage = gw.usage("t").await;
         assert_eq!((usage.slots, usage.holds, usage.spent), (0, 0, 0), "{name}");
         // And the slot really is free again.
@@ -391,7 +418,7 @@ async fn a_lost_answer_keeps_the_slot_and_the_hold_until_the_lease() {
         (
             "resets mid-response",
             Broken::ResetMidResponse,
-            "upstream_unavailable",
+            "upstream_connection_lost",
         ),
     ];
     for (name, mode, code) in cases {

@@ -159,3 +159,37 @@ async fn connections_past_the_cap_wait_for_room_then_are_told_and_closed() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(started.elapsed() <= callgate::listen::ADMIT_WAIT + Duration::from_millis(500));
 }
+
+/// A connection waiting at the cap when the gateway stops is told so at once, not let in to a
+/// draining listener or left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_at_the_cap_is_told_when_the_gateway_stops() {
+    let text = config_text(&simulator_upstream(), fast_simulator()).replace(
+        "shutdown_grace_ms = 2000",
+        "shutdown_grace_ms = 500\nmax_connections = 1",
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    let addr = gw.addr();
+    let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    busy.write_all(
+        b"POST /v1/calls HTTP/1.1\r\nhost: x\r\nauthorization: Bearer demo-acme-key\r\n\
+          content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"phone",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let TestGateway { gateway, .. } = gw;
+    let stopping = tokio::spawn(gateway.shutdown());
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), waiting.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(started.elapsed() < callgate::listen::ADMIT_WAIT);
+    stopping.await.unwrap();
+    drop(busy);
+}

@@ -37,10 +37,10 @@ fn refusal() -> String {
     )
 }
 
-/// How long a connection that arrives at the cap may wait for a place: long enough for the
-/// pressure rule to close a connection that idles or trickles ([`PRESSED_WAIT`], checked every
-/// half of it).
-pub const ADMIT_WAIT: Duration = Duration::from_millis(PRESSED_WAIT.as_millis() as u64 * 3 / 2);
+/// How long a connection that arrives at the cap may wait for a place: longer than the pressure
+/// rule takes to close a connection that idles or trickles ([`PRESSED_WAIT`], checked every half
+/// of it, so up to one and a half times it).
+pub const ADMIT_WAIT: Duration = Duration::from_millis(PRESSED_WAIT.as_millis() as u64 * 2);
 
 type Service = tower::util::BoxCloneService<
     http::Request<hyper::body::Incoming>,
@@ -130,8 +130,9 @@ fn refuse(stream: tokio::net::TcpStream) {
 /// idle or trickle a request head for [`PRESSED_WAIT`] are closed to make room (see
 /// [`HeadTimeout`]). A connection that arrives at the cap waits for a place, first come first
 /// served, up to [`ADMIT_WAIT`], in a waiting room of a tenth of the cap; when the room is full,
-/// or no place frees in time, it is told `503 gateway_overloaded` and closed. So clients that
-/// hold connections open without using them cannot keep new clients out.
+/// or no place frees in time, or the listener stops meanwhile, it is told
+/// `503 gateway_overloaded` and closed. So clients that hold connections open without using
+/// them cannot keep new clients out.
 pub async fn serve(
     listener: TcpListener,
     service: Service,
@@ -150,6 +151,8 @@ pub async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections.max(1)));
     let tenth = (timeouts.max_connections / 10).max(1);
     let waiting = Arc::new(tokio::sync::Semaphore::new(tenth));
+    // Tells connections still waiting for a place that the listener is stopping.
+    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
     let serving = Serving {
         builder,
         service,
@@ -182,18 +185,24 @@ pub async fn serve(
                     refuse(stream);
                     continue;
                 };
-                let (open, serving, watcher) = (open.clone(), serving.clone(), graceful.watcher());
+                let (open, serving) = (open.clone(), serving.clone());
+                let (watcher, mut stop_seen) = (graceful.watcher(), stop_seen.clone());
                 tokio::spawn(async move {
                     let _seat = seat;
-                    match tokio::time::timeout(ADMIT_WAIT, open.acquire_owned()).await {
-                        Ok(Ok(permit)) => serving.spawn(stream, permit, watcher),
-                        _ => refuse(stream),
+                    tokio::select! {
+                        placed = tokio::time::timeout(ADMIT_WAIT, open.acquire_owned()) => match placed {
+                            Ok(Ok(permit)) => serving.spawn(stream, permit, watcher),
+                            _ => refuse(stream),
+                        },
+                        // Stopping: told now rather than let in to a draining listener.
+                        _ = stop_seen.wait_for(|stopped| *stopped) => refuse(stream),
                     }
                 });
             }
             _ = &mut stopped => break,
         }
     }
+    let _ = stopping.send(true);
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown())

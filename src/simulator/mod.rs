@@ -28,7 +28,15 @@ use tokio::net::TcpListener;
 use crate::config::{SimFaults, SimulatorSettings};
 use crate::error::{Body, json_response};
 use crate::phone;
-use crate::upstream::{ClientOptions, HttpClient, build_client};
+use crate::upstream::{ClientOptions, ProxyConnector, build_client};
+
+/// The client the simulator sends webhook events with.
+type EventClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<
+        ProxyConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    >,
+    Full<Bytes>,
+>;
 
 /// A request the simulator received.
 #[derive(Debug, Clone)]
@@ -100,7 +108,7 @@ struct State {
     calls: Mutex<Calls>,
     received: Mutex<std::collections::VecDeque<Received>>,
     credits_left: Mutex<Option<u64>>,
-    client: HttpClient,
+    client: EventClient,
     dropped: Mutex<std::collections::VecDeque<Dropped>>,
     counts: Mutex<FaultCounts>,
 }
@@ -643,7 +651,7 @@ async fn lifecycle(state: Arc<State>, id: String, max_duration: u64) {
 const DELIVERY_ATTEMPTS: u32 = 6;
 
 /// Whether the receiver accepted the event (a 2xx, or another answer that is not retried).
-async fn deliver(client: &HttpClient, url: &str, event: &Value) -> bool {
+async fn deliver(client: &EventClient, url: &str, event: &Value) -> bool {
     let body = Bytes::from(event.to_string());
     let mut backoff = Duration::from_millis(100);
     for attempt in 1..=DELIVERY_ATTEMPTS {

@@ -9,8 +9,11 @@
 //!
 //! ```text
 //! admit ──> (forward) ──> bind ──> event(s) ──> settle (final event, reconciliation)
-//!   │                      │                └─> expire (lease ends: settled at the full hold)
-//!   └── refused: nothing taken          release (upstream error, timeout, failure): nothing kept
+//!   │          │           │                └─> expire (lease ends: settled at the full hold)
+//!   │          │           └── release (the upstream refused, or was never reached): nothing kept
+//!   │          └── no answer (timeout, connection lost): kept pending; the first event binds
+//!   │              it, or the lease ends it at the full hold
+//!   └── refused: nothing taken
 //! ```
 
 pub mod accounting;

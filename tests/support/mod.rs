@@ -382,6 +382,8 @@ pub enum Broken {
     ResetMidResponse,
     /// Answers 500, a second after the request.
     SlowStatus500,
+    /// Starts a 500 answer, then drops the connection mid-body.
+    Status500CutShort,
 }
 
 /// Start a broken upstream on loopback; returns its address.
@@ -394,7 +396,10 @@ pub async fn broken_upstream(mode: Broken) -> SocketAddr {
         while let Ok((mut stream, _)) = listener.accept().await {
             match mode {
                 Broken::Hang => held.push(stream),
-                Broken::Status500 | Broken::ResetMidResponse | Broken::SlowStatus500 => {
+                Broken::Status500
+                | Broken::ResetMidResponse
+                | Broken::SlowStatus500
+                | Broken::Status500CutShort => {
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
                         let _ =
@@ -410,6 +415,11 @@ pub async fn broken_upstream(mode: Broken) -> SocketAddr {
                                 body.len()
                             );
                             let _ = stream.write_all(answer.as_bytes()).await;
+                        } else if let Broken::Status500CutShort = mode {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"error\": ")
+                                .await;
+                            drop(stream);
                         } else {
                             let _ = stream
                                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"id\": \"call_")

@@ -1203,7 +1203,11 @@ impl StateStore for RedisStore {
                 })
                 .await?;
             let mut calls: Vec<CallRecord> = found.into_iter().flatten().collect();
-            calls.sort_by_key(|c| (c.lease_expires_at > lapsing_by, c.updated_at));
+            // Lapsing calls first, soonest lease first; then the quiet, longest quiet first.
+            calls.sort_by_key(|c| match c.lease_expires_at <= lapsing_by {
+                true => (false, c.lease_expires_at),
+                false => (true, c.updated_at),
+            });
             calls.truncate(limit);
             Ok(calls)
         })

@@ -231,7 +231,8 @@ pub fn quiet_calls(
 ) -> Result<Vec<CallRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(select_calls!(
         "live = 1 AND call_id IS NOT NULL AND (updated_at <= ?1 OR lease_expires_at <= ?3) \
-         ORDER BY lease_expires_at > ?3, updated_at LIMIT ?2",
+         ORDER BY lease_expires_at > ?3, \
+         CASE WHEN lease_expires_at <= ?3 THEN lease_expires_at ELSE updated_at END LIMIT ?2",
     ))?;
     let rows = stmt
         .query_map(
