@@ -122,21 +122,7 @@ impl ConsentApi {
                 message: format!("the body is not a consent record: {e}"),
                 param: None,
             })?;
-        let phone_number = match new.phone_number.as_str().map(phone::parse_e164) {
-            Some(Ok(n)) => n.e164,
-            Some(Err(e)) => {
-                return Err(GatewayError::InvalidPhoneNumber {
-                    message: format!("phone_number {e}"),
-                    param: "/phone_number".into(),
-                });
-            }
-            None => {
-                return Err(GatewayError::InvalidPhoneNumber {
-                    message: "phone_number must be an E.164 string".into(),
-                    param: "/phone_number".into(),
-                });
-            }
-        };
+        let phone_number = crate::optouts::number(&new.phone_number)?;
         let now = self.clock.now();
         let captured_at: jiff::Timestamp = new.captured_at.parse().map_err(|e| {
             invalid(

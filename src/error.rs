@@ -231,7 +231,13 @@ impl GatewayError {
 
     /// Build the JSON envelope. The only place an error becomes a response.
     pub fn into_response(self, request_id: &str) -> Response<Body> {
-        if let GatewayError::Internal(detail) = &self {
+        self.response(request_id)
+    }
+
+    /// [`GatewayError::into_response`], keeping the error (to store its answer and still pass
+    /// it on).
+    pub fn response(&self, request_id: &str) -> Response<Body> {
+        if let GatewayError::Internal(detail) = self {
             tracing::error!(request_id, %detail, "internal error");
         }
         let mut error = json!({
@@ -249,7 +255,7 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let retry_after = match &self {
+        let retry_after = match self {
             GatewayError::RateLimitExceeded {
                 retry_after: Some(secs),
                 ..

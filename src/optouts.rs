@@ -52,7 +52,8 @@ struct AdminEntry {
 }
 
 /// The number as E.164, valid in its plan; anything else is `invalid_phone_number`.
-fn number(value: &Value) -> Result<String, GatewayError> {
+/// A request body's `phone_number`, as E.164, or `invalid_phone_number` at `/phone_number`.
+pub(crate) fn number(value: &Value) -> Result<String, GatewayError> {
     let invalid = |message: String| GatewayError::InvalidPhoneNumber {
         message,
         param: "/phone_number".into(),

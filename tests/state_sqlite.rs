@@ -169,3 +169,31 @@ async fn the_log_stays_bounded_under_continuous_writes() {
     assert!(wal < 16 << 20, "the log is {wal} bytes");
     store.check_consistency(NOW).await.unwrap();
 }
+
+/// A state file from before consents and suspensions had tables: the dry run's read-only
+/// snapshot still reads the opt-outs it does have.
+#[tokio::test]
+async fn a_snapshot_of_an_older_file_reads_the_tables_it_has() {
+    use callgate::state::sqlite::SqliteSnapshot;
+    use callgate::state::{OptOut, StateView};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+        let entry = OptOut {
+            phone_number: "+14155551234".into(),
+            tenant: None,
+            source: "admin".into(),
+            created_at: NOW,
+        };
+        assert!(store.add_opt_out(entry).await.unwrap());
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("DROP TABLE consents; DROP TABLE suspensions;")
+        .unwrap();
+    drop(conn);
+    let snapshot = SqliteSnapshot::open(&path).unwrap();
+    let found = snapshot.opt_outs("+14155551234").await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(snapshot.suspensions().await.unwrap().is_empty());
+}

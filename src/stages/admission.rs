@@ -396,7 +396,7 @@ impl AsyncStage for AdmissionContext {
                 ));
             }
             let max_duration = call.max_duration.unwrap_or(tenant.default_max_duration);
-            let region = req.destination.as_ref().and_then(|d| d.region.as_deref());
+            let region = destination.region.as_deref();
             let budget = &tenant.budget;
             let hold = budget.hold_for(max_duration, region);
             let now = ctx.clock.now().as_microsecond();

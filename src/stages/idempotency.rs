@@ -136,11 +136,7 @@ impl AsyncStage for IdempotencyContext {
                     // No answer came back: the upstream may have placed the call. The key keeps
                     // this answer, so a retry is told the same rather than placing a second
                     // call (the call, if placed, shows in `GET /v1/calls` once its events come).
-                    let again = match &e {
-                        GatewayError::UpstreamTimeout => GatewayError::UpstreamTimeout,
-                        _ => GatewayError::UpstreamLost,
-                    };
-                    let (parts, body) = again.into_response(&request_id).into_parts();
+                    let (parts, body) = e.response(&request_id).into_parts();
                     let bytes = body
                         .collect()
                         .await

@@ -18,8 +18,8 @@ pub struct SqliteSnapshot {
     /// `None`: no file yet.
     conn: Option<Mutex<Connection>>,
     ledger: Ledger,
-    /// Whether the file has the opt-out and attempt tables (older files do not).
-    compliance_tables: bool,
+    /// The compliance tables the file has (older files lack some).
+    tables: Vec<String>,
 }
 
 impl SqliteSnapshot {
@@ -29,29 +29,33 @@ impl SqliteSnapshot {
             return Ok(SqliteSnapshot {
                 conn: None,
                 ledger: Ledger::rebuild(Vec::new(), Vec::new()),
-                compliance_tables: false,
+                tables: Vec::new(),
             });
         }
         let conn = schema::open_reader(path)?;
         let ledger = schema::load_ledger(&conn)?;
-        let tables: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('opt_outs', 'attempts', 'consents', 'suspensions')",
-            [],
-            |r| r.get(0),
-        )?;
+        let tables = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' \
+                 AND name IN ('opt_outs', 'attempts', 'consents', 'suspensions')",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         Ok(SqliteSnapshot {
             conn: Some(Mutex::new(conn)),
             ledger,
-            compliance_tables: tables == 4,
+            tables,
         })
     }
 
+    /// `f` on the file, or nothing found where the file has no `table` yet.
     fn read<R: Default>(
         &self,
+        table: &str,
         f: impl FnOnce(&Connection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         match &self.conn {
-            Some(conn) if self.compliance_tables => {
+            Some(conn) if self.tables.iter().any(|t| t == table) => {
                 f(&conn.lock().unwrap_or_else(|p| p.into_inner()))
             }
             _ => Ok(R::default()),
@@ -66,17 +70,17 @@ impl StateView for SqliteSnapshot {
     }
 
     fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>> {
-        let found = self.read(queries::all_suspensions);
+        let found = self.read("suspensions", queries::all_suspensions);
         Box::pin(std::future::ready(found))
     }
 
     fn get_consent(&self, id: &str) -> StoreFuture<'static, Option<ConsentRecord>> {
-        let found = self.read(|conn| queries::get_consent(conn, id));
+        let found = self.read("consents", |conn| queries::get_consent(conn, id));
         Box::pin(std::future::ready(found))
     }
 
     fn opt_outs(&self, phone_number: &str) -> StoreFuture<'static, Vec<OptOut>> {
-        let found = self.read(|conn| queries::opt_outs_of(conn, phone_number));
+        let found = self.read("opt_outs", |conn| queries::opt_outs_of(conn, phone_number));
         Box::pin(std::future::ready(found))
     }
 
@@ -86,8 +90,9 @@ impl StateView for SqliteSnapshot {
         phone_number: &str,
         since: i64,
     ) -> StoreFuture<'static, Vec<i64>> {
-        let found =
-            self.read(|conn| queries::attempt_times(conn, scope.key(), phone_number, since));
+        let found = self.read("attempts", |conn| {
+            queries::attempt_times(conn, scope.key(), phone_number, since)
+        });
         Box::pin(std::future::ready(found))
     }
 }
