@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/ab.sh A B [ROUNDS]: saturation (wrk -t2 -c32 -d8s) of two callgate binaries, A then B,
 # ROUNDS times (3), against one private nginx stub on loopback, each on a fresh state file:
-# req/s, p99 and CPU seconds per 10 000 requests of the callgate process. Interleaving makes
+# req/s, p50, p99, CPU seconds per 10 000 requests and peak RSS of the callgate process. CONNS=1 measures
+# latency at one connection instead (wrk -t1 -c1). Interleaving makes
 # the comparison fair on a noisy machine. Needs wrk, nginx, curl, python3 (see load.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); BENCH=$ROOT/bench
@@ -23,11 +24,13 @@ run() { # run NAME BIN
   env -u RUST_LOG $2 serve --config $d/config.toml > $d/log 2>&1 & local P=$!
   for i in $(seq 100); do curl -s -o /dev/null --max-time 1 http://127.0.0.1:$CG/healthz && break; sleep 0.05; done
   local t0=$(awk '{print $14+$15}' /proc/$P/stat)
-  local out=$(BENCH_KEY=cg_bench_key_for_load_tests_only BENCH_PER_SECOND=0 wrk -t2 -c32 -d8s --latency -s $BENCH/calls.lua http://127.0.0.1:$CG)
+  local conns=${CONNS:-32}; local threads=$(( conns < 2 ? 1 : 2 ))
+  local out=$(BENCH_KEY=cg_bench_key_for_load_tests_only BENCH_PER_SECOND=0 wrk -t$threads -c$conns -d8s --latency -s $BENCH/calls.lua http://127.0.0.1:$CG)
   local t1=$(awk '{print $14+$15}' /proc/$P/stat)
   local rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out"); local reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  local p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  echo "$1 rps=$rps p99=$p99 cpu_s_per_10k=$(awk "BEGIN{printf \"%.3f\", ($t1-$t0)/100/$reqs*10000}")"
+  local p50=$(awk '$1=="50%" {print $2}' <<<"$out"); local p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local hwm=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$P/status)
+  echo "$1 rps=$rps p50=$p50 p99=$p99 cpu_s_per_10k=$(awk "BEGIN{printf \"%.3f\", ($t1-$t0)/100/$reqs*10000}") peak_rss_mib=$hwm"
   kill $P; wait $P 2>/dev/null || true
 }
 for _ in $(seq "$ROUNDS"); do run A "$A"; run B "$B"; done

@@ -11,6 +11,9 @@ use callgate::policy::{Policies, key_hash};
 use callgate::server::{Gateway, redaction_hash_key};
 use callgate::simulator::Simulator;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "callgate",
