@@ -288,24 +288,22 @@ impl StateStore for SqliteStore {
         now: i64,
     ) -> StoreFuture<'static, Queued> {
         let (reservation_id, call_id) = (reservation_id.to_string(), call_id.to_string());
+        // Read and written out here, not in the writer's thread, which every operation waits on.
+        let answered = object
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("queued")
+            .to_string();
+        let object = object.to_string();
         let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
-            let Some((record, _)) =
-                queries::load_call(conn, CallKey::Reservation, &reservation_id)?
+            let Some((current, live, current_lease)) = queries::bind_state(conn, &reservation_id)?
             else {
                 return Err(StoreError::Backend(format!(
                     "no reservation {reservation_id} to bind"
                 )));
             };
-            let answered = object
-                .get("status")
-                .and_then(Value::as_str)
-                .unwrap_or("queued");
-            let status = accounting::status_after_bind(&record.status, answered);
-            let lease = accounting::lease_after_bind(
-                record.live,
-                record.lease_expires_at,
-                lease_expires_at,
-            );
+            let status = accounting::status_after_bind(&current, &answered);
+            let lease = accounting::lease_after_bind(live, current_lease, lease_expires_at);
             queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
             Ok(((), When::Committed))
         });

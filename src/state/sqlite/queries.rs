@@ -118,12 +118,27 @@ pub fn store_spend(conn: &Connection, tenant: &str, spend: &Spend) -> Result<(),
     Ok(())
 }
 
+/// What a bind needs of a reservation: its status, liveness and lease.
+pub fn bind_state(
+    conn: &Connection,
+    reservation_id: &str,
+) -> Result<Option<(String, bool, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT status, live, lease_expires_at FROM calls WHERE reservation_id = ?1",
+    )?;
+    Ok(stmt
+        .query_row([reservation_id], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? == 1, r.get(2)?))
+        })
+        .optional()?)
+}
+
 /// Bind a reservation to the upstream's call.
 pub fn bind_call(
     conn: &Connection,
     reservation_id: &str,
     call_id: &str,
-    object: &Value,
+    object: &str,
     status: &str,
     lease_expires_at: i64,
     now: i64,
@@ -135,7 +150,7 @@ pub fn bind_call(
     stmt.execute(params![
         reservation_id,
         call_id,
-        object.to_string(),
+        object,
         status,
         lease_expires_at,
         now
