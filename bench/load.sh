@@ -176,7 +176,8 @@ to_ms() {
 }
 
 # run_wrk NAME THREADS CONNS SECONDS URL KEY [per-second]: runs wrk, prints its output and sets
-# W_RPS, W_REQS, W_NON2XX, W_ERRORS, W_P50, W_P99 (ms), W_FIRST, W_LAST (full seconds).
+# W_RPS, W_REQS, W_NON2XX, W_ERRORS, W_P50, W_P99 (ms), W_FIRST, W_LAST (full seconds),
+# W_FIRST5, W_LAST5 (mean of the first and last five full seconds; fewer in a short run).
 run_wrk() {
     local name=$1 threads=$2 conns=$3 secs=$4 url=$5 key=$6 per_second=${7:-} out
     out="$TMP/wrk-$name.txt"
@@ -195,7 +196,7 @@ run_wrk() {
     W_ERRORS=${W_ERRORS:-0}
     W_P50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
     W_P99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
-    W_FIRST="" W_LAST=""
+    W_FIRST="" W_LAST="" W_FIRST5="" W_LAST5=""
     if [[ "$per_second" == per-second ]]; then
         # Drop the first and last buckets (partial seconds); keep the full ones in between.
         local full
@@ -203,6 +204,11 @@ run_wrk() {
         [[ -n "$full" ]] || die "wrk $name: no full second in the per-second counts"
         W_FIRST=$(head -1 <<<"$full")
         W_LAST=$(tail -1 <<<"$full")
+        # Five seconds at each end, fewer in a short run, so that the two never overlap.
+        local k
+        k=$(($(wc -l <<<"$full") / 2)); ((k <= 5)) || k=5; ((k >= 1)) || k=1
+        W_FIRST5=$(head -"$k" <<<"$full" | awk '{ s += $1; n++ } END { printf "%.0f", s / n }')
+        W_LAST5=$(tail -"$k" <<<"$full" | awk '{ s += $1; n++ } END { printf "%.0f", s / n }')
         note "per-second (full seconds): $(tr '\n' ' ' <<<"$full")"
     fi
     if ((W_NON2XX > 0 || W_ERRORS > 0)); then
@@ -481,18 +487,22 @@ note "callgate on Redis / on SQLite: $R_RATIO ($R_RPS vs $C_RPS req/s); redis-se
 say "2. drift: ${LONG_DURATION}s runs, wrk -t2 -c32, per-second counts"
 note "nginx proxy_pass"
 run_wrk nginx-long 2 32 "$LONG_DURATION" "$PROXY_URL" "$BENCH_KEY" per-second
-NL_FIRST=$W_FIRST NL_LAST=$W_LAST NL_RPS=$W_RPS
+NL_FIRST=$W_FIRST NL_LAST=$W_LAST NL_FIRST5=$W_FIRST5 NL_LAST5=$W_LAST5 NL_RPS=$W_RPS
 sleep 1
 note "callgate (fresh)"
 start_callgate long "$TMP/policies" "$BENCH_KEY" || die "$CG_FAIL"
 run_wrk callgate-long 2 32 "$LONG_DURATION" "$CG_URL" "$BENCH_KEY" per-second
-CL_FIRST=$W_FIRST CL_LAST=$W_LAST CL_RPS=$W_RPS CL_REQS=$W_REQS
+CL_FIRST=$W_FIRST CL_LAST=$W_LAST CL_FIRST5=$W_FIRST5 CL_LAST5=$W_LAST5 CL_RPS=$W_RPS CL_REQS=$W_REQS
 note "callgate live calls after the run: $(live_slots bench)"
 stop_callgate
 C_HWM_LONG=$CG_HWM
 NL_RATIO=$(calc "$NL_LAST / $NL_FIRST" 3)
 CL_RATIO=$(calc "$CL_LAST / $CL_FIRST" 3)
 note "last/first full second: nginx $NL_RATIO, callgate $CL_RATIO"
+# Single seconds swing by ±20% on a noisy VM; five-second means are the steadier witness.
+NL_RATIO5=$(calc "$NL_LAST5 / $NL_FIRST5" 3)
+CL_RATIO5=$(calc "$CL_LAST5 / $CL_FIRST5" 3)
+note "last/first five full seconds: nginx $NL_RATIO5, callgate $CL_RATIO5"
 
 # ---------------------------------------------------------------------------------------------
 # 3: one connection
@@ -630,6 +640,8 @@ cat <<EOF
 | ${LONG_DURATION}s run: mean req/s | | $NL_RPS | $CL_RPS |
 | ${LONG_DURATION}s run: first / last full second, req/s | | $NL_FIRST / $NL_LAST | $CL_FIRST / $CL_LAST |
 | last / first (target >= 0.90) | | $NL_RATIO | $CL_RATIO |
+| ${LONG_DURATION}s run: first / last five full seconds, mean req/s | | $NL_FIRST5 / $NL_LAST5 | $CL_FIRST5 / $CL_LAST5 |
+| last five / first five (target >= 0.90) | | $NL_RATIO5 | $CL_RATIO5 |
 | one connection req/s (wrk -t1 -c1, ${LAT_DURATION}s) | $S1_RPS | $N1_RPS | $C1_RPS |
 | one connection p50 / p99 ms | $S1_P50 / $S1_P99 | $N1_P50 / $N1_P99 | $C1_P50 / $C1_P99 |
 | added latency vs nginx p50 / p99 ms | | | $ADD_P50 / $ADD_P99 |
