@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # bench/ab.sh A B [ROUNDS]: saturation (wrk -t2 -c32 -d8s) of two callgate binaries, A then B,
 # ROUNDS times (3), against one private nginx stub on loopback, each on a fresh state file:
-# req/s, p50, p99, CPU seconds per 10 000 requests and peak RSS of the callgate process. CONNS=1 measures
-# latency at one connection instead (wrk -t1 -c1). Interleaving makes
-# the comparison fair on a noisy machine. Needs wrk, nginx, curl, python3 (see load.sh).
+# req/s, p50, p99, CPU seconds per 10 000 requests and peak RSS of the callgate process.
+# CONNS=1 measures one connection instead (wrk -t1 -c1). Interleaving makes the comparison fair
+# on a noisy machine. Needs wrk, nginx, curl, python3 (see load.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); BENCH=$ROOT/bench
 A=${1:?usage: bench/ab.sh BINARY_A BINARY_B [ROUNDS]}; B=${2:?usage: bench/ab.sh BINARY_A BINARY_B [ROUNDS]}; ROUNDS=${3:-3}

@@ -65,6 +65,14 @@ pub fn settlement_charge(ending: Ending, pricing: Pricing, hold: i64) -> i64 {
     }
 }
 
+/// The status the upstream's answer gives a call it accepted (`queued` when it names none).
+pub fn answered_status(object: &serde_json::Value) -> &str {
+    object
+        .get("status")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("queued")
+}
+
 /// A call's status once the upstream's answer is bound to it: an event that arrived first (even
 /// one that settled the call) wins over the answer's `queued`.
 pub fn status_after_bind<'a>(current: &'a str, answered: &'a str) -> &'a str {
@@ -487,6 +495,11 @@ mod tests {
     #[test]
     fn a_settled_call_is_never_revived_by_its_bind() {
         assert_eq!(status_after_bind(PENDING, "queued"), "queued");
+        assert_eq!(
+            answered_status(&serde_json::json!({"status": "ringing"})),
+            "ringing"
+        );
+        assert_eq!(answered_status(&serde_json::json!({"id": "c"})), "queued");
         assert_eq!(status_after_bind("completed", "queued"), "completed");
         assert_eq!(lease_after_bind(true, 1, 2), 2);
         assert_eq!(lease_after_bind(false, 1, 2), 1);

@@ -968,11 +968,7 @@ impl StateStore for RedisStore {
             call_id.to_string(),
         );
         let done = self.op(move |inner| async move {
-            let answered = object
-                .get("status")
-                .and_then(Json::as_str)
-                .unwrap_or("queued")
-                .to_string();
+            let answered = accounting::answered_status(&object).to_string();
             let args: Vec<Vec<u8>> = vec![
                 rid.clone().into_bytes(),
                 call_id.into_bytes(),

@@ -289,11 +289,7 @@ impl StateStore for SqliteStore {
     ) -> StoreFuture<'static, Queued> {
         let (reservation_id, call_id) = (reservation_id.to_string(), call_id.to_string());
         // Read and written out here, not in the writer's thread, which every operation waits on.
-        let answered = object
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("queued")
-            .to_string();
+        let answered = accounting::answered_status(&object).to_string();
         let object = object.to_string();
         let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
             let Some((current, live, current_lease)) = queries::bind_state(conn, &reservation_id)?
