@@ -29,6 +29,8 @@ run() { # run NAME BIN
   local t1=$(awk '{print $14+$15}' /proc/$P/stat)
   local rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out"); local reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   local p50=$(awk '$1=="50%" {print $2}' <<<"$out"); local p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out"); local errs=$(awk '/Socket errors/' <<<"$out")
+  if [ -n "$bad$errs" ]; then echo "$1: wrk saw failures (non-2xx: ${bad:-0}; $errs); see $d/log" >&2; tail -5 $d/log >&2; fi
   local hwm=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$P/status)
   echo "$1 rps=$rps p50=$p50 p99=$p99 cpu_s_per_10k=$(awk "BEGIN{printf \"%.3f\", ($t1-$t0)/100/$reqs*10000}") peak_rss_mib=$hwm"
   kill $P; wait $P 2>/dev/null || true

@@ -114,7 +114,27 @@ fn main() -> ExitCode {
             body,
             at,
         } => check_request(&config, &tenant, &body, at.as_deref()),
-        Command::Serve { config } => run(serve(config)),
+        Command::Serve { config } => {
+            let settings = match Settings::load(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("callgate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(settings.worker_threads(cores))
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(serve(settings)),
+                Err(e) => {
+                    eprintln!("callgate: cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Simulator {
             listen,
             api_key,
@@ -166,14 +186,7 @@ fn run(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-async fn serve(config: PathBuf) -> ExitCode {
-    let settings = match Settings::load(&config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("callgate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn serve(settings: Settings) -> ExitCode {
     let telemetry = callgate::telemetry::init(&settings.log, &settings.telemetry);
     let gateway = match Gateway::start(settings).await {
         Ok(g) => g,

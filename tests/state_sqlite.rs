@@ -170,6 +170,57 @@ async fn the_log_stays_bounded_under_continuous_writes() {
     store.check_consistency(NOW).await.unwrap();
 }
 
+/// With `synchronous = "full"` a bind needs no sync of its own (nobody on the request path waits
+/// for it): it rides on the next admission's, and with none coming it is synced and answered
+/// after a quiet moment. Either way it is answered, and on the file after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_is_synced_by_the_next_admission_or_after_a_quiet_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&path, Synchronous::Full).unwrap());
+    let bind = |id: &'static str| {
+        store.bind(
+            "a",
+            id,
+            &format!("call-{id}"),
+            serde_json::json!({"id": id, "status": "queued"}),
+            NOW + 1,
+            NOW,
+        )
+    };
+    let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+    // Alone: answered by the quiet moment's sync.
+    assert_eq!(
+        store.admit(request("a", "r1", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    within(bind("r1").await.unwrap())
+        .await
+        .expect("the bind was never answered")
+        .unwrap();
+    // Followed by an admission: answered with it.
+    assert_eq!(
+        store.admit(request("a", "r2", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    let bound = bind("r2").await.unwrap();
+    assert_eq!(
+        store.admit(request("a", "r3", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    within(bound)
+        .await
+        .expect("the bind was never answered")
+        .unwrap();
+    drop(store);
+    let again = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    for id in ["r1", "r2"] {
+        let call = again.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id), Some(id.to_string()));
+    }
+    again.check_consistency(NOW).await.unwrap();
+}
+
 /// A state file from before consents and suspensions had tables: the dry run's read-only
 /// snapshot still reads the opt-outs it does have.
 #[tokio::test]

@@ -135,7 +135,7 @@ impl SqliteStore {
     /// Open (or create) the database at `path`, rebuild the counters from it, start the writer.
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let lock = schema::lock(path)?;
-        let conn = schema::open_writer(path, options.synchronous)?;
+        let conn = schema::open_writer(path)?;
         let legacy_tokens = schema::has_token_index(&conn)?;
         let mut opt_outs = OptOuts::new();
         for entry in queries::all_opt_outs(&conn)? {
@@ -144,7 +144,11 @@ impl SqliteStore {
                 .or_default()
                 .push(entry);
         }
-        let writer = Writer::start(conn, options.queue_capacity, lock)?;
+        let log = match options.synchronous {
+            Synchronous::Full => Some(schema::open_log(path)?),
+            Synchronous::Normal => None,
+        };
+        let writer = Writer::start(conn, options.queue_capacity, lock, log)?;
         Ok(SqliteStore {
             writer,
             legacy_tokens,
@@ -301,7 +305,8 @@ impl StateStore for SqliteStore {
             let status = accounting::status_after_bind(&current, &answered);
             let lease = accounting::lease_after_bind(live, current_lease, lease_expires_at);
             queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
-            Ok(((), When::Committed))
+            // Nobody on the request path waits for it: its sync rides on the next admission's.
+            Ok(((), When::Lazy))
         });
         queued_in_order(queued)
     }

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::Synchronous;
 use crate::state::accounting::{Ledger, Spend};
 use crate::state::{Period, StoreError};
 
@@ -95,19 +94,17 @@ const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// Prepared statements kept per connection: every statement the store runs fits.
 const STATEMENT_CACHE: usize = 64;
 
-/// Open (or create) the file for the writer: WAL, the chosen durability, the schema.
-pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+/// Open (or create) the file for the writer: WAL, the schema.
+pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     create_parent(path)?;
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        match synchronous {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        },
-    )?;
+    // SQLite itself never syncs a commit: with `full`, the writer's syncer thread syncs the log
+    // after each commit and only then answers the operations in it (see `writer`), so that the
+    // next batch runs while the last one's sync is on its way. A checkpoint still syncs the log
+    // before it copies it into the file and the file after, and a restarted log's header is
+    // synced before any frame after it, as SQLite does at NORMAL.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // The writer's page cache: the recent end of every index, and the upstream-id index's pages
     // that new calls land on at random, stay in memory instead of being read back each commit.
@@ -120,6 +117,17 @@ pub fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, 
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
+}
+
+/// The writer's log (`<file>-wal`), opened for the syncer. SQLite opened it with the writer's
+/// connection, and keeps that file (restarted in place, never replaced) while the connection is
+/// open; a sync through any descriptor of it flushes what the writer wrote through its own.
+pub fn open_log(path: &Path) -> Result<std::fs::File, StoreError> {
+    let log = PathBuf::from(format!("{}-wal", path.display()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", log.display())))
 }
 
 fn create_parent(path: &Path) -> Result<(), StoreError> {

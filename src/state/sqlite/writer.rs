@@ -7,6 +7,16 @@
 //! look-up) are answered at once. Since the thread is the only writer and the only one that
 //! changes the counters, each operation is atomic with respect to every other.
 //!
+//! With `synchronous = "full"` SQLite commits to the log without a sync, and the writer syncs
+//! the log itself (`fdatasync`) before it answers a batch with an operation that waits for it.
+//! An operation that needs to be durable but that nobody waits on (the bind, [`When::Lazy`])
+//! needs no sync of its own: its batch is answered by the next sync, which the next admission
+//! brings, or after [`LAZY_SYNC`] of quiet. So a call costs one sync, not two, even alone. A
+//! commit is visible to readers (and the counters changed) before it is durable, but nobody is
+//! told an operation is done before it is. A failed sync answers the operations it covered with
+//! the error, the failing disk's usual verdict, their calls still counted (the safe side) until
+//! their leases end.
+//!
 //! An operation changes the counters after its SQL succeeded; should one fail part-way (its
 //! savepoint rolled back), the counters are rebuilt from the file, as after a failed commit,
 //! which rolls the whole batch back. (A failed commit is a failing disk: the operations in it are
@@ -40,7 +50,13 @@ pub enum When {
     /// At once: the operation wrote nothing (or what it wrote needs no fsync of its own, since
     /// every later operation's commit carries it).
     Now,
+    /// Once the batch is durable, but it needs no sync of its own: the next batch that needs one
+    /// carries it, or a sync within [`LAZY_SYNC`]. With `synchronous = "normal"`, once committed.
+    Lazy,
 }
+
+/// The longest a batch of only [`When::Lazy`] operations waits for a sync that carries it.
+pub const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Whether an operation may be refused when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,10 +101,12 @@ pub struct Writer {
 
 impl Writer {
     /// Start the writer thread on `conn`, with room for `capacity` waiting operations.
+    /// `log`: the file to sync after each commit (`synchronous = "full"`), or none.
     pub fn start(
         conn: Connection,
         capacity: usize,
         lock: std::fs::File,
+        log: Option<std::fs::File>,
     ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
         let (queue, rx) = mpsc::channel(capacity.max(1));
@@ -97,7 +115,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
-                run(conn, rx, thread_ledger, committed_tx);
+                run(conn, rx, thread_ledger, committed_tx, log);
                 // The file is free for another process once the writer has stopped.
                 drop(lock);
             })
@@ -199,16 +217,65 @@ impl Writer {
     }
 }
 
+/// Sync the log, or say why it could not be.
+fn sync(log: &std::fs::File) -> Result<(), StoreError> {
+    log.sync_data().map_err(|e| {
+        tracing::error!(error = %e, "state store: cannot sync the log; the operations it held are answered with the error");
+        StoreError::Backend(format!("cannot sync the state file's log: {e}"))
+    })
+}
+
+/// Answer every reply with `result`.
+fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreError>) {
+    for reply in replies {
+        reply(result.clone());
+    }
+}
+
 fn run(
     conn: Connection,
     mut queue: mpsc::Receiver<(u64, Job)>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
+    log: Option<std::fs::File>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+    // Replies of lazy operations committed but not yet synced.
+    let mut unsynced: Vec<Reply> = Vec::new();
+    // To wait for the queue no longer than LAZY_SYNC while replies wait for a sync.
+    let timer = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(timer) => timer,
+        Err(e) => {
+            tracing::error!(error = %e, "state store: cannot start the writer's timer");
+            return;
+        }
+    };
+    loop {
+        let received = if unsynced.is_empty() {
+            queue.blocking_recv_many(&mut batch, MAX_BATCH)
+        } else {
+            let next = timer.block_on(async {
+                tokio::time::timeout(LAZY_SYNC, queue.recv_many(&mut batch, MAX_BATCH)).await
+            });
+            match next {
+                Ok(received) => received,
+                Err(_quiet) => {
+                    if let Some(log) = &log {
+                        answer(unsynced.drain(..), &sync(log));
+                    }
+                    continue;
+                }
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let mut waiting = Vec::with_capacity(batch.len());
+        let mut lazy = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // Transaction control through cached statements: parsed once, not once per operation.
             let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
@@ -237,6 +304,7 @@ fn run(
                 control("RELEASE op")?;
                 match when {
                     Some(When::Committed) => waiting.push(reply),
+                    Some(When::Lazy) => lazy.push(reply),
                     None | Some(When::Now) => reply(Ok(())),
                 }
             }
@@ -260,9 +328,21 @@ fn run(
                 Err(StoreError::Backend(e.to_string()))
             }
         };
-        for reply in waiting {
-            reply(result.clone());
-        }
         committed.send_replace(last);
+        match (&log, result) {
+            (Some(log), Ok(())) => {
+                unsynced.append(&mut lazy);
+                if !waiting.is_empty() {
+                    let synced = sync(log);
+                    answer(waiting.drain(..).chain(unsynced.drain(..)), &synced);
+                }
+            }
+            (_, result) => answer(waiting.into_iter().chain(lazy), &result),
+        }
+    }
+    if let Some(log) = &log
+        && !unsynced.is_empty()
+    {
+        answer(unsynced, &sync(log));
     }
 }
