@@ -14,12 +14,16 @@
 //! | crash ...                                  | the file holds                   | at restart                                 |
 //! |--------------------------------------------|----------------------------------|--------------------------------------------|
 //! | before the admission's commit              | nothing of it                    | nothing taken; the caller got no answer    |
-//! | after it, before the upstream answered     | a pending call: slot and hold    | settled at the full hold when its lease ends (`max_duration` + upstream timeout + grace), or by its events |
+//! | after its commit, before its sync          | after `kill -9`, a pending call (slot and hold); after a power loss, nothing of it | the call was never forwarded: the pending call is settled at the full hold when its lease ends, or nothing was taken |
+//! | after its sync, before the upstream answered | a pending call: slot and hold  | settled at the full hold when its lease ends (`max_duration` + upstream timeout + grace), or by its events |
 //! | after the answer, before the bind's commit | the same pending call            | the first event (found by its relay token) binds the call id and settles it; else the lease as above |
-//! | after the bind's commit                    | the bound call                   | events, reconciliation or the lease settle it |
+//! | after the bind's commit, before its sync    | the bound call after `kill -9`; after a power loss, the pending call above | as the row above it, or as the row below |
+//! | after the bind's sync                      | the bound call                   | events, reconciliation or the lease settle it |
 //!
 //! The bind is queued before the answer is sent but not waited for: the request path waits for
-//! one commit (the admission's). An idempotency claim and its stored answer likewise ride on the
+//! one commit and one sync (the admission's). The bind needs no sync of its own: the next
+//! admission's sync carries it, or a sync after [`writer::LAZY_SYNC`] of quiet, so a call costs
+//! one sync. An idempotency claim and its stored answer likewise ride on the
 //! commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 
