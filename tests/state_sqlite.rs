@@ -172,7 +172,9 @@ async fn the_log_stays_bounded_under_continuous_writes() {
 
 /// With `synchronous = "full"` a bind needs no sync of its own (nobody on the request path waits
 /// for it): it rides on the next admission's, and with none coming it is synced and answered
-/// after a quiet moment. Either way it is answered, and on the file after a restart.
+/// at most `LAZY_SYNC` after its commit. Either way it is answered, and on the file after a
+/// restart. (Which sync answered the second bind, the admission's or the timer's, the test
+/// cannot see; that each is answered at all, it can.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bind_is_synced_by_the_next_admission_or_after_a_quiet_moment() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@
 //! | crash ...                                  | the file holds                   | at restart                                 |
 //! |--------------------------------------------|----------------------------------|--------------------------------------------|
 //! | before the admission's commit              | nothing of it                    | nothing taken; the caller got no answer    |
-//! | after its commit, before its sync          | after `kill -9`, a pending call (slot and hold); after a power loss, nothing of it | the call was never forwarded: the pending call is settled at the full hold when its lease ends, or nothing was taken |
+//! | after its commit, before its sync          | after `kill -9`, a pending call (slot and hold); after a power loss, nothing of it or the pending call | the call was never forwarded: the pending call is settled at the full hold when its lease ends, or nothing was taken |
 //! | after its sync, before the upstream answered | a pending call: slot and hold  | settled at the full hold when its lease ends (`max_duration` + upstream timeout + grace), or by its events |
 //! | after the answer, before the bind's commit | the same pending call            | the first event (found by its relay token) binds the call id and settles it; else the lease as above |
 //! | after the bind's commit, before its sync    | the bound call after `kill -9`; after a power loss, the pending call above | as the row above it, or as the row below |
@@ -50,7 +50,8 @@ use super::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
-    /// fsync on every commit: survives power loss.
+    /// Every write is synced before its caller is told it is done (a write nobody waits for,
+    /// within 10 ms): survives power loss.
     #[default]
     Full,
     /// WAL default: survives a process crash (`kill -9`), may lose the last commits on power loss.
@@ -149,7 +150,7 @@ impl SqliteStore {
                 .push(entry);
         }
         let log = match options.synchronous {
-            Synchronous::Full => Some(schema::open_log(path)?),
+            Synchronous::Full => Some(schema::open_log(&conn)?),
             Synchronous::Normal => None,
         };
         let writer = Writer::start(conn, options.queue_capacity, lock, log)?;
@@ -565,7 +566,8 @@ impl StateStore for SqliteStore {
         let (tenant, key) = (tenant.to_string(), key.to_string());
         let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
             queries::complete_idempotency(conn, &tenant, &key, &claim, &response)?;
-            Ok(((), When::Committed))
+            // Like the bind, stored before the answer is sent but not waited for.
+            Ok(((), When::Lazy))
         });
         queued_in_order(queued)
     }
@@ -797,8 +799,12 @@ impl StateStore for SqliteStore {
     }
 
     fn flush(&self) -> StoreFuture<'static, ()> {
-        let writer = self.writer.clone();
-        Box::pin(async move { writer.committed_up_to_now().await })
+        // Queued after everything queued so far, and answered once it is synced, which syncs
+        // all before it.
+        Box::pin(
+            self.writer
+                .run(Urgency::Wait, |_, _| Ok(((), When::Committed))),
+        )
     }
 
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {

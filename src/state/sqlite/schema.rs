@@ -99,11 +99,11 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     create_parent(path)?;
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // SQLite itself never syncs a commit: with `full`, the writer's syncer thread syncs the log
-    // after each commit and only then answers the operations in it (see `writer`), so that the
-    // next batch runs while the last one's sync is on its way. A checkpoint still syncs the log
-    // before it copies it into the file and the file after, and a restarted log's header is
-    // synced before any frame after it, as SQLite does at NORMAL.
+    // SQLite itself never syncs a commit: with `full`, the writer syncs the log after a commit
+    // that someone waits for, before it answers them, and any other write within
+    // `writer::LAZY_SYNC` (see `writer`), so that a bind rides on the next admission's sync. A
+    // checkpoint still syncs the log before it copies it into the file and the file after, and
+    // a restarted log's header is synced before any frame after it, as SQLite does at NORMAL.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // The writer's page cache: the recent end of every index, and the upstream-id index's pages
@@ -119,11 +119,19 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The writer's log (`<file>-wal`), opened for the syncer. SQLite opened it with the writer's
-/// connection, and keeps that file (restarted in place, never replaced) while the connection is
-/// open; a sync through any descriptor of it flushes what the writer wrote through its own.
-pub fn open_log(path: &Path) -> Result<std::fs::File, StoreError> {
-    let log = PathBuf::from(format!("{}-wal", path.display()));
+/// The writer's log (`<file>-wal`, next to the file SQLite resolved, symbolic links followed),
+/// opened for the writer's syncs. SQLite opened it with the writer's connection, and keeps that
+/// file (restarted in place, never replaced: the writer's connection holds a shared lock on the
+/// file, so no other connection closing can delete it) while the connection is open; a sync
+/// through any descriptor of it flushes what SQLite wrote through its own.
+pub fn open_log(conn: &Connection) -> Result<std::fs::File, StoreError> {
+    let file = conn
+        .path()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| StoreError::Backend("the state file has no path".into()))?;
+    let mut log = std::ffi::OsString::from(file);
+    log.push("-wal");
+    let log = PathBuf::from(log);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&log)

@@ -11,11 +11,16 @@
 //! the log itself (`fdatasync`) before it answers a batch with an operation that waits for it.
 //! An operation that needs to be durable but that nobody waits on (the bind, [`When::Lazy`])
 //! needs no sync of its own: its batch is answered by the next sync, which the next admission
-//! brings, or after [`LAZY_SYNC`] of quiet. So a call costs one sync, not two, even alone. A
-//! commit is visible to readers (and the counters changed) before it is durable, but nobody is
-//! told an operation is done before it is. A failed sync answers the operations it covered with
-//! the error, the failing disk's usual verdict, their calls still counted (the safe side) until
-//! their leases end.
+//! brings, or at the latest [`LAZY_SYNC`] after its commit. So a call costs one sync, not two,
+//! even alone. Writes answered at once ([`When::Now`]) are synced the same way. A commit is
+//! visible to readers (and the counters changed) before it is durable, but nobody is told an
+//! operation is done before it is.
+//!
+//! A failed sync stops the writer, as PostgreSQL stops: after a failed `fdatasync` the kernel
+//! may have dropped the pages it could not write, so a later sync's success would prove
+//! nothing. The operations it covered are answered with the error, every later one with
+//! `Closed`, and the gateway stops admitting calls until it is restarted on a sound disk (the
+//! file then holds what did reach it, and the counters are rebuilt from it).
 //!
 //! An operation changes the counters after its SQL succeeded; should one fail part-way (its
 //! savepoint rolled back), the counters are rebuilt from the file, as after a failed commit,
@@ -47,15 +52,16 @@ const MAX_BATCH: usize = 512;
 pub enum When {
     /// Once the batch is committed: the operation wrote.
     Committed,
-    /// At once: the operation wrote nothing (or what it wrote needs no fsync of its own, since
-    /// every later operation's commit carries it).
+    /// At once: the operation wrote nothing, or what it wrote needs no sync before its caller
+    /// goes on (the next sync carries it, at the latest [`LAZY_SYNC`] after its commit).
     Now,
     /// Once the batch is durable, but it needs no sync of its own: the next batch that needs one
-    /// carries it, or a sync within [`LAZY_SYNC`]. With `synchronous = "normal"`, once committed.
+    /// carries it, or a sync [`LAZY_SYNC`] after its commit. With `synchronous = "normal"`, once
+    /// committed.
     Lazy,
 }
 
-/// The longest a batch of only [`When::Lazy`] operations waits for a sync that carries it.
+/// The longest a committed write waits for a sync when no operation that waits for one follows.
 pub const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Whether an operation may be refused when the queue is full.
@@ -112,6 +118,19 @@ impl Writer {
         let (queue, rx) = mpsc::channel(capacity.max(1));
         let (committed_tx, committed) = watch::channel(0);
         let thread_ledger = ledger.clone();
+        // With a log to sync: a timer, to wait for the queue no longer than a sync is due.
+        let log = match log {
+            Some(log) => {
+                let timer = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| {
+                        StoreError::Backend(format!("cannot start the store's timer: {e}"))
+                    })?;
+                Some(Log { file: log, timer })
+            }
+            None => None,
+        };
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
@@ -217,10 +236,16 @@ impl Writer {
     }
 }
 
+/// The log the writer syncs (`synchronous = "full"`), and a timer for the syncs that are due.
+struct Log {
+    file: std::fs::File,
+    timer: tokio::runtime::Runtime,
+}
+
 /// Sync the log, or say why it could not be.
-fn sync(log: &std::fs::File) -> Result<(), StoreError> {
-    log.sync_data().map_err(|e| {
-        tracing::error!(error = %e, "state store: cannot sync the log; the operations it held are answered with the error");
+fn sync(log: &Log) -> Result<(), StoreError> {
+    log.file.sync_data().map_err(|e| {
+        tracing::error!(error = %e, "state store: cannot sync the log; the writer stops, and no call is admitted until the gateway is restarted on a sound disk");
         StoreError::Backend(format!("cannot sync the state file's log: {e}"))
     })
 }
@@ -237,42 +262,39 @@ fn run(
     mut queue: mpsc::Receiver<(u64, Job)>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
-    log: Option<std::fs::File>,
+    log: Option<Log>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Replies of lazy operations committed but not yet synced.
     let mut unsynced: Vec<Reply> = Vec::new();
-    // To wait for the queue no longer than LAZY_SYNC while replies wait for a sync.
-    let timer = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(timer) => timer,
-        Err(e) => {
-            tracing::error!(error = %e, "state store: cannot start the writer's timer");
-            return;
-        }
-    };
+    // When the oldest commit not yet synced must be: none while everything committed is synced.
+    let mut sync_due: Option<std::time::Instant> = None;
     loop {
-        let received = if unsynced.is_empty() {
-            queue.blocking_recv_many(&mut batch, MAX_BATCH)
-        } else {
-            let next = timer.block_on(async {
-                tokio::time::timeout(LAZY_SYNC, queue.recv_many(&mut batch, MAX_BATCH)).await
-            });
-            match next {
-                Ok(received) => received,
-                Err(_quiet) => {
-                    if let Some(log) = &log {
-                        answer(unsynced.drain(..), &sync(log));
+        let received = match (&log, sync_due) {
+            (Some(log), Some(due)) => {
+                let next = log.timer.block_on(async {
+                    let due = tokio::time::Instant::from_std(due);
+                    tokio::time::timeout_at(due, queue.recv_many(&mut batch, MAX_BATCH)).await
+                });
+                match next {
+                    Ok(received) => received,
+                    Err(_due) => {
+                        let synced = sync(log);
+                        answer(unsynced.drain(..), &synced);
+                        if synced.is_err() {
+                            return;
+                        }
+                        sync_due = None;
+                        continue;
                     }
-                    continue;
                 }
             }
+            _ => queue.blocking_recv_many(&mut batch, MAX_BATCH),
         };
         if received == 0 {
             break;
         }
+        let changes_before = conn.total_changes();
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let mut waiting = Vec::with_capacity(batch.len());
         let mut lazy = Vec::new();
@@ -332,16 +354,25 @@ fn run(
         match (&log, result) {
             (Some(log), Ok(())) => {
                 unsynced.append(&mut lazy);
-                if !waiting.is_empty() {
+                let wrote = conn.total_changes() != changes_before;
+                if (wrote || !unsynced.is_empty()) && sync_due.is_none() {
+                    sync_due = Some(std::time::Instant::now() + LAZY_SYNC);
+                }
+                let overdue = sync_due.is_some_and(|due| due <= std::time::Instant::now());
+                if !waiting.is_empty() || overdue {
                     let synced = sync(log);
                     answer(waiting.drain(..).chain(unsynced.drain(..)), &synced);
+                    if synced.is_err() {
+                        return;
+                    }
+                    sync_due = None;
                 }
             }
             (_, result) => answer(waiting.into_iter().chain(lazy), &result),
         }
     }
     if let Some(log) = &log
-        && !unsynced.is_empty()
+        && (sync_due.is_some() || !unsynced.is_empty())
     {
         answer(unsynced, &sync(log));
     }
