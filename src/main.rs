@@ -123,17 +123,7 @@ fn main() -> ExitCode {
                 }
             };
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(settings.worker_threads(cores))
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(serve(settings)),
-                Err(e) => {
-                    eprintln!("callgate: cannot start the runtime: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_on(settings.worker_threads(cores), serve(settings))
         }
         Command::Simulator {
             listen,
@@ -174,7 +164,14 @@ fn main() -> ExitCode {
 }
 
 fn run(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run_on(cores, future)
+}
+
+/// Run `future` on a runtime of `workers` threads.
+fn run_on(workers: usize, future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

@@ -50,7 +50,8 @@ const MAX_BATCH: usize = 512;
 /// When an operation's caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum When {
-    /// Once the batch is committed: the operation wrote.
+    /// Once the batch is committed (and, with `synchronous = "full"`, synced): the operation
+    /// wrote, and its caller waits for it.
     Committed,
     /// At once: the operation wrote nothing, or what it wrote needs no sync before its caller
     /// goes on (the next sync carries it, at the latest [`LAZY_SYNC`] after its commit).
@@ -107,7 +108,7 @@ pub struct Writer {
 
 impl Writer {
     /// Start the writer thread on `conn`, with room for `capacity` waiting operations.
-    /// `log`: the file to sync after each commit (`synchronous = "full"`), or none.
+    /// `log`: the file the writer syncs (`synchronous = "full"`, see the module docs), or none.
     pub fn start(
         conn: Connection,
         capacity: usize,
@@ -250,6 +251,14 @@ fn sync(log: &Log) -> Result<(), StoreError> {
     })
 }
 
+/// Sync the log and answer `replies` with the outcome; `false`: the sync failed, the writer
+/// must stop.
+fn sync_and_answer(log: &Log, replies: impl IntoIterator<Item = Reply>) -> bool {
+    let synced = sync(log);
+    answer(replies, &synced);
+    synced.is_ok()
+}
+
 /// Answer every reply with `result`.
 fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreError>) {
     for reply in replies {
@@ -279,9 +288,7 @@ fn run(
                 match next {
                     Ok(received) => received,
                     Err(_due) => {
-                        let synced = sync(log);
-                        answer(unsynced.drain(..), &synced);
-                        if synced.is_err() {
+                        if !sync_and_answer(log, unsynced.drain(..)) {
                             return;
                         }
                         sync_due = None;
@@ -360,9 +367,7 @@ fn run(
                 }
                 let overdue = sync_due.is_some_and(|due| due <= std::time::Instant::now());
                 if !waiting.is_empty() || overdue {
-                    let synced = sync(log);
-                    answer(waiting.drain(..).chain(unsynced.drain(..)), &synced);
-                    if synced.is_err() {
+                    if !sync_and_answer(log, waiting.drain(..).chain(unsynced.drain(..))) {
                         return;
                     }
                     sync_due = None;
@@ -374,6 +379,6 @@ fn run(
     if let Some(log) = &log
         && (sync_due.is_some() || !unsynced.is_empty())
     {
-        answer(unsynced, &sync(log));
+        sync_and_answer(log, unsynced);
     }
 }
