@@ -27,6 +27,9 @@ pub const CALL_DURATION: &str = "callgate_call_duration_seconds";
 pub const WEBHOOK_DELIVERIES: &str = "callgate_webhook_deliveries_total";
 pub const POLICY_RELOADS: &str = "callgate_policy_reloads_total";
 pub const BUILD_INFO: &str = "callgate_build_info";
+pub const STORE_WAIT: &str = "callgate_store_wait_seconds";
+pub const STORE_SYNC: &str = "callgate_store_sync_seconds";
+pub const STORE_BATCH: &str = "callgate_store_batch_operations";
 
 /// Every metric callgate exports, for the dashboard's test.
 pub const ALL: &[&str] = &[
@@ -42,12 +45,22 @@ pub const ALL: &[&str] = &[
     WEBHOOK_DELIVERIES,
     POLICY_RELOADS,
     BUILD_INFO,
+    STORE_WAIT,
+    STORE_SYNC,
+    STORE_BATCH,
 ];
 
 /// Request and upstream latency buckets, seconds.
 const LATENCY: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// State store latency buckets, seconds: a commit and a sync are fractions of a millisecond on a
+/// sound disk.
+const STORE_LATENCY: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// Operations per group commit.
+const BATCH_SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 /// Call duration buckets, seconds (talk time).
 const CALL_SECONDS: &[f64] = &[
     5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
@@ -67,6 +80,9 @@ pub fn install() -> &'static PrometheusHandle {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(CALL_DURATION.into()), CALL_SECONDS)
             })
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STORE_WAIT.into()), STORE_LATENCY))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STORE_SYNC.into()), STORE_LATENCY))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STORE_BATCH.into()), BATCH_SIZES))
             .expect("static bucket lists are valid")
             .build_recorder();
         let handle = recorder.handle();
@@ -136,6 +152,20 @@ fn describe() {
     );
     describe_counter!(POLICY_RELOADS, "Policy reloads, by outcome (ok, error).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_histogram!(
+        STORE_WAIT,
+        metrics::Unit::Seconds,
+        "Time from queueing a state-store write that a request waits for (an admission, a release) to its answer: the writer's queue, the batch's commit and, with synchronous = full, the log's sync (SQLite backend)."
+    );
+    describe_histogram!(
+        STORE_SYNC,
+        metrics::Unit::Seconds,
+        "Time of each sync of the state file's log by the writer (SQLite backend, synchronous = full): the disk's share of an admission's wait."
+    );
+    describe_histogram!(
+        STORE_BATCH,
+        "Operations committed together in one transaction by the state store's writer (SQLite backend): the group commit's size."
+    );
 }
 
 /// A request on the tenant API was answered.

@@ -92,6 +92,18 @@ async fn the_series_move_as_calls_are_admitted_denied_and_settled() {
     assert!(value(&during, r#"callgate_credits_held{tenant="acme"}"#) > 0.0);
     assert!(value(&during, "callgate_upstream_duration_seconds_count") >= 1.0);
     assert!(value(&during, "callgate_request_duration_seconds_count") >= 3.0);
+    // The admission waited for the state store's writer: its wait (queue, commit, the log's
+    // sync with synchronous = full, the tests' default) and the sync are timed, and the batch
+    // that carried it is counted. Denied requests never reach the writer.
+    for series in [
+        "callgate_store_wait_seconds_count",
+        "callgate_store_sync_seconds_count",
+        "callgate_store_batch_operations_count",
+    ] {
+        assert!(value(&during, series) > value(&before, series), "{series}");
+    }
+    let wait_sum = "callgate_store_wait_seconds_sum";
+    assert!(value(&during, wait_sum) > value(&before, wait_sum));
     assert_eq!(
         value(
             &during,

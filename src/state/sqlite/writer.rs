@@ -36,11 +36,13 @@
 //! settlements) waits for room, so nothing already admitted is ever dropped.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::schema;
+use crate::metrics::{STORE_BATCH, STORE_SYNC, STORE_WAIT};
 use crate::state::StoreError;
 use crate::state::accounting::Ledger;
 
@@ -77,6 +79,8 @@ pub enum Urgency {
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
 type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
+/// An operation in the queue: its sequence number, when it was queued, the operation.
+type Queued = (u64, Instant, Job);
 
 /// The result of a queued operation, when it is given.
 pub struct Answer<R>(oneshot::Receiver<Result<R, StoreError>>);
@@ -96,7 +100,7 @@ where
 /// The queue into the writer thread, and what it has committed.
 #[derive(Clone)]
 pub struct Writer {
-    queue: mpsc::Sender<(u64, Job)>,
+    queue: mpsc::Sender<Queued>,
     /// The sequence number of the last operation queued; locked while queueing so that queue
     /// order is sequence order.
     queued: Arc<Mutex<u64>>,
@@ -212,7 +216,7 @@ impl Writer {
             }
         };
         *seq += 1;
-        permit.send((*seq, job));
+        permit.send((*seq, Instant::now(), job));
         Ok(())
     }
 
@@ -220,7 +224,7 @@ impl Writer {
         let permit = self.queue.reserve().await.map_err(|_| StoreError::Closed)?;
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         *seq += 1;
-        permit.send((*seq, job));
+        permit.send((*seq, Instant::now(), job));
         Ok(())
     }
 
@@ -245,7 +249,10 @@ struct Log {
 
 /// Sync the log, or say why it could not be.
 fn sync(log: &Log) -> Result<(), StoreError> {
-    log.file.sync_data().map_err(|e| {
+    let started = Instant::now();
+    let synced = log.file.sync_data();
+    metrics::histogram!(STORE_SYNC).record(started.elapsed());
+    synced.map_err(|e| {
         tracing::error!(error = %e, "state store: cannot sync the log; the writer stops, and no call is admitted until the gateway is restarted on a sound disk");
         StoreError::Backend(format!("cannot sync the state file's log: {e}"))
     })
@@ -268,7 +275,7 @@ fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreErr
 
 fn run(
     conn: Connection,
-    mut queue: mpsc::Receiver<(u64, Job)>,
+    mut queue: mpsc::Receiver<Queued>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
     log: Option<Log>,
@@ -301,8 +308,9 @@ fn run(
         if received == 0 {
             break;
         }
+        metrics::histogram!(STORE_BATCH).record(received as f64);
         let changes_before = conn.total_changes();
-        let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
+        let last = batch.last().map(|(seq, _, _)| *seq).unwrap_or(0);
         let mut waiting = Vec::with_capacity(batch.len());
         let mut lazy = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
@@ -313,7 +321,7 @@ fn run(
             // for it later: SQLite answers "database is locked" at once to a reader that wants
             // to write.
             control("BEGIN IMMEDIATE")?;
-            for (_, job) in batch.drain(..) {
+            for (_, queued_at, job) in batch.drain(..) {
                 control("SAVEPOINT op")?;
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
@@ -332,7 +340,7 @@ fn run(
                 drop(counters);
                 control("RELEASE op")?;
                 match when {
-                    Some(When::Committed) => waiting.push(reply),
+                    Some(When::Committed) => waiting.push((reply, queued_at)),
                     Some(When::Lazy) => lazy.push(reply),
                     None | Some(When::Now) => reply(Ok(())),
                 }
@@ -358,6 +366,13 @@ fn run(
             }
         };
         committed.send_replace(last);
+        // How long each operation that a caller waits for took, queue to answer; recorded as it
+        // is answered (after the sync, with one).
+        let wait = metrics::histogram!(STORE_WAIT);
+        let waiting = waiting.into_iter().map(|(reply, queued_at)| {
+            wait.record(queued_at.elapsed());
+            reply
+        });
         match (&log, result) {
             (Some(log), Ok(())) => {
                 unsynced.append(&mut lazy);
@@ -366,14 +381,15 @@ fn run(
                     sync_due = Some(std::time::Instant::now() + LAZY_SYNC);
                 }
                 let overdue = sync_due.is_some_and(|due| due <= std::time::Instant::now());
-                if !waiting.is_empty() || overdue {
-                    if !sync_and_answer(log, waiting.drain(..).chain(unsynced.drain(..))) {
+                let mut waiting = waiting.peekable();
+                if waiting.peek().is_some() || overdue {
+                    if !sync_and_answer(log, waiting.chain(unsynced.drain(..))) {
                         return;
                     }
                     sync_due = None;
                 }
             }
-            (_, result) => answer(waiting.into_iter().chain(lazy), &result),
+            (_, result) => answer(waiting.chain(lazy), &result),
         }
     }
     if let Some(log) = &log
