@@ -367,7 +367,8 @@ fn run(
         };
         committed.send_replace(last);
         // How long each operation that a caller waits for took, queue to answer; recorded as it
-        // is answered (after the sync, with one).
+        // is answered (after the sync, with one), so the iterator is not looked into before.
+        let any_waiting = !waiting.is_empty();
         let wait = metrics::histogram!(STORE_WAIT);
         let waiting = waiting.into_iter().map(|(reply, queued_at)| {
             wait.record(queued_at.elapsed());
@@ -381,8 +382,7 @@ fn run(
                     sync_due = Some(std::time::Instant::now() + LAZY_SYNC);
                 }
                 let overdue = sync_due.is_some_and(|due| due <= std::time::Instant::now());
-                let mut waiting = waiting.peekable();
-                if waiting.peek().is_some() || overdue {
+                if any_waiting || overdue {
                     if !sync_and_answer(log, waiting.chain(unsynced.drain(..))) {
                         return;
                     }
