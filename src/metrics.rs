@@ -155,16 +155,16 @@ fn describe() {
     describe_histogram!(
         STORE_WAIT,
         metrics::Unit::Seconds,
-        "Time from queueing a state-store write that a request waits for (an admission, a release) to its answer: the writer's queue, the batch's commit and, with synchronous = full, the log's sync (SQLite backend)."
+        "Time from submitting a state-store write whose caller waits for it (an admission, a release, a settlement, an admin change) to its answer: the writer's queue, the group commit and, with synchronous = full, the log's sync (SQLite backend)."
     );
     describe_histogram!(
         STORE_SYNC,
         metrics::Unit::Seconds,
-        "Time of each sync of the state file's log by the writer (SQLite backend, synchronous = full): the disk's share of an admission's wait."
+        "Time of each sync of the state file's log by the writer, whatever it carries (SQLite backend, synchronous = full)."
     );
     describe_histogram!(
         STORE_BATCH,
-        "Operations committed together in one transaction by the state store's writer (SQLite backend): the group commit's size."
+        "Operations run in one transaction by the state store's writer, writes and look-ups alike (SQLite backend): the group commit's size."
     );
 }
 

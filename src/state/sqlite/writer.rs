@@ -79,7 +79,7 @@ pub enum Urgency {
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
 type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
-/// An operation in the queue: its sequence number, when it was queued, the operation.
+/// An operation in the queue: its sequence number, when it was submitted, the operation.
 type Queued = (u64, Instant, Job);
 
 /// The result of a queued operation, when it is given.
@@ -189,7 +189,9 @@ impl Writer {
                 }),
             ),
         });
-        let queued = self.try_queue(job);
+        // The wait counts from here, room in a full queue included.
+        let since = Instant::now();
+        let queued = self.try_queue(since, job);
         let writer = self.clone();
         async move {
             match queued {
@@ -198,13 +200,15 @@ impl Writer {
                 Err(mpsc::error::TrySendError::Full(_)) if urgency == Urgency::Shed => {
                     return Err(StoreError::Busy);
                 }
-                Err(mpsc::error::TrySendError::Full(job)) => writer.queue_waiting(job).await?,
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    writer.queue_waiting(since, job).await?
+                }
             }
             Ok(Answer(rx))
         }
     }
 
-    fn try_queue(&self, job: Job) -> Result<(), mpsc::error::TrySendError<Job>> {
+    fn try_queue(&self, since: Instant, job: Job) -> Result<(), mpsc::error::TrySendError<Job>> {
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         let permit = match self.queue.try_reserve() {
             Ok(permit) => permit,
@@ -216,15 +220,15 @@ impl Writer {
             }
         };
         *seq += 1;
-        permit.send((*seq, Instant::now(), job));
+        permit.send((*seq, since, job));
         Ok(())
     }
 
-    async fn queue_waiting(&self, job: Job) -> Result<(), StoreError> {
+    async fn queue_waiting(&self, since: Instant, job: Job) -> Result<(), StoreError> {
         let permit = self.queue.reserve().await.map_err(|_| StoreError::Closed)?;
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         *seq += 1;
-        permit.send((*seq, Instant::now(), job));
+        permit.send((*seq, since, job));
         Ok(())
     }
 

@@ -1,0 +1,68 @@
+//! The SQLite store's own metrics, read from the process's recorder with nothing else recording
+//! (a test binary of its own): an admission's wait is timed once, with one sync, a bind (which
+//! nobody waits for) is synced but not counted as a wait, and each transaction is counted.
+
+use std::time::Duration;
+
+use callgate::state::StateStore;
+use callgate::state::sqlite::{SqliteStore, Synchronous};
+
+#[allow(unused_macros)]
+mod conformance;
+
+/// The value of a series `name` with no labels, 0 when absent.
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
+    let metrics = callgate::metrics::install();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("state.db"), Synchronous::Full).unwrap();
+    let count = |name: &str| value(&metrics.render(), &format!("{name}_count"));
+    let sum = |name: &str| value(&metrics.render(), &format!("{name}_sum"));
+    let (wait, sync, batch) = (
+        callgate::metrics::STORE_WAIT,
+        callgate::metrics::STORE_SYNC,
+        callgate::metrics::STORE_BATCH,
+    );
+    assert_eq!((count(wait), count(sync), count(batch)), (0.0, 0.0, 0.0));
+
+    let admitted = store
+        .admit(conformance::request("a", "r1", 1))
+        .await
+        .unwrap();
+    assert_eq!(admitted, callgate::state::AdmitOutcome::Admitted);
+    assert_eq!((count(wait), count(sync), count(batch)), (1.0, 1.0, 1.0));
+    // A sanity bound: the wait holds the sync it waited for. (It cannot show on its own that the
+    // wait was taken after the sync: in a debug build the commit before it may outlast it.)
+    assert!(sum(wait) >= sum(sync), "{} < {}", sum(wait), sum(sync));
+
+    // The bind: its own transaction and, with nothing after it, its own sync (at most
+    // LAZY_SYNC later); no wait, since no request waits for it.
+    let bound = store
+        .bind(
+            "a",
+            "r1",
+            "call-r1",
+            serde_json::json!({"id": "call-r1", "status": "queued"}),
+            conformance::NOW + 1,
+            conformance::NOW,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), bound)
+        .await
+        .expect("the bind was never answered")
+        .unwrap();
+    assert_eq!((count(wait), count(sync), count(batch)), (1.0, 2.0, 2.0));
+}
