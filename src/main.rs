@@ -122,8 +122,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            run_on(settings.worker_threads(cores), serve(settings))
+            run_on(settings.worker_threads(cores()), serve(settings))
         }
         Command::Simulator {
             listen,
@@ -164,8 +163,12 @@ fn main() -> ExitCode {
 }
 
 fn run(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    run_on(cores, future)
+    run_on(cores(), future)
+}
+
+/// The cores this process may run on (1 when unknown).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Run `future` on a runtime of `workers` threads.

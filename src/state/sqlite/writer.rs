@@ -288,7 +288,7 @@ fn run(
     // Replies of lazy operations committed but not yet synced.
     let mut unsynced: Vec<Reply> = Vec::new();
     // When the oldest commit not yet synced must be: none while everything committed is synced.
-    let mut sync_due: Option<std::time::Instant> = None;
+    let mut sync_due: Option<Instant> = None;
     loop {
         let received = match (&log, sync_due) {
             (Some(log), Some(due)) => {
@@ -316,6 +316,8 @@ fn run(
         let changes_before = conn.total_changes();
         let last = batch.last().map(|(seq, _, _)| *seq).unwrap_or(0);
         let mut waiting = Vec::with_capacity(batch.len());
+        // When each of `waiting` was submitted, for the wait's histogram.
+        let mut waiting_since = Vec::with_capacity(batch.len());
         let mut lazy = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // Transaction control through cached statements: parsed once, not once per operation.
@@ -344,7 +346,10 @@ fn run(
                 drop(counters);
                 control("RELEASE op")?;
                 match when {
-                    Some(When::Committed) => waiting.push((reply, queued_at)),
+                    Some(When::Committed) => {
+                        waiting.push(reply);
+                        waiting_since.push(queued_at);
+                    }
                     Some(When::Lazy) => lazy.push(reply),
                     None | Some(When::Now) => reply(Ok(())),
                 }
@@ -370,30 +375,28 @@ fn run(
             }
         };
         committed.send_replace(last);
-        // How long each operation that a caller waits for took, queue to answer; recorded as it
-        // is answered (after the sync, with one), so the iterator is not looked into before.
-        let any_waiting = !waiting.is_empty();
-        let wait = metrics::histogram!(STORE_WAIT);
-        let waiting = waiting.into_iter().map(|(reply, queued_at)| {
-            wait.record(queued_at.elapsed());
-            reply
-        });
         match (&log, result) {
             (Some(log), Ok(())) => {
                 unsynced.append(&mut lazy);
                 let wrote = conn.total_changes() != changes_before;
                 if (wrote || !unsynced.is_empty()) && sync_due.is_none() {
-                    sync_due = Some(std::time::Instant::now() + LAZY_SYNC);
+                    sync_due = Some(Instant::now() + LAZY_SYNC);
                 }
-                let overdue = sync_due.is_some_and(|due| due <= std::time::Instant::now());
-                if any_waiting || overdue {
-                    if !sync_and_answer(log, waiting.chain(unsynced.drain(..))) {
+                let overdue = sync_due.is_some_and(|due| due <= Instant::now());
+                if !waiting.is_empty() || overdue {
+                    if !sync_and_answer(log, waiting.drain(..).chain(unsynced.drain(..))) {
                         return;
                     }
                     sync_due = None;
                 }
             }
-            (_, result) => answer(waiting.chain(lazy), &result),
+            (_, result) => answer(waiting.into_iter().chain(lazy), &result),
+        }
+        // Every operation waited for is answered by now (after the sync, with one): how long
+        // each took, submission to answer.
+        let wait = metrics::histogram!(STORE_WAIT);
+        for since in waiting_since {
+            wait.record(since.elapsed());
         }
     }
     if let Some(log) = &log
