@@ -44,6 +44,7 @@ async fn a_full_queue_refuses_new_work_and_loses_nothing() {
             SqliteOptions {
                 synchronous: Synchronous::Full,
                 queue_capacity: 8,
+                ..SqliteOptions::default()
             },
         )
         .unwrap(),
@@ -137,8 +138,9 @@ async fn forged_relay_tokens_never_reach_the_writer() {
     store.check_consistency(NOW).await.unwrap();
 }
 
-/// The write-ahead log starts over after each checkpoint: under writes without pause it stays a
-/// few megabytes, however long they go on (it once grew by 400 MB in six seconds of load).
+/// The write-ahead log starts over after each checkpoint: under writes without pause it stays
+/// within one checkpoint's worth (10 000 pages, 41 MB), however long they go on (it once grew by
+/// 400 MB in six seconds of load). The 4 000 calls below write more than that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_stays_bounded_under_continuous_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,7 +168,7 @@ async fn the_log_stays_bounded_under_continuous_writes() {
     let wal = std::fs::metadata(dir.path().join("state.db-wal"))
         .unwrap()
         .len();
-    assert!(wal < 16 << 20, "the log is {wal} bytes");
+    assert!(wal < 48 << 20, "the log is {wal} bytes");
     store.check_consistency(NOW).await.unwrap();
 }
 
@@ -214,6 +216,71 @@ async fn a_bind_is_synced_by_the_next_admission_or_after_a_quiet_moment() {
         .await
         .expect("the bind was never answered")
         .unwrap();
+    drop(store);
+    let again = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    for id in ["r1", "r2"] {
+        let call = again.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id), Some(id.to_string()));
+    }
+    again.check_consistency(NOW).await.unwrap();
+}
+
+/// A bind nobody waits for is held in an open transaction for the next operation (here held
+/// for a minute, so that nothing else commits it): a reader that asks for the calls gets it at
+/// once, because asking commits what is held; and a failing operation in a later batch undoes
+/// only its own writes, never the held bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_bind_is_committed_for_a_reader_and_survives_a_failing_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store: Arc<dyn StateStore> = Arc::new(
+        SqliteStore::open_with(
+            &path,
+            SqliteOptions {
+                synchronous: Synchronous::Full,
+                lazy_sync: Duration::from_secs(60),
+                ..SqliteOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+    for id in ["r1", "r2"] {
+        assert_eq!(
+            store.admit(request("a", id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+    }
+    let bind = |id: &str, call: &str| {
+        store.bind(
+            "a",
+            id,
+            call,
+            serde_json::json!({"id": call, "status": "queued"}),
+            NOW + 1,
+            NOW,
+        )
+    };
+    // Queued, held, not committed: nothing waits for it. A reader asking for the calls gets it.
+    let _held = bind("r1", "call-r1").await.unwrap();
+    let listed = within(store.list_calls("a", 10, None))
+        .await
+        .expect("the reader waited for the held transaction's deadline")
+        .unwrap();
+    let r1 = listed.iter().find(|c| c.reservation_id == "r1").unwrap();
+    assert_eq!(r1.call_id.as_deref(), Some("call-r1"));
+    // Held again; a failing bind (no such reservation) after it is refused, its writes undone,
+    // the held bind kept.
+    let _held = bind("r2", "call-r2").await.unwrap();
+    let failed = bind("nope", "call-nope").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), failed)
+            .await
+            .expect("answered")
+            .is_err()
+    );
+    // And both are on the file: a new store (the first one's writer commits and syncs what it
+    // holds when it stops) finds them by their upstream ids.
     drop(store);
     let again = SqliteStore::open(&path, Synchronous::Full).unwrap();
     for id in ["r1", "r2"] {

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use callgate::state::StateStore;
-use callgate::state::sqlite::{SqliteStore, Synchronous};
+use callgate::state::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+use callgate::state::{AdmitOutcome, StateStore};
 
 #[allow(unused_macros)]
 mod conformance;
@@ -41,7 +41,7 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         .admit(conformance::request("a", "r1", 1))
         .await
         .unwrap();
-    assert_eq!(admitted, callgate::state::AdmitOutcome::Admitted);
+    assert_eq!(admitted, AdmitOutcome::Admitted);
     assert_eq!((count(wait), count(sync), count(batch)), (1.0, 1.0, 1.0));
     // A sanity bound: the wait holds the sync it waited for. (It cannot show on its own that the
     // wait was taken after the sync: in a debug build the commit before it may outlast it.)
@@ -65,4 +65,39 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         .expect("the bind was never answered")
         .unwrap();
     assert_eq!((count(wait), count(sync), count(batch)), (1.0, 2.0, 2.0));
+
+    // With the bind held until the next operation (for a minute at most here, so that nothing
+    // else commits it), an admission, its bind and the next admission take two transactions and
+    // two syncs, not three: the bind shares the second admission's commit.
+    drop(store);
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with(
+        &dir.path().join("state.db"),
+        SqliteOptions {
+            lazy_sync: Duration::from_secs(60),
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    let admit = |id: &str| store.admit(conformance::request("a", id, 1));
+    assert_eq!(admit("r1").await.unwrap(), AdmitOutcome::Admitted);
+    let bound = store
+        .bind(
+            "a",
+            "r1",
+            "call-r1",
+            serde_json::json!({"id": "call-r1", "status": "queued"}),
+            conformance::NOW + 1,
+            conformance::NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(admit("r2").await.unwrap(), AdmitOutcome::Admitted);
+    tokio::time::timeout(Duration::from_secs(10), bound)
+        .await
+        .expect("the bind was not answered with the admission's sync")
+        .unwrap();
+    assert_eq!((count(wait), count(sync), count(batch)), (3.0, 4.0, 4.0));
+    // Operations per transaction: 1 + 1 before, then 1 and 2.
+    assert_eq!(sum(batch), 5.0);
 }

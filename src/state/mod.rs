@@ -747,6 +747,7 @@ pub fn open(
                 sqlite::SqliteOptions {
                     synchronous: settings.synchronous,
                     queue_capacity: settings.queue_capacity,
+                    ..sqlite::SqliteOptions::default()
                 },
             )?;
             (std::sync::Arc::new(store), None)

@@ -21,10 +21,11 @@
 //! | after the bind's sync                      | the bound call                   | events, reconciliation or the lease settle it |
 //!
 //! The bind is queued before the answer is sent but not waited for: the request path waits for
-//! one commit and one sync (the admission's). The bind needs no sync of its own: the next
-//! admission's sync carries it, or a sync after [`writer::LAZY_SYNC`] of quiet, so a call costs
-//! one sync. An idempotency claim and its stored answer likewise ride on the
-//! commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
+//! one commit and one sync (the admission's). The bind needs neither a commit nor a sync of its
+//! own: the writer holds it in an open transaction that the next admission commits and syncs, or
+//! commits and syncs it after [`writer::LAZY_SYNC`] of quiet, so a call costs one commit and one
+//! sync. (A reader that must see it asks the writer to commit what it holds.) An idempotency
+//! claim and its stored answer likewise ride on the commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 
 mod queries;
@@ -64,6 +65,9 @@ pub struct SqliteOptions {
     pub synchronous: Synchronous,
     /// Operations that may wait for the writer; past that, new work is refused (`Busy`).
     pub queue_capacity: usize,
+    /// The longest a write nobody waits for (a bind) waits for its commit, then for its sync
+    /// ([`writer::LAZY_SYNC`]; tests lengthen it to see what shares a commit).
+    pub lazy_sync: std::time::Duration,
 }
 
 impl Default for SqliteOptions {
@@ -71,6 +75,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             synchronous: Synchronous::Full,
             queue_capacity: 4096,
+            lazy_sync: writer::LAZY_SYNC,
         }
     }
 }
@@ -153,7 +158,7 @@ impl SqliteStore {
             Synchronous::Full => Some(schema::open_log(&conn)?),
             Synchronous::Normal => None,
         };
-        let writer = Writer::start(conn, options.queue_capacity, lock, log)?;
+        let writer = Writer::start(conn, options.queue_capacity, lock, log, options.lazy_sync)?;
         Ok(SqliteStore {
             writer,
             legacy_tokens,

@@ -85,8 +85,13 @@ CREATE TABLE IF NOT EXISTS suspensions (
 );
 ";
 
-/// Pages in the write-ahead log that trigger a checkpoint (4 MB).
-const CHECKPOINT_PAGES: i64 = 1000;
+/// Pages in the write-ahead log that trigger a checkpoint (40 MB). A checkpoint copies each page
+/// once however often the log holds it, and the same few pages (the ends of the calls table and
+/// of its indexes) are in most commits: a longer log copies fewer pages per call, and stops the
+/// writer (and the admissions behind it) a tenth as often. Measured (`CONNS=1 bench/ab.sh`, four
+/// rounds, against 1 000 pages): one connection's p99 4.9 → 3.8 ms, CPU per request −5%;
+/// saturation +6% req/s, its p99 21 → 25 ms (rarer but longer checkpoints).
+const CHECKPOINT_PAGES: i64 = 10_000;
 
 /// The writer's page cache, KiB.
 const WRITER_CACHE_KIB: i64 = 8 * 1024;

@@ -1,18 +1,20 @@
 //! The one writer: a thread that owns the read-write connection and the live counters.
 //!
 //! Operations arrive on a bounded queue. The thread takes all that are waiting (up to a batch),
-//! runs each in its own savepoint inside one transaction, commits once, and only then answers the
-//! operations that wrote (group commit): an admission is on disk before its call is forwarded,
-//! and many admissions share one fsync. Operations that wrote nothing (a refused admission, a
-//! look-up) are answered at once. Since the thread is the only writer and the only one that
+//! runs each in its own savepoint inside one transaction (one alone needs none), commits once,
+//! and only then answers the operations that wrote (group commit): an admission is on disk before
+//! its call is forwarded, and many admissions share one fsync. A batch of binds alone is not
+//! committed at once but held open for the next batch, at most [`LAZY_SYNC`] (see [`run`]): a
+//! bind and the next admission share one commit. Operations that wrote nothing (a refused
+//! admission, a look-up) are answered at once. Since the thread is the only writer and the only one that
 //! changes the counters, each operation is atomic with respect to every other.
 //!
 //! With `synchronous = "full"` SQLite commits to the log without a sync, and the writer syncs
 //! the log itself (`fdatasync`) before it answers a batch with an operation that waits for it.
 //! An operation that needs to be durable but that nobody waits on (the bind, [`When::Lazy`])
 //! needs no sync of its own: its batch is answered by the next sync, which the next admission
-//! brings, or at the latest [`LAZY_SYNC`] after its commit. So a call costs one sync, not two,
-//! even alone. Writes answered at once ([`When::Now`]) are synced the same way. A commit is
+//! brings, or at the latest [`LAZY_SYNC`] after its commit (which is itself at most
+//! [`LAZY_SYNC`] after it ran). So a call costs one sync, not two, even alone. Writes answered at once ([`When::Now`]) are synced the same way. A commit is
 //! visible to readers (and the counters changed) before it is durable, but nobody is told an
 //! operation is done before it is.
 //!
@@ -58,9 +60,10 @@ pub enum When {
     /// At once: the operation wrote nothing, or what it wrote needs no sync before its caller
     /// goes on (the next sync carries it, at the latest [`LAZY_SYNC`] after its commit).
     Now,
-    /// Once the batch is durable, but it needs no sync of its own: the next batch that needs one
-    /// carries it, or a sync [`LAZY_SYNC`] after its commit. With `synchronous = "normal"`, once
-    /// committed.
+    /// Once the batch is durable, but it needs neither a commit nor a sync of its own: the next
+    /// batch that is not all lazy commits it, or a commit [`LAZY_SYNC`] after it ran; the next
+    /// batch that needs a sync carries it, or a sync [`LAZY_SYNC`] after its commit. With
+    /// `synchronous = "normal"`, once committed.
     Lazy,
 }
 
@@ -113,33 +116,31 @@ pub struct Writer {
 impl Writer {
     /// Start the writer thread on `conn`, with room for `capacity` waiting operations.
     /// `log`: the file the writer syncs (`synchronous = "full"`, see the module docs), or none.
+    /// `lazy_sync`: the longest a lazy operation waits for its commit and sync ([`LAZY_SYNC`]).
     pub fn start(
         conn: Connection,
         capacity: usize,
         lock: std::fs::File,
         log: Option<std::fs::File>,
+        lazy_sync: std::time::Duration,
     ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
         let (queue, rx) = mpsc::channel(capacity.max(1));
         let (committed_tx, committed) = watch::channel(0);
         let thread_ledger = ledger.clone();
-        // With a log to sync: a timer, to wait for the queue no longer than a sync is due.
-        let log = match log {
-            Some(log) => {
-                let timer = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .map_err(|e| {
-                        StoreError::Backend(format!("cannot start the store's timer: {e}"))
-                    })?;
-                Some(Log { file: log, timer })
-            }
-            None => None,
-        };
+        // A timer, to wait for the queue no longer than a commit or a sync is due.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| StoreError::Backend(format!("cannot start the store's timer: {e}")))?;
+        let log = log.map(|file| Log {
+            file,
+            synced: metrics::histogram!(STORE_SYNC),
+        });
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
-                run(conn, rx, thread_ledger, committed_tx, log);
+                run(conn, rx, thread_ledger, committed_tx, log, timer, lazy_sync);
                 // The file is free for another process once the writer has stopped.
                 drop(lock);
             })
@@ -237,6 +238,13 @@ impl Writer {
     pub async fn committed_up_to_now(&self) -> Result<(), StoreError> {
         let target = *self.queued.lock().unwrap_or_else(|p| p.into_inner());
         let mut committed = self.committed.clone();
+        if *committed.borrow() < target {
+            // Lazy operations may be held in an open transaction: a no-op that is not lazy
+            // commits it at once rather than when it is due.
+            let _ = self
+                .submit(Urgency::Wait, |_, _| Ok(((), When::Now)))
+                .await?;
+        }
         committed
             .wait_for(|c| *c >= target)
             .await
@@ -245,17 +253,17 @@ impl Writer {
     }
 }
 
-/// The log the writer syncs (`synchronous = "full"`), and a timer for the syncs that are due.
+/// The log the writer syncs (`synchronous = "full"`), and the histogram of its syncs.
 struct Log {
     file: std::fs::File,
-    timer: tokio::runtime::Runtime,
+    synced: metrics::Histogram,
 }
 
 /// Sync the log, or say why it could not be.
 fn sync(log: &Log) -> Result<(), StoreError> {
     let started = Instant::now();
     let synced = log.file.sync_data();
-    metrics::histogram!(STORE_SYNC).record(started.elapsed());
+    log.synced.record(started.elapsed());
     synced.map_err(|e| {
         tracing::error!(error = %e, "state store: cannot sync the log; the writer stops, and no call is admitted until the gateway is restarted on a sound disk");
         StoreError::Backend(format!("cannot sync the state file's log: {e}"))
@@ -277,74 +285,144 @@ fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreErr
     }
 }
 
+/// The counters as the file has them, after a rollback.
+fn rebuild(conn: &Connection, counters: &mut Ledger) {
+    match schema::load_ledger(conn) {
+        Ok(rebuilt) => *counters = rebuilt,
+        Err(e) => tracing::error!(error = %e, "state store: cannot rebuild the counters"),
+    }
+}
+
+/// A transaction left open with only lazy operations in it (see [`run`]).
+struct Held {
+    /// Their replies, answered once the transaction is committed and synced.
+    replies: Vec<Reply>,
+    /// The sequence number of the last operation in it.
+    last: u64,
+    /// Operations in it.
+    operations: usize,
+    /// The connection's change count when it began.
+    changes_before: u64,
+    /// When it must be committed: `lazy_sync` after its first operation ran.
+    due: Instant,
+}
+
+/// The writer thread's loop.
+///
+/// A batch of only lazy operations (binds) is not committed at once: its transaction is held
+/// open for the next batch, at most `lazy_sync`, so that a bind and the admission after it share
+/// one commit, one set of written pages (a call's row, the ends of the indexes they both touch)
+/// and one sync. Nothing waits on a lazy operation, so the request path is not delayed; a reader
+/// that must see it asks for the commit ([`Writer::committed_up_to_now`] queues a no-op, and any
+/// operation that is not lazy commits the transaction). A crash before that commit leaves what a
+/// crash before the bind's own commit did (see the module `sqlite`'s table).
+///
+/// A batch of one operation in a new transaction needs no savepoint: if it fails, the whole
+/// transaction is rolled back.
 fn run(
     conn: Connection,
     mut queue: mpsc::Receiver<Queued>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
     log: Option<Log>,
+    timer: tokio::runtime::Runtime,
+    lazy_sync: std::time::Duration,
 ) {
+    // Taken once: the recorder is installed before the store is opened.
+    let (wait_histogram, batch_histogram) = (
+        metrics::histogram!(STORE_WAIT),
+        metrics::histogram!(STORE_BATCH),
+    );
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Replies of lazy operations committed but not yet synced.
     let mut unsynced: Vec<Reply> = Vec::new();
     // When the oldest commit not yet synced must be: none while everything committed is synced.
     let mut sync_due: Option<Instant> = None;
+    let mut held: Option<Held> = None;
     loop {
-        let received = match (&log, sync_due) {
-            (Some(log), Some(due)) => {
-                let next = log.timer.block_on(async {
+        let due = match (sync_due, &held) {
+            (Some(sync), Some(held)) => Some(sync.min(held.due)),
+            (sync, held) => sync.or(held.as_ref().map(|h| h.due)),
+        };
+        let received = match due {
+            Some(due) => {
+                let next = timer.block_on(async {
                     let due = tokio::time::Instant::from_std(due);
                     tokio::time::timeout_at(due, queue.recv_many(&mut batch, MAX_BATCH)).await
                 });
                 match next {
                     Ok(received) => received,
                     Err(_due) => {
-                        if !sync_and_answer(log, unsynced.drain(..)) {
-                            return;
+                        // Whatever is due: the held transaction's commit, then the sync.
+                        if let Some(held) = held.take()
+                            && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
+                        {
+                            sync_due = Some(Instant::now());
                         }
-                        sync_due = None;
+                        if let Some(log) = &log
+                            && sync_due.is_some_and(|due| due <= Instant::now())
+                        {
+                            if !sync_and_answer(log, unsynced.drain(..)) {
+                                return;
+                            }
+                            sync_due = None;
+                        }
                         continue;
                     }
                 }
             }
-            _ => queue.blocking_recv_many(&mut batch, MAX_BATCH),
+            None => queue.blocking_recv_many(&mut batch, MAX_BATCH),
         };
         if received == 0 {
             break;
         }
-        metrics::histogram!(STORE_BATCH).record(received as f64);
-        let changes_before = conn.total_changes();
         let last = batch.last().map(|(seq, _, _)| *seq).unwrap_or(0);
+        // The transaction this batch runs in: the held one, or a new one.
+        let (changes_before, mut lazy, mut operations, hold_due) = match held.take() {
+            Some(held) => (
+                held.changes_before,
+                held.replies,
+                held.operations,
+                Some(held.due),
+            ),
+            None => (conn.total_changes(), Vec::new(), 0, None),
+        };
+        operations += received;
+        let single = hold_due.is_none() && received == 1;
         let mut waiting = Vec::with_capacity(batch.len());
         // When each of `waiting` was submitted, for the wait's histogram.
         let mut waiting_since = Vec::with_capacity(batch.len());
-        let mut lazy = Vec::new();
+        // Every operation in the batch is lazy: the transaction may be held.
+        let mut all_lazy = true;
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // Transaction control through cached statements: parsed once, not once per operation.
             let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
-            // IMMEDIATE: take the write lock first, waiting (busy timeout) for any other process
-            // that holds it. A deferred transaction whose first operation reads could not wait
-            // for it later: SQLite answers "database is locked" at once to a reader that wants
-            // to write.
-            control("BEGIN IMMEDIATE")?;
+            if hold_due.is_none() {
+                // IMMEDIATE: take the write lock first, waiting (busy timeout) for any other
+                // process that holds it. A deferred transaction whose first operation reads
+                // could not wait for it later: SQLite answers "database is locked" at once to a
+                // reader that wants to write.
+                control("BEGIN IMMEDIATE")?;
+            }
             for (_, queued_at, job) in batch.drain(..) {
-                control("SAVEPOINT op")?;
+                if !single {
+                    control("SAVEPOINT op")?;
+                }
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
                 let (when, reply) = job(&conn, &mut counters);
                 if when.is_none() {
-                    // It failed: its writes are undone. An operation that settles several calls
-                    // may have changed counters before the failure: take them from the file.
-                    control("ROLLBACK TO op")?;
-                    match schema::load_ledger(&conn) {
-                        Ok(rebuilt) => *counters = rebuilt,
-                        Err(e) => {
-                            tracing::error!(error = %e, "state store: cannot rebuild the counters")
-                        }
-                    }
+                    // It failed: its writes are undone (alone in its transaction, with the
+                    // transaction). An operation that settles several calls may have changed
+                    // counters before the failure: take them from the file.
+                    control(if single { "ROLLBACK" } else { "ROLLBACK TO op" })?;
+                    rebuild(&conn, &mut counters);
                 }
                 drop(counters);
-                control("RELEASE op")?;
+                if !single {
+                    control("RELEASE op")?;
+                }
+                all_lazy &= when == Some(When::Lazy);
                 match when {
                     Some(When::Committed) => {
                         waiting.push(reply);
@@ -354,33 +432,42 @@ fn run(
                     None | Some(When::Now) => reply(Ok(())),
                 }
             }
-            control("COMMIT")
+            Ok(())
         })();
+        if outcome.is_ok() && all_lazy {
+            // Held for the next batch (see above): nothing is answered or published yet.
+            held = Some(Held {
+                replies: lazy,
+                last,
+                operations,
+                changes_before,
+                due: hold_due.unwrap_or_else(|| Instant::now() + lazy_sync),
+            });
+            continue;
+        }
         let result = match outcome {
-            Ok(()) => Ok(()),
+            // A single operation that failed was rolled back with its transaction.
+            Ok(()) if conn.is_autocommit() => Ok(()),
+            Ok(()) => commit(&conn, &ledger).map_err(|e| StoreError::Backend(e.to_string())),
             Err(e) => {
                 tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
                 if !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
                 }
-                match schema::load_ledger(&conn) {
-                    Ok(rebuilt) => *ledger.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "state store: cannot rebuild the counters")
-                    }
-                }
+                rebuild(&conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
                 // Jobs not reached are dropped with their replies: their callers see `Closed`.
                 batch.clear();
                 Err(StoreError::Backend(e.to_string()))
             }
         };
         committed.send_replace(last);
+        batch_histogram.record(operations as f64);
         match (&log, result) {
             (Some(log), Ok(())) => {
                 unsynced.append(&mut lazy);
                 let wrote = conn.total_changes() != changes_before;
                 if (wrote || !unsynced.is_empty()) && sync_due.is_none() {
-                    sync_due = Some(Instant::now() + LAZY_SYNC);
+                    sync_due = Some(Instant::now() + lazy_sync);
                 }
                 let overdue = sync_due.is_some_and(|due| due <= Instant::now());
                 if !waiting.is_empty() || overdue {
@@ -394,14 +481,58 @@ fn run(
         }
         // Every operation waited for is answered by now (after the sync, with one): how long
         // each took, submission to answer.
-        let wait = metrics::histogram!(STORE_WAIT);
         for since in waiting_since {
-            wait.record(since.elapsed());
+            wait_histogram.record(since.elapsed());
         }
+    }
+    // The queue is closed: commit what is held, sync what is not yet.
+    if let Some(held) = held.take()
+        && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
+    {
+        sync_due = Some(Instant::now());
     }
     if let Some(log) = &log
         && (sync_due.is_some() || !unsynced.is_empty())
     {
         sync_and_answer(log, unsynced);
     }
+}
+
+/// Commit the held transaction (it is due, or the queue closed). Its replies join `unsynced`,
+/// and `true` says a sync is due now; without a log, or if the commit failed, they are answered.
+fn commit_held(
+    conn: &Connection,
+    ledger: &Mutex<Ledger>,
+    committed: &watch::Sender<u64>,
+    log: &Option<Log>,
+    held: Held,
+    unsynced: &mut Vec<Reply>,
+) -> bool {
+    let result = commit(conn, ledger).map_err(|e| StoreError::Backend(e.to_string()));
+    committed.send_replace(held.last);
+    metrics::histogram!(STORE_BATCH).record(held.operations as f64);
+    match (log, result) {
+        (Some(_), Ok(())) => {
+            unsynced.extend(held.replies);
+            true
+        }
+        (_, result) => {
+            answer(held.replies, &result);
+            false
+        }
+    }
+}
+
+/// Commit the open transaction; if that fails, roll it back and rebuild the counters from the
+/// file (a failed commit is a failing disk).
+fn commit(conn: &Connection, ledger: &Mutex<Ledger>) -> Result<(), rusqlite::Error> {
+    let committed = conn.prepare_cached("COMMIT")?.execute([]).map(|_| ());
+    if let Err(e) = &committed {
+        tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    committed
 }
