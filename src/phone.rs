@@ -111,7 +111,11 @@ pub fn parse_e164(input: &str) -> Result<Number, PhoneError> {
     let parsed = PHONE_NUMBER_UTIL
         .parse(input, None)
         .map_err(|_| PhoneError::Invalid)?;
-    if !PHONE_NUMBER_UTIL.is_valid_number(&parsed) {
+    // Valid in its numbering plan: it has a line type. (`is_valid_number` is exactly this, the
+    // region and the type looked up once more: the region's metadata is the number's country
+    // code's, so the check it adds always holds. The verdicts are compared with it in tests.)
+    let number_type = NumberType::from(PHONE_NUMBER_UTIL.get_number_type(&parsed));
+    if number_type == NumberType::Unknown {
         return Err(PhoneError::Invalid);
     }
     // A valid number whose canonical form differs (e.g. an Italian leading zero issue) is not
@@ -119,7 +123,6 @@ pub fn parse_e164(input: &str) -> Result<Number, PhoneError> {
     if PHONE_NUMBER_UTIL.format(&parsed, rlibphonenumber::PhoneNumberFormat::E164) != input {
         return Err(PhoneError::Invalid);
     }
-    let number_type = NumberType::from(PHONE_NUMBER_UTIL.get_number_type(&parsed));
     Ok(Number {
         e164: input.to_string(),
         country_code: u32::try_from(parsed.country_code).unwrap_or(0),
@@ -235,6 +238,56 @@ mod tests {
         for bad in ["+10115550123", "+99912345678", "+4474001234"] {
             assert_eq!(parse_e164(bad), Err(PhoneError::Invalid), "{bad}");
         }
+    }
+
+    /// The verdict as libphonenumber's `is_valid_number` gives it, which `parse_e164` no longer
+    /// calls (it derives validity from the line type it looks up anyway).
+    fn valid_by_the_library(input: &str) -> bool {
+        PHONE_NUMBER_UTIL.parse(input, None).is_ok_and(|parsed| {
+            PHONE_NUMBER_UTIL.is_valid_number(&parsed)
+                && PHONE_NUMBER_UTIL.format(&parsed, rlibphonenumber::PhoneNumberFormat::E164)
+                    == input
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
+        /// Valid exactly when the library's `is_valid_number` says so: numbers in plans with
+        /// regions (NANP, GB, DE, IN, JP, AU, BR), non-geographic codes (+800, +882, +883, +979)
+        /// and unassigned ones, of every length E.164 allows.
+        #[test]
+        fn validity_is_the_librarys(
+            code in proptest::sample::select(vec![
+                "1", "44", "49", "91", "81", "61", "55", "800", "882", "883", "979", "999", "7", "86",
+            ]),
+            rest in "[0-9]{6,12}",
+        ) {
+            let input = format!("+{code}{rest}");
+            proptest::prop_assume!(input.len() <= 16);
+            proptest::prop_assert_eq!(parse_e164(&input).is_ok(), valid_by_the_library(&input), "{}", input);
+        }
+    }
+
+    #[test]
+    fn validity_is_the_librarys_on_known_numbers() {
+        for number in [
+            "+14155550123",
+            "+18005551234",
+            "+447400123456",
+            "+80012345678",
+            "+10115550123",
+            "+99912345678",
+            "+4474001234",
+        ] {
+            assert_eq!(
+                parse_e164(number).is_ok(),
+                valid_by_the_library(number),
+                "{number}"
+            );
+        }
+        // Both verdicts occur among them.
+        assert!(parse_e164("+80012345678").is_ok());
+        assert!(parse_e164("+4474001234").is_err());
     }
 
     #[test]

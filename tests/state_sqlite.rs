@@ -157,7 +157,7 @@ async fn the_log_stays_bounded_under_continuous_writes() {
                 "a",
                 &id,
                 &format!("c{i:05}"),
-                serde_json::json!({"id": i}),
+                serde_json::json!({"id": i}).into(),
                 NOW + 1,
                 NOW,
             )
@@ -187,7 +187,7 @@ async fn a_bind_is_synced_by_the_next_admission_or_after_a_quiet_moment() {
             "a",
             id,
             &format!("call-{id}"),
-            serde_json::json!({"id": id, "status": "queued"}),
+            serde_json::json!({"id": id, "status": "queued"}).into(),
             NOW + 1,
             NOW,
         )
@@ -256,7 +256,7 @@ async fn a_held_bind_is_committed_for_a_reader_and_survives_a_failing_operation(
             "a",
             id,
             call,
-            serde_json::json!({"id": call, "status": "queued"}),
+            serde_json::json!({"id": call, "status": "queued"}).into(),
             NOW + 1,
             NOW,
         )

@@ -35,14 +35,24 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         callgate::metrics::STORE_SYNC,
         callgate::metrics::STORE_BATCH,
     );
-    assert_eq!((count(wait), count(sync), count(batch)), (0.0, 0.0, 0.0));
+    // The writer records a wait just after it answers, so the counts are read until they reach
+    // what is expected (or 10 s pass, and the last reading is shown).
+    let counts = || (count(wait), count(sync), count(batch));
+    let reach = |expected: (f64, f64, f64)| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counts() != expected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(counts(), expected);
+    };
+    reach((0.0, 0.0, 0.0)).await;
 
     let admitted = store
         .admit(conformance::request("a", "r1", 1))
         .await
         .unwrap();
     assert_eq!(admitted, AdmitOutcome::Admitted);
-    assert_eq!((count(wait), count(sync), count(batch)), (1.0, 1.0, 1.0));
+    reach((1.0, 1.0, 1.0)).await;
     // A sanity bound: the wait holds the sync it waited for. (It cannot show on its own that the
     // wait was taken after the sync: in a debug build the commit before it may outlast it.)
     assert!(sum(wait) >= sum(sync), "{} < {}", sum(wait), sum(sync));
@@ -54,7 +64,7 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
             "a",
             "r1",
             "call-r1",
-            serde_json::json!({"id": "call-r1", "status": "queued"}),
+            serde_json::json!({"id": "call-r1", "status": "queued"}).into(),
             conformance::NOW + 1,
             conformance::NOW,
         )
@@ -64,7 +74,7 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         .await
         .expect("the bind was never answered")
         .unwrap();
-    assert_eq!((count(wait), count(sync), count(batch)), (1.0, 2.0, 2.0));
+    reach((1.0, 2.0, 2.0)).await;
 
     // With the bind held until the next operation (for a minute at most here, so that nothing
     // else commits it), an admission, its bind and the next admission take two transactions and
@@ -86,7 +96,7 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
             "a",
             "r1",
             "call-r1",
-            serde_json::json!({"id": "call-r1", "status": "queued"}),
+            serde_json::json!({"id": "call-r1", "status": "queued"}).into(),
             conformance::NOW + 1,
             conformance::NOW,
         )
@@ -97,7 +107,7 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         .await
         .expect("the bind was not answered with the admission's sync")
         .unwrap();
-    assert_eq!((count(wait), count(sync), count(batch)), (3.0, 4.0, 4.0));
+    reach((3.0, 4.0, 4.0)).await;
     // Operations per transaction: 1 + 1 before, then 1 and 2.
     assert_eq!(sum(batch), 5.0);
 }

@@ -5,6 +5,7 @@
 //! call's token, so its events come back through the gateway (which forwards them, signed, to
 //! the tenant's own webhook).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,6 +15,7 @@ use tower::Service;
 
 use super::CallRequest;
 use crate::error::{Body, GatewayError};
+use crate::state::Answered;
 use crate::upstream::{Upstream, relay};
 
 /// See the module docs.
@@ -23,16 +25,48 @@ use crate::upstream::{Upstream, relay};
 pub struct AcceptedCall {
     /// The upstream's call id.
     pub id: String,
-    /// The call object as the upstream answered it.
-    pub object: serde_json::Value,
+    /// The call object as the upstream answered it, and its status.
+    pub answered: Answered,
+}
+
+/// What the record stage needs of an answer: its call id and status; every other field is
+/// checked as JSON and skipped, not built into a tree.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    status: Option<Status<'a>>,
+}
+
+/// An answer's `status`: a string, or anything else (then the call is `queued`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Status<'a> {
+    Named(#[serde(borrow)] Cow<'a, str>),
+    Other(serde::de::IgnoredAny),
 }
 
 impl AcceptedCall {
-    /// The call in a successful answer; `None` if the answer has no call id.
+    /// The call in a successful answer (a JSON object); `None` if it has no call id.
     pub fn read(body: &[u8]) -> Option<AcceptedCall> {
-        let object: serde_json::Value = serde_json::from_slice(body).ok()?;
-        let id = object.get("id")?.as_str()?.to_string();
-        Some(AcceptedCall { id, object })
+        let text = std::str::from_utf8(body).ok()?;
+        // An object, not an array a struct could also be read from.
+        if !text.trim_start().starts_with('{') {
+            return None;
+        }
+        let head: Head = serde_json::from_str(text).ok()?;
+        let status = match head.status {
+            Some(Status::Named(status)) => status.into_owned(),
+            Some(Status::Other(_)) | None => crate::state::accounting::QUEUED.to_string(),
+        };
+        Some(AcceptedCall {
+            id: head.id.into_owned(),
+            answered: Answered {
+                object: text.into(),
+                status,
+            },
+        })
     }
 }
 
@@ -121,11 +155,30 @@ mod tests {
 
     #[test]
     fn the_accepted_call_is_read_once_from_the_answer() {
-        let call = AcceptedCall::read(br#"{"id":"call_1","status":"queued"}"#).unwrap();
+        let body = br#"{"id":"call_1","status":"ringing","to":{"n":[1,2]}}"#;
+        let call = AcceptedCall::read(body).unwrap();
         assert_eq!(call.id, "call_1");
-        assert_eq!(call.object["status"], "queued");
+        assert_eq!(call.answered.status, "ringing");
+        // Kept as the upstream sent it.
+        assert_eq!(call.answered.object.as_bytes(), body);
+        // Read as a tree would read it: the status named, or `queued`.
+        for body in [
+            &br#"{"id":"call_\u0031","status":"ringing"}"#[..],
+            br#"{"id":"c","status":7}"#,
+            br#"{"id":"c","status":null}"#,
+            br#" {"status":{"a":1},"id":"c"}"#,
+            br#"{"id":"c"}"#,
+        ] {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+            let call = AcceptedCall::read(body).unwrap();
+            assert_eq!(call.id, value["id"].as_str().unwrap());
+            assert_eq!(call.answered.status, Answered::from(value).status);
+            assert_eq!(call.answered.object.as_bytes(), body);
+        }
         assert!(AcceptedCall::read(br#"{"status":"queued"}"#).is_none());
         assert!(AcceptedCall::read(br#"{"id":7}"#).is_none());
+        assert!(AcceptedCall::read(br#"["call_1"]"#).is_none());
+        assert!(AcceptedCall::read(br#"{"id":"c"} trailing"#).is_none());
         assert!(AcceptedCall::read(b"not json").is_none());
     }
 }

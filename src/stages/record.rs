@@ -102,7 +102,7 @@ impl AsyncStage for Record {
             match response.extensions_mut().remove::<AcceptedCall>() {
                 Some(AcceptedCall {
                     id: call_id,
-                    object,
+                    answered,
                 }) => {
                     let now = clock.now().as_microsecond();
                     let lease =
@@ -117,7 +117,7 @@ impl AsyncStage for Record {
                     // its lease ends it).
                     span.record("call_id", call_id.as_str());
                     let bind = store
-                        .bind(&tenant, &id, &call_id, object.clone(), lease, now)
+                        .bind(&tenant, &id, &call_id, answered.clone(), lease, now)
                         .await;
                     let (store, reservation) = (store.clone(), id.clone());
                     match bind {
@@ -141,7 +141,7 @@ impl AsyncStage for Record {
                                         &tenant,
                                         &reservation,
                                         &call_id,
-                                        object.clone(),
+                                        answered.clone(),
                                         lease,
                                         now,
                                     );

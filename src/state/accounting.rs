@@ -65,12 +65,15 @@ pub fn settlement_charge(ending: Ending, pricing: Pricing, hold: i64) -> i64 {
     }
 }
 
+/// The status of a call the upstream accepted without naming one.
+pub const QUEUED: &str = "queued";
+
 /// The status the upstream's answer gives a call it accepted (`queued` when it names none).
 pub fn answered_status(object: &serde_json::Value) -> &str {
     object
         .get("status")
         .and_then(serde_json::Value::as_str)
-        .unwrap_or("queued")
+        .unwrap_or(QUEUED)
 }
 
 /// A call's status once the upstream's answer is bound to it: an event that arrived first (even

@@ -495,6 +495,26 @@ impl AttemptCap {
     }
 }
 
+/// The upstream's answer to a call it accepted, as a bind records it: the call object as the
+/// upstream sent it (JSON text, stored as it is: never parsed and written out again on the
+/// request path) and the status it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answered {
+    /// The call object, JSON text.
+    pub object: std::sync::Arc<str>,
+    /// The status the answer names ([`accounting::answered_status`]: `queued` when none).
+    pub status: String,
+}
+
+impl From<Value> for Answered {
+    fn from(object: Value) -> Self {
+        Answered {
+            status: accounting::answered_status(&object).to_string(),
+            object: object.to_string().into(),
+        }
+    }
+}
+
 /// The durable state behind admission, the lifecycle and idempotency.
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically take a slot (tenant and account-wide) and hold credits, or refuse and take nothing.
@@ -507,7 +527,7 @@ pub trait StateStore: Send + Sync + 'static {
         tenant: &str,
         reservation_id: &str,
         call_id: &str,
-        object: Value,
+        answered: Answered,
         lease_expires_at: i64,
         now: i64,
     ) -> StoreFuture<'static, Queued>;

@@ -95,7 +95,7 @@ async fn admit_and_bind(store: &Arc<dyn StateStore>, req: AdmitRequest, call_id:
             &tenant,
             &id,
             call_id,
-            json!({"id": call_id, "status": "queued"}),
+            json!({"id": call_id, "status": "queued"}).into(),
             NOW + 900 * SEC,
             NOW,
         )
@@ -300,7 +300,7 @@ pub async fn a_late_bind_never_revives_a_settled_call(b: &impl Backend) {
             "a",
             "r0",
             "c0",
-            json!({"id": "c0", "status": "queued"}),
+            json!({"id": "c0", "status": "queued"}).into(),
             NOW + 99_999 * SEC,
             NOW,
         )

@@ -958,7 +958,7 @@ impl StateStore for RedisStore {
         tenant: &str,
         reservation_id: &str,
         call_id: &str,
-        object: Json,
+        answered: Answered,
         lease_expires_at: i64,
         now: i64,
     ) -> StoreFuture<'static, Queued> {
@@ -968,12 +968,11 @@ impl StateStore for RedisStore {
             call_id.to_string(),
         );
         let done = self.op(move |inner| async move {
-            let answered = accounting::answered_status(&object).to_string();
             let args: Vec<Vec<u8>> = vec![
                 rid.clone().into_bytes(),
                 call_id.into_bytes(),
-                object.to_string().into_bytes(),
-                answered.into_bytes(),
+                answered.object.as_bytes().to_vec(),
+                answered.status.into_bytes(),
                 lease_expires_at.to_string().into_bytes(),
                 now.to_string().into_bytes(),
             ];

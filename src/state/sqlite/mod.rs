@@ -297,14 +297,15 @@ impl StateStore for SqliteStore {
         _tenant: &str,
         reservation_id: &str,
         call_id: &str,
-        object: Value,
+        answered: Answered,
         lease_expires_at: i64,
         now: i64,
     ) -> StoreFuture<'static, Queued> {
         let (reservation_id, call_id) = (reservation_id.to_string(), call_id.to_string());
-        // Read and written out here, not in the writer's thread, which every operation waits on.
-        let answered = accounting::answered_status(&object).to_string();
-        let object = object.to_string();
+        let Answered {
+            object,
+            status: answered,
+        } = answered;
         let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
             let Some((current, live, current_lease)) = queries::bind_state(conn, &reservation_id)?
             else {
