@@ -147,11 +147,17 @@ async fn the_log_stays_bounded_under_continuous_writes() {
     let path = dir.path().join("state.db");
     let store: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&path, Synchronous::Normal).unwrap());
+    // Each bind is awaited after the next admission, which commits it (alone, it would be held
+    // for the next operation up to LAZY_SYNC).
+    let mut previous: Option<callgate::state::Queued> = None;
     for i in 0..4_000 {
         let id = format!("r{i:05}");
         let mut req = request("a", &id, 1);
         req.account_max_concurrent = 10_000;
         assert_eq!(store.admit(req).await.unwrap(), AdmitOutcome::Admitted);
+        if let Some(bound) = previous.take() {
+            bound.await.unwrap();
+        }
         let bound = store
             .bind(
                 "a",
@@ -163,8 +169,9 @@ async fn the_log_stays_bounded_under_continuous_writes() {
             )
             .await
             .unwrap();
-        bound.await.unwrap();
+        previous = Some(bound);
     }
+    previous.unwrap().await.unwrap();
     let wal = std::fs::metadata(dir.path().join("state.db-wal"))
         .unwrap()
         .len();
@@ -261,6 +268,15 @@ async fn a_held_bind_is_committed_for_a_reader_and_survives_a_failing_operation(
             NOW,
         )
     };
+    // A failing bind (no such reservation) alone in its transaction: rolled back whole (no
+    // savepoint), and the writer goes on.
+    let failed = bind("nope", "call-nope").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), failed)
+            .await
+            .expect("answered")
+            .is_err()
+    );
     // Queued, held, not committed: nothing waits for it. A reader asking for the calls gets it.
     let _held = bind("r1", "call-r1").await.unwrap();
     let listed = within(store.list_calls("a", 10, None))
@@ -272,6 +288,8 @@ async fn a_held_bind_is_committed_for_a_reader_and_survives_a_failing_operation(
     // Held again; a failing bind (no such reservation) after it is refused, its writes undone,
     // the held bind kept.
     let _held = bind("r2", "call-r2").await.unwrap();
+    // Long enough for the writer to have run it alone and held it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let failed = bind("nope", "call-nope").await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_secs(10), failed)

@@ -102,6 +102,8 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
         )
         .await
         .unwrap();
+    // Long enough for the writer to have run the bind alone (and held it).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(admit("r2").await.unwrap(), AdmitOutcome::Admitted);
     tokio::time::timeout(Duration::from_secs(10), bound)
         .await

@@ -55,13 +55,24 @@ impl AcceptedCall {
         if !text.trim_start().starts_with('{') {
             return None;
         }
-        let head: Head = serde_json::from_str(text).ok()?;
-        let status = match head.status {
-            Some(Status::Named(status)) => status.into_owned(),
-            Some(Status::Other(_)) | None => crate::state::accounting::QUEUED.to_string(),
+        let (id, status) = match serde_json::from_str::<Head>(text) {
+            Ok(head) => (
+                head.id.into_owned(),
+                match head.status {
+                    Some(Status::Named(status)) => status.into_owned(),
+                    Some(Status::Other(_)) | None => crate::state::accounting::QUEUED.to_string(),
+                },
+            ),
+            // Not what the head reads (no string id, or a key given twice, where a tree keeps
+            // the last): read as a tree, as before.
+            Err(_) => {
+                let object: serde_json::Value = serde_json::from_str(text).ok()?;
+                let id = object.get("id")?.as_str()?.to_string();
+                (id, Answered::from(object).status)
+            }
         };
         Some(AcceptedCall {
-            id: head.id.into_owned(),
+            id,
             answered: Answered {
                 object: text.into(),
                 status,
@@ -168,6 +179,7 @@ mod tests {
             br#"{"id":"c","status":null}"#,
             br#" {"status":{"a":1},"id":"c"}"#,
             br#"{"id":"c"}"#,
+            br#"{"id":"first","status":"ringing","id":"second"}"#,
         ] {
             let value: serde_json::Value = serde_json::from_slice(body).unwrap();
             let call = AcceptedCall::read(body).unwrap();

@@ -23,8 +23,8 @@
 //! The bind is queued before the answer is sent but not waited for: the request path waits for
 //! one commit and one sync (the admission's). The bind needs neither a commit nor a sync of its
 //! own: the writer holds it in an open transaction that the next admission commits and syncs, or
-//! commits and syncs it after [`writer::LAZY_SYNC`] of quiet, so a call costs one commit and one
-//! sync. (A reader that must see it asks the writer to commit what it holds.) An idempotency
+//! commits and syncs it at most [`writer::LAZY_SYNC`] after it ran, so a call costs one commit and
+//! one sync. (A reader that must see it asks the writer to commit what it holds.) An idempotency
 //! claim and its stored answer likewise ride on the commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 

@@ -6,17 +6,17 @@
 //! its call is forwarded, and many admissions share one fsync. A batch of binds alone is not
 //! committed at once but held open for the next batch, at most [`LAZY_SYNC`] (see [`run`]): a
 //! bind and the next admission share one commit. Operations that wrote nothing (a refused
-//! admission, a look-up) are answered at once. Since the thread is the only writer and the only one that
-//! changes the counters, each operation is atomic with respect to every other.
+//! admission, a look-up) are answered at once. Since the thread is the only writer and the only
+//! one that changes the counters, each operation is atomic with respect to every other.
 //!
 //! With `synchronous = "full"` SQLite commits to the log without a sync, and the writer syncs
 //! the log itself (`fdatasync`) before it answers a batch with an operation that waits for it.
 //! An operation that needs to be durable but that nobody waits on (the bind, [`When::Lazy`])
 //! needs no sync of its own: its batch is answered by the next sync, which the next admission
 //! brings, or at the latest [`LAZY_SYNC`] after its commit (which is itself at most
-//! [`LAZY_SYNC`] after it ran). So a call costs one sync, not two, even alone. Writes answered at once ([`When::Now`]) are synced the same way. A commit is
-//! visible to readers (and the counters changed) before it is durable, but nobody is told an
-//! operation is done before it is.
+//! [`LAZY_SYNC`] after it ran). So a call costs one sync, not two, even alone. Writes answered
+//! at once ([`When::Now`]) are synced the same way. A commit is visible to readers (and the
+//! counters changed) before it is durable, but nobody is told an operation is done before it is.
 //!
 //! A failed sync stops the writer, as PostgreSQL stops: after a failed `fdatasync` the kernel
 //! may have dropped the pages it could not write, so a later sync's success would prove
@@ -37,6 +37,7 @@
 //! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
 //! settlements) waits for room, so nothing already admitted is ever dropped.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -111,6 +112,11 @@ pub struct Writer {
     committed: watch::Receiver<u64>,
     /// The live counters, changed only by the writer thread, read by anyone.
     ledger: Arc<Mutex<Ledger>>,
+    /// The writer holds lazy operations in an open transaction (see [`run`]).
+    holding: Arc<AtomicBool>,
+    /// The highest sequence number a reader waits to see committed: no transaction holding it
+    /// is held.
+    wanted: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -128,6 +134,9 @@ impl Writer {
         let (queue, rx) = mpsc::channel(capacity.max(1));
         let (committed_tx, committed) = watch::channel(0);
         let thread_ledger = ledger.clone();
+        let holding = Arc::new(AtomicBool::new(false));
+        let wanted = Arc::new(AtomicU64::new(0));
+        let (thread_holding, thread_wanted) = (holding.clone(), wanted.clone());
         // A timer, to wait for the queue no longer than a commit or a sync is due.
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -140,7 +149,19 @@ impl Writer {
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
-                run(conn, rx, thread_ledger, committed_tx, log, timer, lazy_sync);
+                run(
+                    conn,
+                    rx,
+                    thread_ledger,
+                    committed_tx,
+                    log,
+                    timer,
+                    Hold {
+                        lazy_sync,
+                        holding: thread_holding,
+                        wanted: thread_wanted,
+                    },
+                );
                 // The file is free for another process once the writer has stopped.
                 drop(lock);
             })
@@ -150,6 +171,8 @@ impl Writer {
             queued: Arc::new(Mutex::new(0)),
             committed,
             ledger,
+            holding,
+            wanted,
         })
     }
 
@@ -238,12 +261,20 @@ impl Writer {
     pub async fn committed_up_to_now(&self) -> Result<(), StoreError> {
         let target = *self.queued.lock().unwrap_or_else(|p| p.into_inner());
         let mut committed = self.committed.clone();
+        // Say what is wanted, then look whether the writer holds a transaction: the writer
+        // raises its flag, then looks at what is wanted before it holds one (both in sequential
+        // consistency), so either it sees this reader and does not hold, or this reader sees
+        // the flag and asks for the commit.
         if *committed.borrow() < target {
-            // Lazy operations may be held in an open transaction: a no-op that is not lazy
-            // commits it at once rather than when it is due.
-            let _ = self
-                .submit(Urgency::Wait, |_, _| Ok(((), When::Now)))
-                .await?;
+            self.wanted.fetch_max(target, Ordering::SeqCst);
+        }
+        if *committed.borrow() < target && self.holding.load(Ordering::SeqCst) {
+            // A no-op that is not lazy commits the held transaction at once rather than when it
+            // is due. If the queue is full, the batches in it commit it.
+            match self.submit(Urgency::Shed, |_, _| Ok(((), When::Now))).await {
+                Ok(_) | Err(StoreError::Busy) => {}
+                Err(e) => return Err(e),
+            }
         }
         committed
             .wait_for(|c| *c >= target)
@@ -293,6 +324,15 @@ fn rebuild(conn: &Connection, counters: &mut Ledger) {
     }
 }
 
+/// How long the writer may hold lazy operations in an open transaction, and the flag it raises
+/// while it does.
+struct Hold {
+    lazy_sync: std::time::Duration,
+    holding: Arc<AtomicBool>,
+    /// See [`Writer::committed_up_to_now`].
+    wanted: Arc<AtomicU64>,
+}
+
 /// A transaction left open with only lazy operations in it (see [`run`]).
 struct Held {
     /// Their replies, answered once the transaction is committed and synced.
@@ -313,9 +353,11 @@ struct Held {
 /// open for the next batch, at most `lazy_sync`, so that a bind and the admission after it share
 /// one commit, one set of written pages (a call's row, the ends of the indexes they both touch)
 /// and one sync. Nothing waits on a lazy operation, so the request path is not delayed; a reader
-/// that must see it asks for the commit ([`Writer::committed_up_to_now`] queues a no-op, and any
-/// operation that is not lazy commits the transaction). A crash before that commit leaves what a
-/// crash before the bind's own commit did (see the module `sqlite`'s table).
+/// that must see it asks for the commit ([`Writer::committed_up_to_now`] queues a no-op while one
+/// is held, and any operation that is not lazy commits the transaction). A crash before that
+/// commit leaves what a crash before the bind's own commit did (see the module `sqlite`'s
+/// table); so does a failure of the batch that continues the transaction (a failing disk): the
+/// held binds are answered with the error, and the calls' events or leases recover them.
 ///
 /// A batch of one operation in a new transaction needs no savepoint: if it fails, the whole
 /// transaction is rolled back.
@@ -326,8 +368,13 @@ fn run(
     committed: watch::Sender<u64>,
     log: Option<Log>,
     timer: tokio::runtime::Runtime,
-    lazy_sync: std::time::Duration,
+    hold: Hold,
 ) {
+    let Hold {
+        lazy_sync,
+        holding,
+        wanted,
+    } = hold;
     // Taken once: the recorder is installed before the store is opened.
     let (wait_histogram, batch_histogram) = (
         metrics::histogram!(STORE_WAIT),
@@ -354,6 +401,7 @@ fn run(
                     Ok(received) => received,
                     Err(_due) => {
                         // Whatever is due: the held transaction's commit, then the sync.
+                        holding.store(false, Ordering::SeqCst);
                         if let Some(held) = held.take()
                             && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
                         {
@@ -378,6 +426,7 @@ fn run(
         }
         let last = batch.last().map(|(seq, _, _)| *seq).unwrap_or(0);
         // The transaction this batch runs in: the held one, or a new one.
+        holding.store(false, Ordering::SeqCst);
         let (changes_before, mut lazy, mut operations, hold_due) = match held.take() {
             Some(held) => (
                 held.changes_before,
@@ -389,6 +438,8 @@ fn run(
         };
         operations += received;
         let single = hold_due.is_none() && received == 1;
+        // The one operation of a `single` batch failed and was rolled back with its transaction.
+        let mut rolled_back_alone = false;
         let mut waiting = Vec::with_capacity(batch.len());
         // When each of `waiting` was submitted, for the wait's histogram.
         let mut waiting_since = Vec::with_capacity(batch.len());
@@ -416,6 +467,7 @@ fn run(
                     // transaction). An operation that settles several calls may have changed
                     // counters before the failure: take them from the file.
                     control(if single { "ROLLBACK" } else { "ROLLBACK TO op" })?;
+                    rolled_back_alone = single;
                     rebuild(&conn, &mut counters);
                 }
                 drop(counters);
@@ -434,8 +486,13 @@ fn run(
             }
             Ok(())
         })();
-        if outcome.is_ok() && all_lazy {
-            // Held for the next batch (see above): nothing is answered or published yet.
+        // Held for the next batch (see above), unless it is due: nothing is answered or
+        // published yet.
+        let may_hold = outcome.is_ok()
+            && all_lazy
+            && !conn.is_autocommit()
+            && hold_due.is_none_or(|due| Instant::now() < due);
+        if may_hold && raise_hold(&holding, &wanted, *committed.borrow()) {
             held = Some(Held {
                 replies: lazy,
                 last,
@@ -446,8 +503,18 @@ fn run(
             continue;
         }
         let result = match outcome {
-            // A single operation that failed was rolled back with its transaction.
-            Ok(()) if conn.is_autocommit() => Ok(()),
+            Ok(()) if rolled_back_alone => Ok(()),
+            Ok(()) if conn.is_autocommit() => {
+                // SQLite rolled the transaction back itself (an operation went on past an error
+                // that does that): nothing of it is on the file.
+                tracing::error!(
+                    "state store: the batch was rolled back; rebuilding the counters from the file"
+                );
+                rebuild(&conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+                Err(StoreError::Backend(
+                    "the transaction was rolled back".into(),
+                ))
+            }
             Ok(()) => commit(&conn, &ledger).map_err(|e| StoreError::Backend(e.to_string())),
             Err(e) => {
                 tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
@@ -486,6 +553,7 @@ fn run(
         }
     }
     // The queue is closed: commit what is held, sync what is not yet.
+    holding.store(false, Ordering::SeqCst);
     if let Some(held) = held.take()
         && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
     {
@@ -496,6 +564,17 @@ fn run(
     {
         sync_and_answer(log, unsynced);
     }
+}
+
+/// Raise the flag that says a transaction is held, unless a reader waits for an operation after
+/// `committed` (see [`Writer::committed_up_to_now`]): `true` if it may be held.
+fn raise_hold(holding: &AtomicBool, wanted: &AtomicU64, committed: u64) -> bool {
+    holding.store(true, Ordering::SeqCst);
+    if wanted.load(Ordering::SeqCst) > committed {
+        holding.store(false, Ordering::SeqCst);
+        return false;
+    }
+    true
 }
 
 /// Commit the held transaction (it is due, or the queue closed). Its replies join `unsynced`,
