@@ -85,13 +85,13 @@ CREATE TABLE IF NOT EXISTS suspensions (
 );
 ";
 
-/// Pages in the write-ahead log that trigger a checkpoint (40 MB). A checkpoint copies each page
-/// once however often the log holds it, and the same few pages (the ends of the calls table and
-/// of its indexes) are in most commits: a longer log copies fewer pages per call, and stops the
-/// writer (and the admissions behind it) a tenth as often. Measured (`CONNS=1 bench/ab.sh`, four
-/// rounds, against 1 000 pages): one connection's p99 4.9 → 3.8 ms, CPU per request −5%;
-/// saturation +6% req/s, its p99 21 → 25 ms (rarer but longer checkpoints).
-const CHECKPOINT_PAGES: i64 = 10_000;
+/// Pages in the write-ahead log that trigger a checkpoint (4 MB). A longer log was measured
+/// (docs/benchmarks.md, "One commit per call, a longer log"): 10 000 pages help a small file
+/// (one connection's p99 4.9 → 3.8 ms, saturation +6%), but with 100 000 calls in the file each
+/// checkpoint copies thousands of scattered pages and stops the writer for tens of
+/// milliseconds: one connection's p99 9 → 36 ms, saturation's 28 → 70 ms. A production file
+/// holds every call, so the short log stays.
+const CHECKPOINT_PAGES: i64 = 1000;
 
 /// The writer's page cache, KiB.
 const WRITER_CACHE_KIB: i64 = 8 * 1024;
