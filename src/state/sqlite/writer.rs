@@ -387,10 +387,11 @@ fn run(
     let mut sync_due: Option<Instant> = None;
     let mut held: Option<Held> = None;
     loop {
-        let due = match (sync_due, &held) {
-            (Some(sync), Some(held)) => Some(sync.min(held.due)),
-            (sync, held) => sync.or(held.as_ref().map(|h| h.due)),
-        };
+        // The earlier of the sync and the held transaction's commit, if either is due.
+        let due = sync_due
+            .into_iter()
+            .chain(held.as_ref().map(|h| h.due))
+            .min();
         let received = match due {
             Some(due) => {
                 let next = timer.block_on(async {
@@ -403,7 +404,15 @@ fn run(
                         // Whatever is due: the held transaction's commit, then the sync.
                         holding.store(false, Ordering::SeqCst);
                         if let Some(held) = held.take()
-                            && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
+                            && commit_held(
+                                &conn,
+                                &ledger,
+                                &committed,
+                                &log,
+                                &batch_histogram,
+                                held,
+                                &mut unsynced,
+                            )
                         {
                             sync_due = Some(Instant::now());
                         }
@@ -504,27 +513,16 @@ fn run(
         }
         let result = match outcome {
             Ok(()) if rolled_back_alone => Ok(()),
+            // SQLite rolled the transaction back itself (an operation went on past an error
+            // that does that): nothing of it is on the file.
             Ok(()) if conn.is_autocommit() => {
-                // SQLite rolled the transaction back itself (an operation went on past an error
-                // that does that): nothing of it is on the file.
-                tracing::error!(
-                    "state store: the batch was rolled back; rebuilding the counters from the file"
-                );
-                rebuild(&conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
-                Err(StoreError::Backend(
-                    "the transaction was rolled back".into(),
-                ))
+                Err(roll_back(&conn, &ledger, "the transaction was rolled back"))
             }
-            Ok(()) => commit(&conn, &ledger).map_err(|e| StoreError::Backend(e.to_string())),
+            Ok(()) => commit(&conn, &ledger),
             Err(e) => {
-                tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
-                if !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
-                }
-                rebuild(&conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
                 // Jobs not reached are dropped with their replies: their callers see `Closed`.
                 batch.clear();
-                Err(StoreError::Backend(e.to_string()))
+                Err(roll_back(&conn, &ledger, e))
             }
         };
         committed.send_replace(last);
@@ -555,7 +553,15 @@ fn run(
     // The queue is closed: commit what is held, sync what is not yet.
     holding.store(false, Ordering::SeqCst);
     if let Some(held) = held.take()
-        && commit_held(&conn, &ledger, &committed, &log, held, &mut unsynced)
+        && commit_held(
+            &conn,
+            &ledger,
+            &committed,
+            &log,
+            &batch_histogram,
+            held,
+            &mut unsynced,
+        )
     {
         sync_due = Some(Instant::now());
     }
@@ -584,12 +590,13 @@ fn commit_held(
     ledger: &Mutex<Ledger>,
     committed: &watch::Sender<u64>,
     log: &Option<Log>,
+    batches: &metrics::Histogram,
     held: Held,
     unsynced: &mut Vec<Reply>,
 ) -> bool {
-    let result = commit(conn, ledger).map_err(|e| StoreError::Backend(e.to_string()));
+    let result = commit(conn, ledger);
     committed.send_replace(held.last);
-    metrics::histogram!(STORE_BATCH).record(held.operations as f64);
+    batches.record(held.operations as f64);
     match (log, result) {
         (Some(_), Ok(())) => {
             unsynced.extend(held.replies);
@@ -602,16 +609,21 @@ fn commit_held(
     }
 }
 
-/// Commit the open transaction; if that fails, roll it back and rebuild the counters from the
-/// file (a failed commit is a failing disk).
-fn commit(conn: &Connection, ledger: &Mutex<Ledger>) -> Result<(), rusqlite::Error> {
-    let committed = conn.prepare_cached("COMMIT")?.execute([]).map(|_| ());
-    if let Err(e) = &committed {
-        tracing::error!(error = %e, "state store: the batch could not be committed; rebuilding the counters from the file");
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+/// Commit the open transaction; if that fails (a failing disk), roll it back.
+fn commit(conn: &Connection, ledger: &Mutex<Ledger>) -> Result<(), StoreError> {
+    conn.prepare_cached("COMMIT")
+        .and_then(|mut commit| commit.execute([]))
+        .map(|_| ())
+        .map_err(|e| roll_back(conn, ledger, e))
+}
+
+/// The batch could not be committed (`why`): roll back what is left of its transaction, rebuild
+/// the counters from the file, and give the error its operations are answered with.
+fn roll_back(conn: &Connection, ledger: &Mutex<Ledger>, why: impl std::fmt::Display) -> StoreError {
+    tracing::error!(error = %why, "state store: the batch could not be committed; rebuilding the counters from the file");
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
-    committed
+    rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+    StoreError::Backend(why.to_string())
 }
