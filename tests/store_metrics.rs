@@ -1,14 +1,17 @@
-//! The SQLite store's own metrics, read from the process's recorder with nothing else recording
-//! (a test binary of its own): an admission's wait is timed once, with one sync, a bind (which
-//! nobody waits for) is synced but not counted as a wait, and each transaction is counted.
+//! The stores' own metrics, read from the process's recorder with nothing else recording (a
+//! test binary of its own). SQLite: an admission's wait is timed once, with one sync, a bind
+//! (which nobody waits for) is synced but not counted as a wait, and each transaction is counted.
+//! Redis: its waited writes are timed the same way, on a `redis-server` of the test's own.
 
 use std::time::Duration;
 
+use callgate::state::redis::{RedisOptions, RedisStore};
 use callgate::state::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use callgate::state::{AdmitOutcome, StateStore};
 
 #[allow(unused_macros)]
 mod conformance;
+mod redis_support;
 
 /// The value of a series `name` with no labels, 0 when absent.
 fn value(text: &str, name: &str) -> f64 {
@@ -24,7 +27,7 @@ fn value(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
+async fn admissions_are_timed_with_their_sync_and_binds_are_not_waited_for() {
     let metrics = callgate::metrics::install();
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("state.db"), Synchronous::Full).unwrap();
@@ -112,4 +115,42 @@ async fn an_admission_is_timed_with_its_sync_and_a_bind_is_not_waited_for() {
     reach((3.0, 4.0, 4.0)).await;
     // Operations per transaction: 1 + 1 before, then 1 and 2.
     assert_eq!(sum(batch), 5.0);
+    drop(store);
+
+    // Redis: admissions and releases are waits (their round trips), the bind is not, and there
+    // are no syncs or transactions of the gateway's own.
+    let server = redis_support::RedisServer::start();
+    let redis = RedisStore::open(RedisOptions {
+        url: server.url(),
+        cluster: false,
+        prefix: "callgate".into(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let admitted = redis
+        .admit(conformance::request("a", "r9", 1))
+        .await
+        .unwrap();
+    assert_eq!(admitted, AdmitOutcome::Admitted);
+    reach((4.0, 4.0, 4.0)).await;
+    let bound = redis
+        .bind(
+            "a",
+            "r9",
+            "call-r9",
+            serde_json::json!({"id": "call-r9", "status": "queued"}).into(),
+            conformance::NOW + 1,
+            conformance::NOW,
+        )
+        .await
+        .unwrap();
+    bound.await.unwrap();
+    // A call the upstream refused: its admission, then its release.
+    let admitted = redis
+        .admit(conformance::request("a", "r10", 1))
+        .await
+        .unwrap();
+    assert_eq!(admitted, AdmitOutcome::Admitted);
+    redis.release("r10").await.unwrap();
+    reach((6.0, 4.0, 4.0)).await;
 }

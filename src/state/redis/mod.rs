@@ -184,6 +184,8 @@ struct Inner {
     last_purge: Mutex<i64>,
     /// The `now` of the last sweep of every tenant's leases.
     last_full_sweep: Mutex<i64>,
+    /// `callgate_store_wait_seconds`: how long each write a caller waits for took.
+    waited: metrics::Histogram,
 }
 
 /// What a Redis error means for the caller: the store is out of reach (fail closed, retry), or
@@ -358,6 +360,8 @@ impl RedisStore {
                 known: Mutex::new(HashSet::new()),
                 last_purge: Mutex::new(i64::MIN),
                 last_full_sweep: Mutex::new(i64::MIN),
+                // Taken once: the recorder is installed before the store is opened.
+                waited: metrics::histogram!(crate::metrics::STORE_WAIT),
             }),
         })
     }
@@ -378,9 +382,29 @@ impl RedisStore {
         Box::pin(async move { inner.clone().within(f(inner)).await })
     }
 
+    /// Run `f`, a write its caller waits for, within the store's timeout, and record how long
+    /// it took when it succeeds (`callgate_store_wait_seconds`, as the SQLite backend does).
+    fn write<T, F, Fut>(&self, f: F) -> StoreFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let since = std::time::Instant::now();
+        let inner = self.inner.clone();
+        let done = self.op(f);
+        Box::pin(async move {
+            let result = done.await;
+            if result.is_ok() {
+                inner.waited.record(since.elapsed());
+            }
+            result
+        })
+    }
+
     fn release_op(&self, reservation_id: &str) -> StoreFuture<'static, ()> {
         let id = reservation_id.to_string();
-        self.op(move |inner| async move { inner.release(None, &id).await })
+        self.write(move |inner| async move { inner.release(None, &id).await })
     }
 }
 
@@ -937,11 +961,17 @@ impl StateStore for RedisStore {
             }
         });
         let timeout = self.inner.timeout;
+        let (since, waited) = (std::time::Instant::now(), self.inner.waited.clone());
         Box::pin(async move {
             let mut rx = rx;
             match tokio::time::timeout(timeout, &mut rx).await {
                 Ok(result) => {
-                    result.map_err(|_| StoreError::Backend("admission task failed".into()))?
+                    let outcome =
+                        result.map_err(|_| StoreError::Backend("admission task failed".into()))?;
+                    if outcome.is_ok() {
+                        waited.record(since.elapsed());
+                    }
+                    outcome
                 }
                 Err(_) => {
                     // Closed first: an answer sent from now on is refused and released by the
@@ -1022,7 +1052,7 @@ impl StateStore for RedisStore {
         now: i64,
     ) -> StoreFuture<'static, EventOutcome> {
         let token = token.clone();
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             if token.is_legacy() {
                 return Ok(EventOutcome::UnknownToken);
             }
@@ -1054,7 +1084,7 @@ impl StateStore for RedisStore {
         now: i64,
     ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let outcome = inner
                 .event(
                     &tenant,
@@ -1080,7 +1110,7 @@ impl StateStore for RedisStore {
         now: i64,
     ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let event = CallEvent {
                 call_id: Some(call_id.clone()),
                 status: "released".into(),
@@ -1113,7 +1143,7 @@ impl StateStore for RedisStore {
     ) -> StoreFuture<'static, Usage> {
         let tenant = tenant.to_string();
         let store = self.clone();
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             inner.note_tenant(&tenant).await?;
             let hint = terms
                 .as_ref()
@@ -1130,7 +1160,7 @@ impl StateStore for RedisStore {
     }
 
     fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>> {
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             // The account set names every lease, whichever replica took it: the lapsed ones say
             // which tenants to sweep.
             let lapsed: Vec<String> = inner
@@ -1288,7 +1318,7 @@ impl StateStore for RedisStore {
     ) -> StoreFuture<'static, IdempotencyBegin> {
         let (tenant, key, body_hash) = (tenant.to_string(), key.to_string(), body_hash.to_string());
         let claim_id = uuid::Uuid::new_v4().to_string();
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             inner.note_tenant(&tenant).await?;
             let args = vec![
                 b"begin".to_vec(),
@@ -1353,14 +1383,14 @@ impl StateStore for RedisStore {
 
     fn idempotency_abandon(&self, tenant: &str, key: &str) -> StoreFuture<'static, ()> {
         let (tenant, key) = (tenant.to_string(), key.to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let args = vec![b"abandon".to_vec(), key.into_bytes()];
             inner.idempotency(&tenant, args).await.map(drop)
         })
     }
 
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize> {
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             {
                 let mut last = inner.last_purge.lock().unwrap_or_else(|p| p.into_inner());
                 if *last != i64::MIN && now >= *last && now - *last < PURGE_EVERY_US {
@@ -1444,7 +1474,7 @@ impl StateStore for RedisStore {
     }
 
     fn add_opt_out(&self, entry: OptOut) -> StoreFuture<'static, bool> {
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let field = entry.tenant.clone().unwrap_or_else(|| "*".into());
             let value = serde_json::json!({"source": entry.source, "created_at": entry.created_at});
             let added: bool = inner
@@ -1466,7 +1496,7 @@ impl StateStore for RedisStore {
         tenant: Option<&str>,
     ) -> StoreFuture<'static, bool> {
         let (number, field) = (phone_number.to_string(), tenant.unwrap_or("*").to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let removed: i64 = inner
                 .conn()
                 .hdel(inner.opt_out_key(&number), field)
@@ -1508,7 +1538,7 @@ impl StateStore for RedisStore {
         now: i64,
     ) -> StoreFuture<'static, AttemptOutcome> {
         let (cap, id) = (cap.clone(), attempt_id.to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let mut invocation = inner.scripts.attempt.prepare_invoke();
             invocation
                 .key(inner.attempts_key(&cap.scope, &cap.phone_number))
@@ -1555,7 +1585,7 @@ impl StateStore for RedisStore {
     ) -> StoreFuture<'static, ()> {
         let key = self.inner.attempts_key(scope, phone_number);
         let id = attempt_id.to_string();
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let _: i64 = inner.conn().zrem(key, id).await.map_err(store_error)?;
             Ok(())
         })
@@ -1580,7 +1610,7 @@ impl StateStore for RedisStore {
     }
 
     fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()> {
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let json = serde_json::to_string(&suspension)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             let key = format!("{}:suspensions", inner.prefix);
@@ -1595,7 +1625,7 @@ impl StateStore for RedisStore {
 
     fn lift_suspension(&self, region: &str) -> StoreFuture<'static, bool> {
         let region = region.to_string();
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let key = format!("{}:suspensions", inner.prefix);
             let removed: i64 = inner.conn().hdel(key, region).await.map_err(store_error)?;
             Ok(removed == 1)
@@ -1617,7 +1647,7 @@ impl StateStore for RedisStore {
     }
 
     fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()> {
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let mut clean = record.clone();
             clean.revoked_at = None;
             clean.revoked_by = None;
@@ -1649,7 +1679,7 @@ impl StateStore for RedisStore {
         by: &str,
     ) -> StoreFuture<'static, Option<ConsentRecord>> {
         let (id, by) = (id.to_string(), by.to_string());
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             inner.revoke(&id, now, &by).await?;
             inner.consent(&id).await
         })
@@ -1667,7 +1697,7 @@ impl StateStore for RedisStore {
             tenant.map(str::to_string),
             by.to_string(),
         );
-        self.op(move |inner| async move {
+        self.write(move |inner| async move {
             let ids: Vec<String> = inner
                 .conn()
                 .smembers(inner.consents_key(&number))
