@@ -334,3 +334,87 @@ async fn a_snapshot_of_an_older_file_reads_the_tables_it_has() {
     assert_eq!(found.len(), 1);
     assert!(snapshot.suspensions().await.unwrap().is_empty());
 }
+
+/// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which
+/// indexes every admission's NULL: the calls table is rebuilt once when the store opens, with
+/// every call as it was (and the legacy index on token hashes, if it has one); the upstream id
+/// is still unique.
+#[tokio::test]
+async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let bound = |id: &str| serde_json::json!({"id": format!("call-{id}"), "status": "queued"});
+    {
+        let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+        for id in ["r1", "r2", "r3"] {
+            assert_eq!(
+                store.admit(request("a", id, 1)).await.unwrap(),
+                AdmitOutcome::Admitted
+            );
+        }
+        for id in ["r1", "r2"] {
+            let call = format!("call-{id}");
+            let queued = store
+                .bind("a", id, &call, bound(id).into(), NOW + 1, NOW)
+                .await
+                .unwrap();
+            queued.await.unwrap();
+        }
+    }
+    // The old layout, made from the new one: the same rows, `call_id TEXT UNIQUE`.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE name = 'calls'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let old = sql
+        .replacen("CREATE TABLE calls", "CREATE TABLE calls_old", 1)
+        .replacen("call_id          TEXT,", "call_id          TEXT UNIQUE,", 1);
+    assert!(old.contains("TEXT UNIQUE"), "{old}");
+    conn.execute_batch(&format!(
+        "BEGIN; {old}; INSERT INTO calls_old SELECT * FROM calls; DROP TABLE calls;
+         ALTER TABLE calls_old RENAME TO calls;
+         CREATE INDEX calls_tenant ON calls(tenant, reservation_id);
+         CREATE INDEX calls_lease ON calls(lease_expires_at) WHERE live = 1;
+         CREATE UNIQUE INDEX calls_token ON calls(token_hash); COMMIT;"
+    ))
+    .unwrap();
+    let unique = |conn: &rusqlite::Connection| -> Vec<(String, String, i64)> {
+        let mut stmt = conn
+            .prepare("SELECT name, origin, partial FROM pragma_index_list('calls') WHERE \"unique\" = 1 ORDER BY name")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert!(unique(&conn).iter().any(|(_, origin, _)| origin == "u"));
+    drop(conn);
+
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    for id in ["r1", "r2"] {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id), Some(id.to_string()));
+    }
+    assert_eq!(store.usage("a", NOW).await.unwrap().slots, 3);
+    store.check_consistency(NOW).await.unwrap();
+    // An upstream id is still bound to one call only.
+    let twice = store
+        .bind("a", "r3", "call-r1", bound("r1").into(), NOW + 1, NOW)
+        .await
+        .unwrap();
+    assert!(twice.await.is_err());
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let indexes = unique(&conn);
+    assert!(
+        !indexes.iter().any(|(_, origin, _)| origin == "u"),
+        "{indexes:?}"
+    );
+    assert!(indexes.contains(&("calls_call_id".to_string(), "c".to_string(), 1)));
+    // The index on token hashes of files from before tokens named their reservation is kept.
+    assert!(indexes.contains(&("calls_token_hash".to_string(), "c".to_string(), 0)));
+}

@@ -7,18 +7,14 @@ use rusqlite::{Connection, OpenFlags};
 use crate::state::accounting::{Ledger, Spend};
 use crate::state::{Period, StoreError};
 
-/// Tables and indexes. Runtime opt-outs are keyed by number and scope (`*` for every tenant, else
-/// the tenant id); attempts by scope (a tenant id, or `#account`), number and reservation id.
-/// Calls are found by reservation id (primary key; relay tokens name it),
-/// upstream id (reads, reconciliation), tenant (listing) and lease end (the sweeper); nothing on
-/// the request path counts them: the live counters do. Every index costs a page write per
-/// commit, so there is none that is not needed (files made before 0.2 keep a unique index on
-/// `token_hash`: harmless).
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS calls (
+/// The calls table's columns. `call_id` (the upstream's id) is unique through the partial index
+/// `calls_call_id`, which holds only bound calls: an admission, whose call has no upstream id
+/// yet, writes no entry to it (a column `UNIQUE` would index its NULL, and the bind would move
+/// it: one more page written per commit).
+const CALLS_COLUMNS: &str = "(
     reservation_id   TEXT PRIMARY KEY,
     tenant           TEXT NOT NULL,
-    call_id          TEXT UNIQUE,
+    call_id          TEXT,
     token_hash       TEXT NOT NULL,
     status           TEXT NOT NULL,
     object           TEXT,
@@ -33,8 +29,23 @@ CREATE TABLE IF NOT EXISTS calls (
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL,
     tenant_webhook   TEXT
-);
+)";
+
+/// Every column of the calls table, in order (copied as they are when the table is rebuilt).
+const CALLS_COLUMN_NAMES: &str = "reservation_id, tenant, call_id, token_hash, status, object, live, \
+     hold, charged, price, increment_secs, max_duration, duration, lease_expires_at, created_at, \
+     updated_at, tenant_webhook";
+
+/// Tables and indexes, after `CREATE TABLE IF NOT EXISTS calls` [`CALLS_COLUMNS`]. Runtime
+/// opt-outs are keyed by number and scope (`*` for every tenant, else the tenant id); attempts by
+/// scope (a tenant id, or `#account`), number and reservation id. Calls are found by reservation
+/// id (primary key; relay tokens name it), upstream id (reads, reconciliation), tenant (listing)
+/// and lease end (the sweeper); nothing on the request path counts them: the live counters do.
+/// Every index costs a page write per commit, so there is none that is not needed (files made
+/// before 0.2 keep a unique index on `token_hash`: harmless).
+const SCHEMA: &str = "
 DROP INDEX IF EXISTS calls_live;
+CREATE UNIQUE INDEX IF NOT EXISTS calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, reservation_id);
 CREATE INDEX IF NOT EXISTS calls_lease ON calls(lease_expires_at) WHERE live = 1;
 CREATE TABLE IF NOT EXISTS budgets (
@@ -120,8 +131,68 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     // Started over, it is overwritten in place: a commit's sync has no file size to flush.
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    migrate_call_id_constraint(&conn)?;
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS calls {CALLS_COLUMNS};"
+    ))?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
+}
+
+/// Files made before the upstream id's index was partial have `call_id TEXT UNIQUE`, a
+/// constraint SQLite cannot drop: the calls table is rebuilt once, in one transaction, with
+/// every row as it was (the indexes are made again by [`SCHEMA`], and the legacy index on
+/// `token_hash`, if the file has one, with them).
+fn migrate_call_id_constraint(conn: &Connection) -> Result<(), StoreError> {
+    if !has_call_id_constraint(conn)? {
+        return Ok(());
+    }
+    let legacy_tokens = has_token_index(conn)?;
+    let started = std::time::Instant::now();
+    tracing::info!(
+        "state file: rebuilding the calls table once, for a partial index of upstream ids"
+    );
+    let token_index = if legacy_tokens {
+        "CREATE UNIQUE INDEX calls_token_hash ON calls(token_hash);"
+    } else {
+        ""
+    };
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE calls_rebuilt {CALLS_COLUMNS};
+         INSERT INTO calls_rebuilt ({CALLS_COLUMN_NAMES}) SELECT {CALLS_COLUMN_NAMES} FROM calls;
+         DROP TABLE calls;
+         ALTER TABLE calls_rebuilt RENAME TO calls;
+         {token_index}
+         COMMIT;"
+    ))
+    .inspect_err(|_| {
+        let _ = conn.execute_batch("ROLLBACK");
+    })?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state file: calls table rebuilt"
+    );
+    Ok(())
+}
+
+/// Whether the calls table has the column constraint `call_id UNIQUE` of older files.
+fn has_call_id_constraint(conn: &Connection) -> Result<bool, StoreError> {
+    let mut indexes =
+        conn.prepare("SELECT name FROM pragma_index_list('calls') WHERE origin = 'u'")?;
+    let names: Vec<String> = indexes
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut columns = conn.prepare("SELECT name FROM pragma_index_info(?1)")?;
+    for name in names {
+        let indexed: Vec<String> = columns
+            .query_map([&name], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if indexed == ["call_id"] {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The writer's log (`<file>-wal`, next to the file SQLite resolved, symbolic links followed),
