@@ -70,7 +70,7 @@ impl std::fmt::Debug for Audit {
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    crate::hexstr::lower(Sha256::digest(bytes))
 }
 
 /// The hash of the last line of the file at `path` (the chain continues from it), or the genesis

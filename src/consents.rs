@@ -135,7 +135,7 @@ impl ConsentApi {
         }
         let (text, text_sha256) = match (new.text, new.text_sha256) {
             (Some(text), None) if !text.is_empty() && text.len() <= MAX_TEXT => {
-                let hash = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+                let hash = crate::hexstr::lower(sha2::Sha256::digest(text.as_bytes()));
                 (Some(text), hash)
             }
             (None, Some(hash))

@@ -15,6 +15,7 @@ pub mod config;
 pub mod consents;
 pub mod dryrun;
 pub mod error;
+pub mod hexstr;
 pub mod lifecycle;
 pub mod listen;
 pub mod metrics;

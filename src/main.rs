@@ -392,12 +392,15 @@ fn check_request(config: &Path, tenant: &str, body: &Path, at: Option<&str>) -> 
 }
 
 fn keygen(tenant: &str) -> ExitCode {
-    let key = format!("cg_{}", hex::encode(rand::random::<[u8; 24]>()));
+    let key = format!("cg_{}", callgate::hexstr::lower(rand::random::<[u8; 24]>()));
     println!("tenant: {tenant}");
     println!("key:    {key}    (give this to the tenant; it is not stored anywhere)");
     println!();
     println!("Add the hash to policies/tenants/{tenant}.toml:");
-    println!("key_sha256 = [\"{}\"]", hex::encode(key_hash(&key)));
+    println!(
+        "key_sha256 = [\"{}\"]",
+        callgate::hexstr::lower(key_hash(&key))
+    );
     ExitCode::SUCCESS
 }
 

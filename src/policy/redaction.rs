@@ -158,7 +158,7 @@ impl Redaction {
             });
         mac.update(value.as_bytes());
         let digest = mac.finalize().into_bytes();
-        format!("h:{}", hex::encode(&digest[..8]))
+        format!("h:{}", crate::hexstr::lower(&digest[..8]))
     }
 
     /// Rewrite one string value; `None` means the whole key must go.

@@ -27,7 +27,10 @@ pub fn sign(secret: &[u8], unix: i64, body: &[u8]) -> String {
     mac.update(unix.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("t={unix},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={unix},v1={}",
+        crate::hexstr::lower(mac.finalize().into_bytes())
+    )
 }
 
 impl Relay {

@@ -315,7 +315,7 @@ allow = ["agent_abc123"]
             sig,
             format!(
                 "t=1700000000,v1={}",
-                hex::encode(mac.finalize().into_bytes())
+                crate::hexstr::lower(mac.finalize().into_bytes())
             )
         );
     }

@@ -90,7 +90,7 @@ impl AsyncStage for IdempotencyContext {
             let canonical = serde_json::from_slice::<serde_json::Value>(&req.body)
                 .map(|v| v.to_string().into_bytes())
                 .unwrap_or_else(|_| req.body.to_vec());
-            let body_hash = hex::encode(Sha256::digest(&canonical));
+            let body_hash = crate::hexstr::lower(Sha256::digest(&canonical));
             let deadline = tokio::time::Instant::now() + ctx.wait;
             let claim = loop {
                 let now = ctx.clock.now().as_microsecond();

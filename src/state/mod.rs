@@ -247,7 +247,7 @@ impl std::fmt::Debug for RelayToken {
 impl RelayToken {
     /// A new token for a reservation: the token to hand out, and the hash of its secret to store.
     pub fn issue(reservation_id: &str) -> (String, String) {
-        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let secret = crate::hexstr::lower(rand::random::<[u8; 32]>());
         let hash = Self::hash(&secret);
         (format!("{reservation_id}.{secret}"), hash)
     }
@@ -285,7 +285,7 @@ impl RelayToken {
     /// SHA-256 (hex) of a secret, as stored.
     pub fn hash(secret: &str) -> String {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+        crate::hexstr::lower(sha2::Sha256::digest(secret.as_bytes()))
     }
 
     /// Whether `stored` (the hash kept at admission) is this token's, in constant time.
