@@ -337,10 +337,17 @@ async fn a_snapshot_of_an_older_file_reads_the_tables_it_has() {
 
 /// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which
 /// indexes every admission's NULL: the calls table is rebuilt once when the store opens, with
-/// every call as it was (and the legacy index on token hashes, if it has one); the upstream id
-/// is still unique.
+/// every call as it was (and, in files from before relay tokens named their reservation, the
+/// unique index on token hashes); the upstream id is still unique.
 #[tokio::test]
 async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
+    // The layouts: `call_id TEXT UNIQUE` alone, and with `token_hash TEXT NOT NULL UNIQUE`.
+    for legacy_tokens in [false, true] {
+        rebuilt_with_its_calls(legacy_tokens).await;
+    }
+}
+
+async fn rebuilt_with_its_calls(legacy_tokens: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let bound = |id: &str| serde_json::json!({"id": format!("call-{id}"), "status": "queued"});
@@ -361,7 +368,7 @@ async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
             queued.await.unwrap();
         }
     }
-    // The old layout, made from the new one: the same rows, `call_id TEXT UNIQUE`.
+    // The old layout, made from the new one: the same rows, the old column constraints.
     let conn = rusqlite::Connection::open(&path).unwrap();
     let sql: String = conn
         .query_row(
@@ -370,16 +377,26 @@ async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
             |r| r.get(0),
         )
         .unwrap();
-    let old = sql
+    let mut old = sql
         .replacen("CREATE TABLE calls", "CREATE TABLE calls_old", 1)
         .replacen("call_id          TEXT,", "call_id          TEXT UNIQUE,", 1);
-    assert!(old.contains("TEXT UNIQUE"), "{old}");
+    if legacy_tokens {
+        old = old.replacen(
+            "token_hash       TEXT NOT NULL,",
+            "token_hash       TEXT NOT NULL UNIQUE,",
+            1,
+        );
+    }
+    assert_eq!(
+        old.matches(" UNIQUE,").count(),
+        1 + usize::from(legacy_tokens),
+        "{old}"
+    );
     conn.execute_batch(&format!(
         "BEGIN; {old}; INSERT INTO calls_old SELECT * FROM calls; DROP TABLE calls;
          ALTER TABLE calls_old RENAME TO calls;
          CREATE INDEX calls_tenant ON calls(tenant, reservation_id);
-         CREATE INDEX calls_lease ON calls(lease_expires_at) WHERE live = 1;
-         CREATE UNIQUE INDEX calls_token ON calls(token_hash); COMMIT;"
+         CREATE INDEX calls_lease ON calls(lease_expires_at) WHERE live = 1; COMMIT;"
     ))
     .unwrap();
     let unique = |conn: &rusqlite::Connection| -> Vec<(String, String, i64)> {
@@ -391,7 +408,11 @@ async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
             .collect::<Result<_, _>>()
             .unwrap()
     };
-    assert!(unique(&conn).iter().any(|(_, origin, _)| origin == "u"));
+    let constraints = unique(&conn)
+        .iter()
+        .filter(|(_, origin, _)| origin == "u")
+        .count();
+    assert_eq!(constraints, 1 + usize::from(legacy_tokens));
     drop(conn);
 
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
@@ -415,6 +436,10 @@ async fn a_file_with_the_old_call_id_constraint_is_rebuilt_with_its_calls() {
         "{indexes:?}"
     );
     assert!(indexes.contains(&("calls_call_id".to_string(), "c".to_string(), 1)));
-    // The index on token hashes of files from before tokens named their reservation is kept.
-    assert!(indexes.contains(&("calls_token_hash".to_string(), "c".to_string(), 0)));
+    // The unique index on token hashes is kept where the file had one.
+    assert_eq!(
+        indexes.contains(&("calls_token_hash".to_string(), "c".to_string(), 0)),
+        legacy_tokens,
+        "{indexes:?}"
+    );
 }

@@ -383,7 +383,10 @@ impl RedisStore {
     }
 
     /// Run `f`, a write its caller waits for, within the store's timeout, and record how long
-    /// it took when it succeeds (`callgate_store_wait_seconds`, as the SQLite backend does).
+    /// it took when it succeeds (`callgate_store_wait_seconds`, as the SQLite backend does for
+    /// the writes it commits). Not for the sweeper's rounds (nobody waits for them; most change
+    /// nothing) nor for the steps of an admission before the admission itself (an idempotency
+    /// claim, an attempt), which the SQLite backend answers without a commit of their own.
     fn write<T, F, Fut>(&self, f: F) -> StoreFuture<'static, T>
     where
         T: Send + 'static,
@@ -1160,7 +1163,7 @@ impl StateStore for RedisStore {
     }
 
     fn expire_leases(&self, now: i64) -> StoreFuture<'static, Vec<CallRecord>> {
-        self.write(move |inner| async move {
+        self.op(move |inner| async move {
             // The account set names every lease, whichever replica took it: the lapsed ones say
             // which tenants to sweep.
             let lapsed: Vec<String> = inner
@@ -1318,7 +1321,7 @@ impl StateStore for RedisStore {
     ) -> StoreFuture<'static, IdempotencyBegin> {
         let (tenant, key, body_hash) = (tenant.to_string(), key.to_string(), body_hash.to_string());
         let claim_id = uuid::Uuid::new_v4().to_string();
-        self.write(move |inner| async move {
+        self.op(move |inner| async move {
             inner.note_tenant(&tenant).await?;
             let args = vec![
                 b"begin".to_vec(),
@@ -1390,7 +1393,7 @@ impl StateStore for RedisStore {
     }
 
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize> {
-        self.write(move |inner| async move {
+        self.op(move |inner| async move {
             {
                 let mut last = inner.last_purge.lock().unwrap_or_else(|p| p.into_inner());
                 if *last != i64::MIN && now >= *last && now - *last < PURGE_EVERY_US {
@@ -1538,7 +1541,7 @@ impl StateStore for RedisStore {
         now: i64,
     ) -> StoreFuture<'static, AttemptOutcome> {
         let (cap, id) = (cap.clone(), attempt_id.to_string());
-        self.write(move |inner| async move {
+        self.op(move |inner| async move {
             let mut invocation = inner.scripts.attempt.prepare_invoke();
             invocation
                 .key(inner.attempts_key(&cap.scope, &cap.phone_number))

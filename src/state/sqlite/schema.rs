@@ -142,7 +142,8 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
 /// Files made before the upstream id's index was partial have `call_id TEXT UNIQUE`, a
 /// constraint SQLite cannot drop: the calls table is rebuilt once, in one transaction, with
 /// every row as it was (the indexes are made again by [`SCHEMA`], and the legacy index on
-/// `token_hash`, if the file has one, with them).
+/// `token_hash`, if the file has one, with them). It needs free space for a second copy of the
+/// table while it runs; the old table's pages are then free in the file for later calls.
 fn migrate_call_id_constraint(conn: &Connection) -> Result<(), StoreError> {
     if !has_call_id_constraint(conn)? {
         return Ok(());
@@ -169,6 +170,9 @@ fn migrate_call_id_constraint(conn: &Connection) -> Result<(), StoreError> {
     .inspect_err(|_| {
         let _ = conn.execute_batch("ROLLBACK");
     })?;
+    // The copy went through the log: fold it into the file and give the log's space back now,
+    // rather than keep a log the size of the table until the gateway stops.
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "state file: calls table rebuilt"
