@@ -284,18 +284,22 @@ async fn a_held_bind_is_committed_for_a_reader_and_survives_a_failing_operation(
         .unwrap();
     let r1 = listed.iter().find(|c| c.reservation_id == "r1").unwrap();
     assert_eq!(r1.call_id.as_deref(), Some("call-r1"));
-    // Held again; a failing bind (no such reservation) after it is refused, its writes undone,
-    // the held bind kept.
+    // Held again; a failing bind after it is refused, its writes undone, the held bind kept.
+    // The bind has no savepoint of its own: one that fails at its one write (an upstream id
+    // already bound) is backed out by SQLite, one that fails before (no such reservation) wrote
+    // nothing.
     let _held = bind("r2", "call-r2").await.unwrap();
     // Long enough for the writer to have run it alone and held it.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let failed = bind("nope", "call-nope").await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_secs(10), failed)
-            .await
-            .expect("answered")
-            .is_err()
-    );
+    for (id, call) in [("r2", "call-r1"), ("nope", "call-nope")] {
+        let failed = bind(id, call).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), failed)
+                .await
+                .expect("answered")
+                .is_err()
+        );
+    }
     // And both are on the file: a new store (the first one's writer commits and syncs what it
     // holds when it stops) finds them by their upstream ids.
     drop(store);

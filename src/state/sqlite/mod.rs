@@ -276,7 +276,10 @@ fn apply_relayed_event(
 
 impl StateStore for SqliteStore {
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome> {
-        Box::pin(self.writer.run(Urgency::Shed, move |conn, ledger| {
+        // Without a budget an admission writes its row and nothing else (no spend to store), so
+        // it needs no savepoint of its own; with one, it may write the spend as well.
+        let one_write = req.budget.is_none();
+        let job = move |conn: &Connection, ledger: &mut Ledger| {
             let plan = ledger.plan_admit(&req);
             if plan.outcome != AdmitOutcome::Admitted {
                 let outcome = plan.outcome.clone();
@@ -289,7 +292,12 @@ impl StateStore for SqliteStore {
             }
             ledger.apply_admit(&req, plan);
             Ok((AdmitOutcome::Admitted, When::Committed))
-        }))
+        };
+        if one_write {
+            Box::pin(self.writer.run_one_write(Urgency::Shed, job))
+        } else {
+            Box::pin(self.writer.run(Urgency::Shed, job))
+        }
     }
 
     fn bind(
@@ -306,7 +314,8 @@ impl StateStore for SqliteStore {
             object,
             status: answered,
         } = answered;
-        let queued = self.writer.submit(Urgency::Wait, move |conn, _| {
+        // One write, its last statement: no savepoint of its own.
+        let queued = self.writer.submit_one_write(Urgency::Wait, move |conn, _| {
             let Some((current, live, current_lease)) = queries::bind_state(conn, &reservation_id)?
             else {
                 return Err(StoreError::Backend(format!(

@@ -1,7 +1,8 @@
 //! The one writer: a thread that owns the read-write connection and the live counters.
 //!
 //! Operations arrive on a bounded queue. The thread takes all that are waiting (up to a batch),
-//! runs each in its own savepoint inside one transaction (one alone needs none), commits once,
+//! runs each in its own savepoint inside one transaction (one alone needs none, nor does one
+//! that writes with a single statement: see [`Writer::run_one_write`]), commits once,
 //! and only then answers the operations that wrote (group commit): an admission is on disk before
 //! its call is forwarded, and many admissions share one fsync. A batch of binds alone is not
 //! committed at once but held open for the next batch, at most [`LAZY_SYNC`] (see [`run`]): a
@@ -83,8 +84,9 @@ pub enum Urgency {
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
 type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
-/// An operation in the queue: its sequence number, when it was submitted, the operation.
-type Queued = (u64, Instant, Job);
+/// An operation in the queue: its sequence number, when it was submitted, the operation, and
+/// whether it writes with one statement at most (see [`Writer::run_one_write`]).
+type Queued = (u64, Instant, Job, bool);
 
 /// The result of a queued operation, when it is given.
 pub struct Answer<R>(oneshot::Receiver<Result<R, StoreError>>);
@@ -187,7 +189,21 @@ impl Writer {
         urgency: Urgency,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
-        let queued = self.submit(urgency, f);
+        let queued = self.submit_as(urgency, false, f);
+        async move { queued.await?.await }
+    }
+
+    /// [`Writer::run`] for an operation whose writes are one statement at most, its last (reads
+    /// before it are free), and which changes the counters only after it: it runs without a
+    /// savepoint of its own. If it fails, there is nothing of it to undo: SQLite backs out a
+    /// statement that fails (or, on a failing disk, the whole transaction, and the batch fails
+    /// with it).
+    pub fn run_one_write<R: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
+        let queued = self.submit_as(urgency, true, f);
         async move { queued.await?.await }
     }
 
@@ -196,6 +212,25 @@ impl Writer {
     pub fn submit<R: Send + 'static>(
         &self,
         urgency: Urgency,
+        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
+        self.submit_as(urgency, false, f)
+    }
+
+    /// [`Writer::submit`] for an operation that writes with one statement at most (see
+    /// [`Writer::run_one_write`]).
+    pub fn submit_one_write<R: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
+        self.submit_as(urgency, true, f)
+    }
+
+    fn submit_as<R: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        one_write: bool,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
@@ -215,7 +250,7 @@ impl Writer {
         });
         // The wait counts from here, room in a full queue included.
         let since = Instant::now();
-        let queued = self.try_queue(since, job);
+        let queued = self.try_queue(since, job, one_write);
         let writer = self.clone();
         async move {
             match queued {
@@ -225,14 +260,19 @@ impl Writer {
                     return Err(StoreError::Busy);
                 }
                 Err(mpsc::error::TrySendError::Full(job)) => {
-                    writer.queue_waiting(since, job).await?
+                    writer.queue_waiting(since, job, one_write).await?
                 }
             }
             Ok(Answer(rx))
         }
     }
 
-    fn try_queue(&self, since: Instant, job: Job) -> Result<(), mpsc::error::TrySendError<Job>> {
+    fn try_queue(
+        &self,
+        since: Instant,
+        job: Job,
+        one_write: bool,
+    ) -> Result<(), mpsc::error::TrySendError<Job>> {
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         let permit = match self.queue.try_reserve() {
             Ok(permit) => permit,
@@ -244,15 +284,20 @@ impl Writer {
             }
         };
         *seq += 1;
-        permit.send((*seq, since, job));
+        permit.send((*seq, since, job, one_write));
         Ok(())
     }
 
-    async fn queue_waiting(&self, since: Instant, job: Job) -> Result<(), StoreError> {
+    async fn queue_waiting(
+        &self,
+        since: Instant,
+        job: Job,
+        one_write: bool,
+    ) -> Result<(), StoreError> {
         let permit = self.queue.reserve().await.map_err(|_| StoreError::Closed)?;
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         *seq += 1;
-        permit.send((*seq, since, job));
+        permit.send((*seq, since, job, one_write));
         Ok(())
     }
 
@@ -433,7 +478,7 @@ fn run(
         if received == 0 {
             break;
         }
-        let last = batch.last().map(|(seq, _, _)| *seq).unwrap_or(0);
+        let last = batch.last().map(|(seq, _, _, _)| *seq).unwrap_or(0);
         // The transaction this batch runs in: the held one, or a new one.
         holding.store(false, Ordering::SeqCst);
         let (changes_before, mut lazy, mut operations, hold_due) = match held.take() {
@@ -464,23 +509,39 @@ fn run(
                 // reader that wants to write.
                 control("BEGIN IMMEDIATE")?;
             }
-            for (_, queued_at, job) in batch.drain(..) {
-                if !single {
+            for (_, queued_at, job, one_write) in batch.drain(..) {
+                // An operation that writes with one statement needs no savepoint: SQLite backs
+                // out a statement that fails.
+                let savepoint = !single && !one_write;
+                if savepoint {
                     control("SAVEPOINT op")?;
                 }
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
                 let (when, reply) = job(&conn, &mut counters);
                 if when.is_none() {
-                    // It failed: its writes are undone (alone in its transaction, with the
-                    // transaction). An operation that settles several calls may have changed
-                    // counters before the failure: take them from the file.
-                    control(if single { "ROLLBACK" } else { "ROLLBACK TO op" })?;
-                    rolled_back_alone = single;
+                    if single {
+                        // Alone in its transaction: undone with the transaction.
+                        control("ROLLBACK")?;
+                        rolled_back_alone = true;
+                    } else if savepoint {
+                        control("ROLLBACK TO op")?;
+                    } else if conn.is_autocommit() {
+                        // SQLite rolled the whole transaction back for its failure (a failing
+                        // disk): the batch fails with it.
+                        drop(counters);
+                        reply(Ok(()));
+                        return Err(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                            Some("the transaction was rolled back".into()),
+                        ));
+                    }
+                    // An operation that settles several calls may have changed counters before
+                    // the failure: take them from the file.
                     rebuild(&conn, &mut counters);
                 }
                 drop(counters);
-                if !single {
+                if savepoint {
                     control("RELEASE op")?;
                 }
                 all_lazy &= when == Some(When::Lazy);
