@@ -43,7 +43,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 use self::queries::CallKey;
-use self::writer::{Urgency, When, Writer};
+use self::writer::{Urgency, When, Writer, Writes};
 use super::accounting::{self, Ending, Ledger, Pricing};
 use super::*;
 
@@ -278,26 +278,28 @@ impl StateStore for SqliteStore {
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome> {
         // Without a budget an admission writes its row and nothing else (no spend to store), so
         // it needs no savepoint of its own; with one, it may write the spend as well.
-        let one_write = req.budget.is_none();
-        let job = move |conn: &Connection, ledger: &mut Ledger| {
-            let plan = ledger.plan_admit(&req);
-            if plan.outcome != AdmitOutcome::Admitted {
-                let outcome = plan.outcome.clone();
-                ledger.apply_admit(&req, plan);
-                return Ok((outcome, When::Now));
-            }
-            queries::insert_call(conn, &req)?;
-            if plan.spend_changed {
-                queries::store_spend(conn, &req.tenant, &plan.spend)?;
-            }
-            ledger.apply_admit(&req, plan);
-            Ok((AdmitOutcome::Admitted, When::Committed))
-        };
-        if one_write {
-            Box::pin(self.writer.run_one_write(Urgency::Shed, job))
+        let writes = if req.budget.is_none() {
+            Writes::OneStatement
         } else {
-            Box::pin(self.writer.run(Urgency::Shed, job))
-        }
+            Writes::Several
+        };
+        Box::pin(
+            self.writer
+                .run_as(Urgency::Shed, writes, move |conn, ledger| {
+                    let plan = ledger.plan_admit(&req);
+                    if plan.outcome != AdmitOutcome::Admitted {
+                        let outcome = plan.outcome.clone();
+                        ledger.apply_admit(&req, plan);
+                        return Ok((outcome, When::Now));
+                    }
+                    queries::insert_call(conn, &req)?;
+                    if plan.spend_changed {
+                        queries::store_spend(conn, &req.tenant, &plan.spend)?;
+                    }
+                    ledger.apply_admit(&req, plan);
+                    Ok((AdmitOutcome::Admitted, When::Committed))
+                }),
+        )
     }
 
     fn bind(
@@ -315,19 +317,22 @@ impl StateStore for SqliteStore {
             status: answered,
         } = answered;
         // One write, its last statement: no savepoint of its own.
-        let queued = self.writer.submit_one_write(Urgency::Wait, move |conn, _| {
-            let Some((current, live, current_lease)) = queries::bind_state(conn, &reservation_id)?
-            else {
-                return Err(StoreError::Backend(format!(
-                    "no reservation {reservation_id} to bind"
-                )));
-            };
-            let status = accounting::status_after_bind(&current, &answered);
-            let lease = accounting::lease_after_bind(live, current_lease, lease_expires_at);
-            queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
-            // Nobody on the request path waits for it: its sync rides on the next admission's.
-            Ok(((), When::Lazy))
-        });
+        let queued = self
+            .writer
+            .submit_as(Urgency::Wait, Writes::OneStatement, move |conn, _| {
+                let Some((current, live, current_lease)) =
+                    queries::bind_state(conn, &reservation_id)?
+                else {
+                    return Err(StoreError::Backend(format!(
+                        "no reservation {reservation_id} to bind"
+                    )));
+                };
+                let status = accounting::status_after_bind(&current, &answered);
+                let lease = accounting::lease_after_bind(live, current_lease, lease_expires_at);
+                queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
+                // Nobody on the request path waits for it: its sync rides on the next admission's.
+                Ok(((), When::Lazy))
+            });
         queued_in_order(queued)
     }
 

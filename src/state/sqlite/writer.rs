@@ -2,7 +2,7 @@
 //!
 //! Operations arrive on a bounded queue. The thread takes all that are waiting (up to a batch),
 //! runs each in its own savepoint inside one transaction (one alone needs none, nor does one
-//! that writes with a single statement: see [`Writer::run_one_write`]), commits once,
+//! that writes with a single statement: see [`Writes`]), commits once,
 //! and only then answers the operations that wrote (group commit): an admission is on disk before
 //! its call is forwarded, and many admissions share one fsync. A batch of binds alone is not
 //! committed at once but held open for the next batch, at most [`LAZY_SYNC`] (see [`run`]): a
@@ -84,9 +84,21 @@ pub enum Urgency {
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
 type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
+/// What an operation writes, which says whether it needs a savepoint of its own in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Any number of statements: it runs in a savepoint, undone alone if it fails.
+    Several,
+    /// One statement at most, its last (reads before it are free), and the counters changed
+    /// only after it: no savepoint. If it fails there is nothing of it to undo: SQLite backs out
+    /// a statement that fails (or, on a failing disk, the whole transaction, and the batch fails
+    /// with it).
+    OneStatement,
+}
+
 /// An operation in the queue: its sequence number, when it was submitted, the operation, and
-/// whether it writes with one statement at most (see [`Writer::run_one_write`]).
-type Queued = (u64, Instant, Job, bool);
+/// what it writes.
+type Queued = (u64, Instant, Job, Writes);
 
 /// The result of a queued operation, when it is given.
 pub struct Answer<R>(oneshot::Receiver<Result<R, StoreError>>);
@@ -189,21 +201,17 @@ impl Writer {
         urgency: Urgency,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
-        let queued = self.submit_as(urgency, false, f);
-        async move { queued.await?.await }
+        self.run_as(urgency, Writes::Several, f)
     }
 
-    /// [`Writer::run`] for an operation whose writes are one statement at most, its last (reads
-    /// before it are free), and which changes the counters only after it: it runs without a
-    /// savepoint of its own. If it fails, there is nothing of it to undo: SQLite backs out a
-    /// statement that fails (or, on a failing disk, the whole transaction, and the batch fails
-    /// with it).
-    pub fn run_one_write<R: Send + 'static>(
+    /// [`Writer::run`] for an operation that says what it writes.
+    pub fn run_as<R: Send + 'static>(
         &self,
         urgency: Urgency,
+        writes: Writes,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
-        let queued = self.submit_as(urgency, true, f);
+        let queued = self.submit_as(urgency, writes, f);
         async move { queued.await?.await }
     }
 
@@ -214,23 +222,14 @@ impl Writer {
         urgency: Urgency,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
-        self.submit_as(urgency, false, f)
+        self.submit_as(urgency, Writes::Several, f)
     }
 
-    /// [`Writer::submit`] for an operation that writes with one statement at most (see
-    /// [`Writer::run_one_write`]).
-    pub fn submit_one_write<R: Send + 'static>(
+    /// [`Writer::submit`] for an operation that says what it writes.
+    pub fn submit_as<R: Send + 'static>(
         &self,
         urgency: Urgency,
-        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
-    ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
-        self.submit_as(urgency, true, f)
-    }
-
-    fn submit_as<R: Send + 'static>(
-        &self,
-        urgency: Urgency,
-        one_write: bool,
+        writes: Writes,
         f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
@@ -250,7 +249,7 @@ impl Writer {
         });
         // The wait counts from here, room in a full queue included.
         let since = Instant::now();
-        let queued = self.try_queue(since, job, one_write);
+        let queued = self.try_queue(since, job, writes);
         let writer = self.clone();
         async move {
             match queued {
@@ -260,7 +259,7 @@ impl Writer {
                     return Err(StoreError::Busy);
                 }
                 Err(mpsc::error::TrySendError::Full(job)) => {
-                    writer.queue_waiting(since, job, one_write).await?
+                    writer.queue_waiting(since, job, writes).await?
                 }
             }
             Ok(Answer(rx))
@@ -271,7 +270,7 @@ impl Writer {
         &self,
         since: Instant,
         job: Job,
-        one_write: bool,
+        writes: Writes,
     ) -> Result<(), mpsc::error::TrySendError<Job>> {
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         let permit = match self.queue.try_reserve() {
@@ -284,7 +283,7 @@ impl Writer {
             }
         };
         *seq += 1;
-        permit.send((*seq, since, job, one_write));
+        permit.send((*seq, since, job, writes));
         Ok(())
     }
 
@@ -292,12 +291,12 @@ impl Writer {
         &self,
         since: Instant,
         job: Job,
-        one_write: bool,
+        writes: Writes,
     ) -> Result<(), StoreError> {
         let permit = self.queue.reserve().await.map_err(|_| StoreError::Closed)?;
         let mut seq = self.queued.lock().unwrap_or_else(|p| p.into_inner());
         *seq += 1;
-        permit.send((*seq, since, job, one_write));
+        permit.send((*seq, since, job, writes));
         Ok(())
     }
 
@@ -509,10 +508,10 @@ fn run(
                 // reader that wants to write.
                 control("BEGIN IMMEDIATE")?;
             }
-            for (_, queued_at, job, one_write) in batch.drain(..) {
+            for (_, queued_at, job, writes) in batch.drain(..) {
                 // An operation that writes with one statement needs no savepoint: SQLite backs
                 // out a statement that fails.
-                let savepoint = !single && !one_write;
+                let savepoint = !single && writes == Writes::Several;
                 if savepoint {
                     control("SAVEPOINT op")?;
                 }
