@@ -171,7 +171,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                     }
                 }
             }
-            for byte in read.iter_mut() {
+            let mut at = 0;
+            while at < read.len() {
                 match this.state {
                     State::Off | State::Rest => break,
                     State::Idle => {
@@ -179,10 +180,20 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                         this.deadline.as_mut().reset(this.since + this.limit);
                         this.framing = Framing::default();
                         this.state = State::Head {
-                            matched: u8::from(*byte == b'\r'),
+                            matched: u8::from(read[at] == b'\r'),
                         };
+                        at += 1;
                     }
                     State::Head { matched } => {
+                        if matched == 0 && !this.framing.in_name && !this.framing.line_start {
+                            // Inside the request line or a header's value: only a `\r` (the end
+                            // of the head may start there) or a `\n` matters, so skip to it.
+                            match memchr::memchr2(b'\r', b'\n', &read[at..]) {
+                                Some(skip) => at += skip,
+                                None => break,
+                            }
+                        }
+                        let byte = &mut read[at];
                         if this.framing.feed(*byte) {
                             *byte = b'(';
                         }
@@ -198,6 +209,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadTimeout<IO> {
                         } else {
                             State::Head { matched }
                         };
+                        at += 1;
                     }
                 }
             }
@@ -317,21 +329,38 @@ mod tests {
                 "POST / HTTP/1.1\r\ncontent-length: 5\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
                 "POST / HTTP/1.1\r\ncontent-length: 5\r\nhost: x\r\ntransfer-encoding( chunked\r\n\r\n",
             ),
+            // Lines may end with a bare `\n`.
+            (
+                "POST / HTTP/1.1\ntransfer-encoding: chunked\ncontent-length: 5\r\n\r\n",
+                "POST / HTTP/1.1\ntransfer-encoding: chunked\ncontent-length( 5\r\n\r\n",
+            ),
             (
                 "POST / HTTP/1.1\r\ncontent-length: 5\r\nx-transfer-encoding: y\r\n\r\n",
                 "POST / HTTP/1.1\r\ncontent-length: 5\r\nx-transfer-encoding: y\r\n\r\n",
             ),
         ] {
-            let (mut client, server) = tokio::io::duplex(1024);
-            let mut server = HeadTimeout::new(server, Duration::from_secs(1));
-            // In small pieces: a name may be cut between two reads.
-            for piece in head.as_bytes().chunks(7) {
-                client.write_all(piece).await.unwrap();
+            // In pieces of every size: a name, a value or the head's end may be cut between two
+            // reads.
+            for size in 1..=head.len() {
+                let (mut client, server) = tokio::io::duplex(1024);
+                let mut server = HeadTimeout::new(server, Duration::from_secs(1));
+                let mut out = Vec::new();
+                let mut buf = [0u8; 1024];
+                for piece in head.as_bytes().chunks(size) {
+                    client.write_all(piece).await.unwrap();
+                    let n = server.read(&mut buf).await.unwrap();
+                    out.extend_from_slice(&buf[..n]);
+                }
+                // What follows the head (a body that looks like a header) is passed through untouched.
+                client.write_all(b"content-length: 1\r\n").await.unwrap();
+                drop(client);
+                server.read_to_end(&mut out).await.unwrap();
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    format!("{spoiled}content-length: 1\r\n"),
+                    "pieces of {size}"
+                );
             }
-            drop(client);
-            let mut out = Vec::new();
-            server.read_to_end(&mut out).await.unwrap();
-            assert_eq!(String::from_utf8(out).unwrap(), spoiled);
         }
     }
 
