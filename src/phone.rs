@@ -136,13 +136,23 @@ pub fn parse_e164(input: &str) -> Result<Number, PhoneError> {
 /// Mask a phone number for logs: country code and area digits, then `***`, then the last four
 /// digits (`+14155550123` -> `+1415***0123`). Short or odd inputs are masked further.
 pub fn mask(number: &str) -> String {
-    let chars: Vec<char> = number.chars().collect();
-    if chars.len() < 10 {
+    let count = number.chars().count();
+    if count < 10 {
         return "***".to_string();
     }
-    let head: String = chars[..5].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}***{tail}")
+    // Byte offsets of the fifth character's end and of the last four's start.
+    let at = |n: usize| {
+        number
+            .char_indices()
+            .nth(n)
+            .map_or(number.len(), |(i, _)| i)
+    };
+    let (head, tail) = (&number[..at(5)], &number[at(count - 4)..]);
+    let mut masked = String::with_capacity(head.len() + 3 + tail.len());
+    masked.push_str(head);
+    masked.push_str("***");
+    masked.push_str(tail);
+    masked
 }
 
 struct ZoneMap {
@@ -296,6 +306,12 @@ mod tests {
     fn masks_the_middle_digits() {
         assert_eq!(mask("+14155550123"), "+1415***0123");
         assert_eq!(mask("+4479"), "***");
+        // Counted in characters, not bytes.
+        assert_eq!(mask("+1415555012\u{e9}"), "+1415***012\u{e9}");
+        assert_eq!(
+            mask("\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}"),
+            "***"
+        );
     }
 
     #[test]

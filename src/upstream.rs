@@ -237,7 +237,9 @@ where
 #[derive(Clone)]
 pub struct Upstream {
     base: String,
-    key: Secret,
+    /// `Bearer <account key>`, built once and marked sensitive (never indexed by HTTP/2's
+    /// header compression); `None` if the key cannot be a header value.
+    authorization: Option<HeaderValue>,
     client: HttpClient,
     timeout: Duration,
 }
@@ -253,9 +255,14 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// `base` is the API's base URL (`https://api.ringyo.ai`).
     pub fn new(base: &str, key: Secret, client: HttpClient, timeout: Duration) -> Self {
+        let authorization =
+            HeaderValue::from_str(&format!("Bearer {}", key.expose())).map(|mut value| {
+                value.set_sensitive(true);
+                value
+            });
         Upstream {
             base: base.trim_end_matches('/').to_string(),
-            key,
+            authorization: authorization.ok(),
             client,
             timeout,
         }
@@ -273,13 +280,13 @@ impl Upstream {
         body: Option<Bytes>,
         request_id: &str,
     ) -> Result<Response<Bytes>, GatewayError> {
+        let authorization = self.authorization.clone().ok_or_else(|| {
+            GatewayError::Internal("the upstream API key is not a valid header value".into())
+        })?;
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header(
-                header::AUTHORIZATION,
-                format!("Bearer {}", self.key.expose()),
-            )
+            .header(header::AUTHORIZATION, authorization)
             .header(
                 header::USER_AGENT,
                 concat!("callgate/", env!("CARGO_PKG_VERSION")),

@@ -403,7 +403,7 @@ impl AsyncStage for AdmissionContext {
             let lease = now
                 + i64::from(max_duration) * 1_000_000
                 + ctx.pending_lease_extra.as_micros() as i64;
-            let reservation_id = uuid::Uuid::now_v7().to_string();
+            let reservation_id = crate::hexstr::uuid_v7();
             // Attempt caps: each counted atomically, or refused with nothing counted; the ones
             // counted are given back if a later cap or admission refuses.
             let mut attempts = Vec::new();

@@ -147,7 +147,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = client_request_id(&req).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let id = client_request_id(&req).unwrap_or_else(crate::hexstr::uuid_v7);
         // Relay URLs carry a call's secret token: it never goes into a log line.
         let path = match req.uri().path() {
             p if p.starts_with("/v1/relay/") => "/v1/relay/***",
