@@ -5,7 +5,6 @@
 //! smuggling route), nesting no deeper than `server.max_json_depth`. A schema violation names the
 //! failing field by its JSON pointer.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -63,9 +62,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
-        let mut seen = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
+            // The object itself tells a key seen before: no second set of keys, no copies.
+            if object.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
             let Strict(v) = map.next_value()?;
