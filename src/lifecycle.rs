@@ -99,7 +99,7 @@ impl Lifecycle {
         let path = format!("/v1/calls/{call_id}");
         let response = self
             .upstream
-            .send(Method::GET, &path, None, &uuid::Uuid::now_v7().to_string())
+            .send(Method::GET, &path, None, &crate::hexstr::uuid_v7())
             .await?;
         if !response.status().is_success() {
             return Ok(None);
