@@ -286,6 +286,15 @@ fn check(config: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The account key, where one is configured: readable, and sendable in a header (`serve`
+    // refuses to start otherwise).
+    if let Err(e) = settings
+        .upstream_key()
+        .and_then(|key| key.as_ref().map(callgate::upstream::bearer).transpose())
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match Policies::load(&settings.policies.dir, &hash_key) {
         Ok(p) => {
             println!(

@@ -139,7 +139,7 @@ impl Gateway {
             key,
             client,
             settings.upstream.request_timeout(),
-        ));
+        )?);
 
         let tls = match &settings.server.tls {
             Some(t) => Some(Arc::new(ReloadableTls::load(&t.cert_file, &t.key_file)?)),

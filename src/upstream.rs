@@ -238,8 +238,8 @@ where
 pub struct Upstream {
     base: String,
     /// `Bearer <account key>`, built once and marked sensitive (never indexed by HTTP/2's
-    /// header compression); `None` if the key cannot be a header value.
-    authorization: Option<HeaderValue>,
+    /// header compression).
+    authorization: HeaderValue,
     client: HttpClient,
     timeout: Duration,
 }
@@ -252,20 +252,38 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The `Authorization` value that carries the account key, marked sensitive; a key that cannot
+/// be sent in a header (a control character such as a newline inside it) is a configuration
+/// error, found when the gateway starts and by `callgate check`, never per request. The error
+/// does not repeat the key.
+pub fn bearer(key: &Secret) -> Result<HeaderValue, ConfigError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+        ConfigError::new(
+            "upstream",
+            None,
+            "the upstream account key cannot be sent in an HTTP header: it holds a control \
+             character (a line break inside the key, or a stray byte in its file?)",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 impl Upstream {
-    /// `base` is the API's base URL (`https://api.ringyo.ai`).
-    pub fn new(base: &str, key: Secret, client: HttpClient, timeout: Duration) -> Self {
-        let authorization =
-            HeaderValue::from_str(&format!("Bearer {}", key.expose())).map(|mut value| {
-                value.set_sensitive(true);
-                value
-            });
-        Upstream {
+    /// `base` is the API's base URL (`https://api.ringyo.ai`). Fails if the key cannot be sent
+    /// in a header (see [`bearer`]).
+    pub fn new(
+        base: &str,
+        key: Secret,
+        client: HttpClient,
+        timeout: Duration,
+    ) -> Result<Self, ConfigError> {
+        Ok(Upstream {
             base: base.trim_end_matches('/').to_string(),
-            authorization: authorization.ok(),
+            authorization: bearer(&key)?,
             client,
             timeout,
-        }
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -280,13 +298,10 @@ impl Upstream {
         body: Option<Bytes>,
         request_id: &str,
     ) -> Result<Response<Bytes>, GatewayError> {
-        let authorization = self.authorization.clone().ok_or_else(|| {
-            GatewayError::Internal("the upstream API key is not a valid header value".into())
-        })?;
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header(header::AUTHORIZATION, authorization)
+            .header(header::AUTHORIZATION, self.authorization.clone())
             .header(
                 header::USER_AGENT,
                 concat!("callgate/", env!("CARGO_PKG_VERSION")),

@@ -76,6 +76,57 @@ fn check_reports_config_syntax_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("callgate.toml:2"));
 }
 
+/// An account key that cannot be sent in a header (a control character inside it) is refused by
+/// `check` and when the gateway starts, never as a 500 on every call; neither repeats the key.
+#[test]
+fn an_account_key_that_cannot_be_a_header_is_refused_at_check_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("upstream_api_key");
+    std::fs::write(&key_file, "sk_live_\u{7}zq9\n").unwrap();
+    let out = callgate()
+        .args(["check", "--config", "config.example.toml"])
+        .env("CALLGATE__UPSTREAM__API_KEY_FILE", &key_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot be sent in an HTTP header"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("zq9"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = callgate()
+        .args(["serve", "--config", "config.example.toml"])
+        .env("CALLGATE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("CALLGATE__UPSTREAM__API_KEY", "sk_live_\nzq9")
+        .env("CALLGATE__STATE__PATH", dir.path().join("callgate.db"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It stops by itself; one that started serving is stopped here and fails the test.
+    for _ in 0..300 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot be sent in an HTTP header"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("zq9"), "{stderr}");
+}
+
 #[test]
 fn keygen_prints_a_key_and_its_hash_line() {
     let out = callgate()
