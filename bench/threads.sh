@@ -4,8 +4,8 @@
 # state file), runs wrk for $DUR s at $CONNS connections, and prints:
 #   - wrk's req/s, p50, p99;
 #   - CPU per request of each of callgate's threads (user and system, /proc/PID/task/*/stat);
-#   - write calls and bytes per request of each thread (/proc/PID/task/*/io: the store thread's
-#     are its log pages);
+#   - write and read calls and bytes per request of each thread (/proc/PID/task/*/io: the store
+#     thread's are the pages it writes and the pages it reads back);
 #   - from callgate's own histograms (scraped from /metrics at the end): the share of requests,
 #     upstream requests, store waits and log syncs within each bucket, and the group commit's size.
 # Knobs: CONNS (32), DUR (8), FILL (seconds at saturation first, to leave calls in flight),
@@ -35,7 +35,7 @@ env -u RUST_LOG "$BIN" serve --config "$d/config.toml" > "$d/log" 2>&1 & P=$!; P
 for _ in $(seq 200); do curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$CG/healthz" && break; sleep 0.05; done
 load() { BENCH_KEY=cg_bench_key_for_load_tests_only BENCH_PER_SECOND=0 wrk "$@" -s "$BENCH/calls.lua" "http://127.0.0.1:$CG"; }
 if [ "$FILL" != 0 ]; then load -t2 -c32 -d"${FILL}s" | grep -E "requests in"; sleep 1; fi
-snap() { for t in /proc/$P/task/*; do echo "$(basename "$t"):$(tr ' ' _ < "$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '/^wchar:/ {w=$2} /^syscw:/ {c=$2} END {print w, c}' "$t/io")"; done | sort; }
+snap() { for t in /proc/$P/task/*; do echo "$(basename "$t"):$(tr ' ' _ < "$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '/^wchar:/ {w=$2} /^syscw:/ {c=$2} /^rchar:/ {rb=$2} /^syscr:/ {rc=$2} END {print w, c, rb, rc}' "$t/io")"; done | sort; }
 snap > "$T/t0"
 if [ "${PERF:-0}" = 1 ]; then (sleep 2; perf record -F 999 -g -p "$P" -o "$T/perf.data" -- sleep 4 2>/dev/null) & PIDS+=($!); fi
 out=$(load -t$(( CONNS < 2 ? 1 : 2 )) -c"$CONNS" -d"${DUR}s" --latency)
@@ -44,10 +44,11 @@ curl -s "http://127.0.0.1:$ADMIN/metrics" > "$T/metrics.txt"
 echo "$out" | grep -E "Requests/sec|^ +50%|^ +99%|Non-2xx|Socket errors"
 reqs=$(awk '/requests in/ {print $1}' <<<"$out")
 echo "CPU per request, by thread (thread id:name):"
-join "$T/t0" "$T/t1" | awk -v r="$reqs" '{u=$6-$2; s=$7-$3; if (u+s>0) printf "  %-24s user %7.1f us  system %7.1f us\n", $1, u*10000/r, s*10000/r; tu+=u; ts+=s}
+join "$T/t0" "$T/t1" | awk -v r="$reqs" '{u=$8-$2; s=$9-$3; if (u+s>0) printf "  %-24s user %7.1f us  system %7.1f us\n", $1, u*10000/r, s*10000/r; tu+=u; ts+=s}
   END {printf "  %-24s user %7.1f us  system %7.1f us\n", "all", tu*10000/r, ts*10000/r}'
-echo "Writes per request, by thread (write calls; bytes, and in 4 KiB pages: the store's thread writes only its log):"
-join "$T/t0" "$T/t1" | awk -v r="$reqs" '{c=$9-$5; b=$8-$4; if (c>0) printf "  %-24s %6.2f calls  %8.0f bytes  %5.2f pages\n", $1, c/r, b/r, b/r/4096}'
+echo "Writes and reads per request, by thread (calls; bytes, and in 4 KiB pages: the store's thread writes"
+echo "its log and the file, and reads pages its cache does not hold; the others' are sockets):"
+join "$T/t0" "$T/t1" | awk -v r="$reqs" '{wc=$11-$5; wb=$10-$4; rc=$13-$7; rb=$12-$6; if (wc+rc>0) printf "  %-24s write %6.2f calls %8.0f bytes %5.2f pages  read %6.2f calls %8.0f bytes %5.2f pages\n", $1, wc/r, wb/r, wb/r/4096, rc/r, rb/r, rb/r/4096}'
 python3 - "$T/metrics.txt" <<'PY'
 import collections, re, sys
 buckets = collections.defaultdict(list)
