@@ -103,10 +103,24 @@ impl Gateway {
         );
         let policies = PolicyHandle::new(policies);
 
-        let configured_key = settings.upstream_key()?;
-        let (base, key, simulator) = if settings.upstream.is_simulator() {
-            let key = configured_key
-                .unwrap_or_else(|| Secret::new(format!("sim_{}", uuid::Uuid::new_v4().simple())));
+        // The account key (the simulator's own when none is configured), checked before anything
+        // starts: a key that cannot be sent in a header stops the gateway here.
+        let key = match settings.upstream_key()? {
+            Some(key) => key,
+            None if settings.upstream.is_simulator() => {
+                Secret::new(format!("sim_{}", uuid::Uuid::new_v4().simple()))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    "upstream",
+                    None,
+                    "no upstream account key configured",
+                )
+                .into());
+            }
+        };
+        let authorization = crate::upstream::bearer(&key)?;
+        let (base, simulator) = if settings.upstream.is_simulator() {
             let bind = SocketAddr::from(([127, 0, 0, 1], 0));
             let sim_listener = TcpListener::bind(bind)
                 .await
@@ -120,12 +134,9 @@ impl Gateway {
                 simulator = %sim.url(),
                 "upstream.url = \"simulator\": calls go to the built-in Ringyo simulator; NO REAL CALLS ARE PLACED"
             );
-            (sim.url(), key, Some(sim))
+            (sim.url(), Some(sim))
         } else {
-            let key = configured_key.ok_or_else(|| {
-                ConfigError::new("upstream", None, "no upstream account key configured")
-            })?;
-            (settings.upstream.url.clone(), key, None)
+            (settings.upstream.url.clone(), None)
         };
         let (store, shared_rates) = crate::state::open(&settings.state)?;
         let rate_limits = match shared_rates {
@@ -136,10 +147,10 @@ impl Gateway {
         let client = build_client(&client_options);
         let upstream = Arc::new(Upstream::new(
             &base,
-            key,
+            authorization,
             client,
             settings.upstream.request_timeout(),
-        )?);
+        ));
 
         let tls = match &settings.server.tls {
             Some(t) => Some(Arc::new(ReloadableTls::load(&t.cert_file, &t.key_file)?)),

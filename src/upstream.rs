@@ -252,17 +252,18 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// The `Authorization` value that carries the account key, marked sensitive; a key that cannot
-/// be sent in a header (a control character such as a newline inside it) is a configuration
-/// error, found when the gateway starts and by `callgate check`, never per request. The error
-/// does not repeat the key.
+/// The `Authorization` value that carries the account key, marked sensitive. A key that cannot
+/// be sent in a header (a control character such as a line break inside it, or a byte outside
+/// visible ASCII) is a configuration error, found when the gateway starts and by
+/// `callgate check`, never per request. The error does not repeat the key.
 pub fn bearer(key: &Secret) -> Result<HeaderValue, ConfigError> {
     let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
         ConfigError::new(
             "upstream",
             None,
             "the upstream account key cannot be sent in an HTTP header: it holds a control \
-             character (a line break inside the key, or a stray byte in its file?)",
+             character or a byte outside visible ASCII (a line break inside the key, or a stray \
+             byte in its file?)",
         )
     })?;
     value.set_sensitive(true);
@@ -270,20 +271,20 @@ pub fn bearer(key: &Secret) -> Result<HeaderValue, ConfigError> {
 }
 
 impl Upstream {
-    /// `base` is the API's base URL (`https://api.ringyo.ai`). Fails if the key cannot be sent
-    /// in a header (see [`bearer`]).
+    /// `base` is the API's base URL (`https://api.ringyo.ai`); `authorization` the account
+    /// key's header value, from [`bearer`].
     pub fn new(
         base: &str,
-        key: Secret,
+        authorization: HeaderValue,
         client: HttpClient,
         timeout: Duration,
-    ) -> Result<Self, ConfigError> {
-        Ok(Upstream {
+    ) -> Self {
+        Upstream {
             base: base.trim_end_matches('/').to_string(),
-            authorization: bearer(&key)?,
+            authorization,
             client,
             timeout,
-        })
+        }
     }
 
     pub fn base(&self) -> &str {

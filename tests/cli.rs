@@ -85,6 +85,7 @@ fn an_account_key_that_cannot_be_a_header_is_refused_at_check_and_start() {
     std::fs::write(&key_file, "sk_live_\u{7}zq9\n").unwrap();
     let out = callgate()
         .args(["check", "--config", "config.example.toml"])
+        .env_remove("CALLGATE__UPSTREAM__API_KEY")
         .env("CALLGATE__UPSTREAM__API_KEY_FILE", &key_file)
         .output()
         .unwrap();
@@ -104,6 +105,7 @@ fn an_account_key_that_cannot_be_a_header_is_refused_at_check_and_start() {
     let mut child = callgate()
         .args(["serve", "--config", "config.example.toml"])
         .env("CALLGATE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("CALLGATE__UPSTREAM__API_KEY_FILE")
         .env("CALLGATE__UPSTREAM__API_KEY", "sk_live_\nzq9")
         .env("CALLGATE__STATE__PATH", dir.path().join("callgate.db"))
         .stderr(std::process::Stdio::piped())
@@ -125,6 +127,8 @@ fn an_account_key_that_cannot_be_a_header_is_refused_at_check_and_start() {
         "{stderr}"
     );
     assert!(!stderr.contains("zq9"), "{stderr}");
+    // Refused before anything started: no state file was made.
+    assert!(!dir.path().join("callgate.db").exists());
 }
 
 #[test]

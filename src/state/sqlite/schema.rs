@@ -104,13 +104,14 @@ CREATE TABLE IF NOT EXISTS suspensions (
 /// holds every call, so the short log stays.
 const CHECKPOINT_PAGES: i64 = 1000;
 
-/// The writer's page cache, KiB (1 000 pages). Smaller is faster once the file has grown: after
-/// a split of an index page, SQLite's commit walks every page in the cache (`balance_nonroot`'s
-/// temporary page number raises the cache's largest key; see docs/benchmarks.md, "The page
-/// cache's full scans"), and the upstream-id index's random keys split a page every few commits.
-/// Measured after 20 s at saturation (about 200 000 calls), five interleaved rounds of 4 MiB
-/// against 8 MiB: the writer's user time per call 21.6 against 26.5 µs, all of the gateway's CPU
-/// per call −8%, for 0.28 more page reads per call (from the kernel's page cache).
+/// The writer's page cache, KiB (1 000 pages). 4 MiB was faster than 8 once the file had grown:
+/// after a split of an index page, SQLite's commit walks every page in the cache
+/// (`balance_nonroot`'s temporary page number raises the cache's largest key; see
+/// docs/benchmarks.md, "... the page cache's full scans"), and the upstream-id index's random keys
+/// split a page every few commits. Measured after 20 s at saturation (about 200 000 calls), five
+/// interleaved rounds of 4 MiB against 8 MiB: the writer's user time per call 21.6 against
+/// 26.5 µs, all of the gateway's CPU per call −8%, for 0.28 more page reads per call (from the
+/// kernel's page cache). 2 MiB did not beat 4.
 const WRITER_CACHE_KIB: i64 = 4 * 1024;
 
 /// Prepared statements kept per connection: every statement the store runs fits.
