@@ -1,0 +1,56 @@
+# bench/lib.sh: sourced by the per-process benchmark tools (ab.sh, threads.sh, callgrind.sh,
+# walpages.sh). One private nginx stub and one callgate on loopback, each callgate on a fresh
+# state file, with the configuration of bench/load.sh (callgate.toml.in, one tenant with acme's
+# full policy but no limits, from make_policies.py).
+# The caller sets ROOT (the repo) and T (a temp dir it removes).
+
+BENCH=$ROOT/bench
+BENCH_KEY=cg_bench_key_for_load_tests_only
+
+# Three free loopback ports, into STUB, CG and ADMIN.
+pick_ports() {
+  read -r STUB CG ADMIN <<<"$(python3 -c 'import socket
+s=[socket.socket() for _ in range(3)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(" ".join(str(x.getsockname()[1]) for x in s))')"
+}
+
+# Start the nginx stub on $STUB (its PID in STUB_PID) and write the tenant's policies to
+# $T/policies.
+start_stub() {
+  mkdir -p "$T/stub"
+  sed -e "s|@DIR@|$T/stub|g" -e "s|@PORT@|$STUB|g" -e "s|@WORKERS@|auto|g" "$BENCH/nginx-stub.conf.in" > "$T/stub/nginx.conf"
+  nginx -p "$T/stub/" -c "$T/stub/nginx.conf" -e "$T/stub/error.log" -g 'daemon off;' & STUB_PID=$!
+  python3 "$BENCH/make_policies.py" "$ROOT/policies" "$T/policies" 1 "$BENCH_KEY" >/dev/null
+}
+
+# callgate_dir DIR: a callgate directory (config.toml, secrets, an empty state/) on $CG and $ADMIN.
+callgate_dir() {
+  local d=$1
+  mkdir -p "$d/state"
+  echo x > "$d/upstream_api_key"; echo x > "$d/redaction_hash_key"; echo tok > "$d/admin_token"
+  sed -e "s|@PORT@|$CG|g" -e "s|@STUB_PORT@|$STUB|g" -e "s|@ADMIN_PORT@|$ADMIN|g" -e "s|@POLICIES@|$T/policies|g" \
+      -e "s|@LEASE_GRACE@|3600|g" "$BENCH/callgate.toml.in" > "$d/config.toml"
+}
+
+# Wait (at most TRIES x 0.05 s, default 200) until callgate on $CG answers /healthz.
+wait_healthy() {
+  for _ in $(seq "${1:-200}"); do
+    curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$CG/healthz" && return 0
+    sleep 0.05
+  done
+  echo "callgate did not answer on port $CG" >&2
+  return 1
+}
+
+# wrk ARGS... against callgate with the benchmark's request (bench/calls.lua).
+load() { BENCH_KEY=$BENCH_KEY BENCH_PER_SECOND=0 wrk "$@" -s "$BENCH/calls.lua" "http://127.0.0.1:$CG"; }
+
+# The usual start: ports, the stub (its PID added to the caller's PIDS), and a callgate
+# directory in d=$T/cg.
+prepare() {
+  pick_ports
+  start_stub; PIDS+=("$STUB_PID")
+  d=$T/cg
+  callgate_dir "$d"
+}
