@@ -19,4 +19,5 @@ env -u RUST_LOG "$BIN" serve --config "$d/config.toml" > "$d/log" 2>&1 & P=$!
 wait_healthy
 load -t$(( CONNS < 2 ? 1 : 2 )) -c"$CONNS" -d"${DUR}s" | grep -E "Requests/sec|Non-2xx|Socket errors"
 kill -9 "$P"; wait "$P" 2>/dev/null || true
+ls -la "$d/state/" | grep wal || true
 python3 "$BENCH/walpages.py" "$d/state/callgate.db"

@@ -96,13 +96,17 @@ CREATE TABLE IF NOT EXISTS suspensions (
 );
 ";
 
-/// Pages in the write-ahead log that trigger a checkpoint (4 MB). A longer log was measured
-/// (docs/benchmarks.md, "One commit per call, a longer log"): 10 000 pages help a small file
-/// (one connection's p99 4.9 → 3.8 ms, saturation +6%), but with 100 000 calls in the file each
-/// checkpoint copies thousands of scattered pages and stops the writer for tens of
-/// milliseconds: one connection's p99 9 → 36 ms, saturation's 28 → 70 ms. A production file
-/// holds every call, so the short log stays.
-const CHECKPOINT_PAGES: i64 = 1000;
+/// Pages in the write-ahead log from which the checkpointer thread folds it into the file (4 MB;
+/// see [`super::writer`]). A longer log was measured (docs/benchmarks.md, "One commit per call, a
+/// longer log"): 10 000 pages help a small file (one connection's p99 4.9 → 3.8 ms, saturation
+/// +6%), but with 100 000 calls in the file each checkpoint copies thousands of scattered pages:
+/// one connection's p99 9 → 36 ms, saturation's 28 → 70 ms. A production file holds every call,
+/// so the short log stays.
+pub const CHECKPOINT_PAGES: i64 = 1000;
+
+/// Pages in the log from which the writer folds it itself, when the checkpointer has not caught up
+/// (a writer that commits without pause for longer than a checkpoint takes).
+pub const WRITER_CHECKPOINT_PAGES: i64 = 4 * CHECKPOINT_PAGES;
 
 /// The writer's page cache, KiB (1 000 pages). 4 MiB was faster than 8 once the file had grown:
 /// after a split of an index page, SQLite's commit walks every page in the cache
@@ -132,17 +136,27 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     // The writer's page cache: the recent end of every index and the inner pages stay in
     // memory instead of being read back each commit (sized by the full scans above).
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    // The writer folds the log into the file itself, every CHECKPOINT_PAGES: a checkpoint on
-    // another thread never catches up with a writer that commits without pause, so the log would
-    // never start over and would grow without bound (measured: 400 MB in 6 s under load).
-    // Started over, it is overwritten in place: a commit's sync has no file size to flush.
-    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
+    // No automatic checkpoint: it would run inside the commit, before the writer answers, and
+    // stop the writer for the whole copy. The checkpointer thread folds the log, and the writer
+    // finishes what it could not (see `writer`), so that the log starts over: overwritten in
+    // place, a commit's sync has no file size to flush.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     migrate_call_id_constraint(&conn)?;
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS calls {CALLS_COLUMNS};"
     ))?;
     conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// Open a connection for the checkpointer thread: it only folds the log into the file. With
+/// `synchronous = "normal"` SQLite syncs the log before it copies it and the file after, before
+/// the log may start over.
+pub fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
 }
 

@@ -19,6 +19,21 @@
 //! at once ([`When::Now`]) are synced the same way. A commit is visible to readers (and the
 //! counters changed) before it is durable, but nobody is told an operation is done before it is.
 //!
+//! The log is folded into the file (checkpointed) mostly by a thread of its own
+//! (`callgate-checkpoint`, on a connection of its own), not inside a commit: SQLite's automatic
+//! checkpoint runs in the commit that passes the log's size, before its batch is answered, and
+//! stops the writer for the whole copy and two syncs (at one connection about one call in 150
+//! waited 1 to 5 ms for it). Once the log holds [`schema::CHECKPOINT_PAGES`] that it has not
+//! copied, the writer wakes the checkpointer, which copies what is committed (SQLite syncs the log
+//! first and the file after) while the writer goes on. It cannot finish alone: each of its rounds
+//! copies what was committed when it began, and the log starts over only once all of it is in
+//! the file (else it would grow without bound; it once grew by 400 MB in 6 s). So after a commit,
+//! once its batch is answered, the writer folds the rest itself when the checkpointer has left
+//! fewer than [`FINISH_PAGES`] (a short copy and a sync of the file), or, if it commits too fast
+//! for that to happen, when the log reaches [`schema::WRITER_CHECKPOINT_PAGES`]; its next
+//! transaction starts the log over, which is then overwritten in place (a commit's sync has no
+//! file size to flush). [`fold_steps`] decides.
+//!
 //! A failed sync stops the writer, as PostgreSQL stops: after a failed `fdatasync` the kernel
 //! may have dropped the pages it could not write, so a later sync's success would prove
 //! nothing. The operations it covered are answered with the error, every later one with
@@ -38,7 +53,8 @@
 //! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
 //! settlements) waits for room, so nothing already admitted is ever dropped.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -138,7 +154,7 @@ impl Writer {
     /// `log`: the file the writer syncs (`synchronous = "full"`, see the module docs), or none.
     /// `lazy_sync`: the longest a lazy operation waits for its commit and sync ([`LAZY_SYNC`]).
     pub fn start(
-        conn: Connection,
+        mut conn: Connection,
         capacity: usize,
         lock: std::fs::File,
         log: Option<std::fs::File>,
@@ -160,6 +176,7 @@ impl Writer {
             file,
             synced: metrics::histogram!(STORE_SYNC),
         });
+        let (fold, checkpointer) = Fold::start(&mut conn)?;
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
@@ -168,7 +185,7 @@ impl Writer {
                     rx,
                     thread_ledger,
                     committed_tx,
-                    log,
+                    Disk { log, fold },
                     timer,
                     Hold {
                         lazy_sync,
@@ -176,7 +193,9 @@ impl Writer {
                         wanted: thread_wanted,
                     },
                 );
-                // The file is free for another process once the writer has stopped.
+                // The checkpointer stops once the writer has (its wake-up channel is closed); the
+                // file is free for another process once both have.
+                let _ = checkpointer.join();
                 drop(lock);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
@@ -328,6 +347,135 @@ impl Writer {
     }
 }
 
+/// What the writer does to the disk besides its commits: the log it syncs, if it syncs it
+/// itself, and how the log is folded into the file.
+struct Disk {
+    log: Option<Log>,
+    fold: Fold,
+}
+
+/// How the log is folded into the file (see the module docs): the log's length after the last
+/// commit, and the checkpointer thread's wake-up.
+struct Fold {
+    /// Pages in the log after the writer's last commit (SQLite's WAL hook).
+    pages: Arc<AtomicI64>,
+    /// Pages of the log the checkpointer has copied into the file (0: none, or all of them, and
+    /// the log starts over).
+    copied: Arc<AtomicI64>,
+    /// Wakes the checkpointer (one wake-up waits at most; closed when the writer stops).
+    wake: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Fold {
+    /// Hook the writer's connection and start the checkpointer thread on a connection of its own
+    /// (its handle returned with the fold).
+    fn start(conn: &mut Connection) -> Result<(Fold, std::thread::JoinHandle<()>), StoreError> {
+        let path = conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| StoreError::Backend("the state file has no path".into()))?;
+        let pages = Arc::new(AtomicI64::new(0));
+        let hooked = pages.clone();
+        conn.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                hooked.store(i64::from(n), Ordering::Relaxed);
+                Ok(())
+            },
+        ))?;
+        let folder = schema::open_checkpointer(&path)?;
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let copied = Arc::new(AtomicI64::new(0));
+        let (log, published) = (pages.clone(), copied.clone());
+        let checkpointer = std::thread::Builder::new()
+            .name("callgate-checkpoint".into())
+            .spawn(move || checkpoint_when_woken(&folder, &woken, &log, &published))
+            .map_err(|e| StoreError::Backend(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok((
+            Fold {
+                pages,
+                copied,
+                wake,
+            },
+            checkpointer,
+        ))
+    }
+
+    /// After a commit (its batch answered): wake the checkpointer once the log holds
+    /// [`schema::CHECKPOINT_PAGES`] it has not copied; fold the rest of the log here once the
+    /// checkpointer has copied all but [`FINISH_PAGES`] of it, or when the log has grown past
+    /// what the checkpointer keeps up with.
+    fn after_commit(&self, conn: &Connection) {
+        let (wake, fold_here) = fold_steps(
+            self.pages.load(Ordering::Relaxed),
+            self.copied.load(Ordering::Relaxed),
+        );
+        if wake {
+            // Full: it is already woken.
+            let _ = self.wake.try_send(());
+        }
+        if fold_here {
+            match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+                // The checkpointer is copying: it will be done soon.
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "state store: cannot fold the log into the file")
+                }
+                Ok(_) => {
+                    // All of it is in the file: the next transaction starts the log over.
+                    self.pages.store(0, Ordering::Relaxed);
+                    self.copied.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Pages the checkpointer has not copied yet below which the writer folds the rest of the log
+/// itself after a commit: a short copy (the pages since the checkpointer's round began) and the
+/// file's sync, so that the log starts over. The checkpointer alone cannot finish while the writer
+/// commits: each of its rounds copies only what was committed when it began.
+const FINISH_PAGES: i64 = 128;
+
+/// What to do after a commit, with `pages` in the log of which the checkpointer has `copied`:
+/// wake the checkpointer, and fold the log on the writer's thread.
+fn fold_steps(pages: i64, copied: i64) -> (bool, bool) {
+    let wake = pages - copied >= schema::CHECKPOINT_PAGES;
+    let finish = copied > 0 && pages - copied < FINISH_PAGES;
+    (wake, finish || pages >= schema::WRITER_CHECKPOINT_PAGES)
+}
+
+/// The checkpointer thread: on each wake-up, fold what the log holds into the file (SQLite's
+/// passive checkpoint: the writer goes on meanwhile). `pages`: the log's length after the writer's
+/// last commit; publishes how much of it it copied in `copied` (0 once all of it is).
+fn checkpoint_when_woken(
+    conn: &Connection,
+    woken: &std::sync::mpsc::Receiver<()>,
+    pages: &AtomicI64,
+    copied: &AtomicI64,
+) {
+    while woken.recv().is_ok() {
+        // A wake-up sent while the last round ran may find less to copy than a round is for.
+        if pages.load(Ordering::Relaxed) - copied.load(Ordering::Relaxed) < schema::CHECKPOINT_PAGES
+        {
+            continue;
+        }
+        match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+            // `done`: the pages the log held when the round began (fewer if a reader still needs
+            // some); the writer may have added more since.
+            Ok((_, done)) => {
+                let done = i64::from(done);
+                let all = pages.load(Ordering::Relaxed) <= done;
+                // All of it: the writer's next transaction starts the log over.
+                copied.store(if all { 0 } else { done }, Ordering::Relaxed);
+            }
+            // The writer folds it at the moment: it starts the log over.
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
+            Err(e) => tracing::warn!(error = %e, "state store: cannot fold the log into the file"),
+        }
+    }
+}
+
 /// The log the writer syncs (`synchronous = "full"`), and the histogram of its syncs.
 struct Log {
     file: std::fs::File,
@@ -410,10 +558,11 @@ fn run(
     mut queue: mpsc::Receiver<Queued>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
-    log: Option<Log>,
+    disk: Disk,
     timer: tokio::runtime::Runtime,
     hold: Hold,
 ) {
+    let Disk { log, fold } = disk;
     let Hold {
         lazy_sync,
         holding,
@@ -468,6 +617,7 @@ fn run(
                             }
                             sync_due = None;
                         }
+                        fold.after_commit(&conn);
                         continue;
                     }
                 }
@@ -609,6 +759,7 @@ fn run(
         for since in waiting_since {
             wait_histogram.record(since.elapsed());
         }
+        fold.after_commit(&conn);
     }
     // The queue is closed: commit what is held, sync what is not yet.
     holding.store(false, Ordering::SeqCst);
@@ -686,4 +837,48 @@ fn roll_back(conn: &Connection, ledger: &Mutex<Ledger>, why: impl std::fmt::Disp
     }
     rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
     StoreError::Backend(why.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FINISH_PAGES, fold_steps};
+    use crate::state::sqlite::schema::{CHECKPOINT_PAGES, WRITER_CHECKPOINT_PAGES};
+
+    #[test]
+    fn a_short_log_is_left_alone() {
+        assert_eq!(fold_steps(0, 0), (false, false));
+        assert_eq!(fold_steps(CHECKPOINT_PAGES - 1, 0), (false, false));
+    }
+
+    #[test]
+    fn the_checkpointer_is_woken_for_each_log_length_it_has_not_copied() {
+        assert_eq!(fold_steps(CHECKPOINT_PAGES, 0), (true, false));
+        // It copied the first 1 000 pages; 600 more are not worth a round yet.
+        assert_eq!(
+            fold_steps(CHECKPOINT_PAGES + 600, CHECKPOINT_PAGES),
+            (false, false)
+        );
+        assert_eq!(
+            fold_steps(2 * CHECKPOINT_PAGES, CHECKPOINT_PAGES),
+            (true, false)
+        );
+    }
+
+    #[test]
+    fn the_writer_finishes_a_log_the_checkpointer_has_almost_copied() {
+        let copied = CHECKPOINT_PAGES + 40;
+        assert_eq!(fold_steps(copied + FINISH_PAGES - 1, copied), (false, true));
+        assert_eq!(fold_steps(copied + FINISH_PAGES, copied), (false, false));
+        // Nothing copied yet: not the checkpointer's remainder, the whole log.
+        assert_eq!(fold_steps(FINISH_PAGES - 1, 0), (false, false));
+    }
+
+    #[test]
+    fn the_writer_folds_a_log_the_checkpointer_does_not_keep_up_with() {
+        assert_eq!(
+            fold_steps(WRITER_CHECKPOINT_PAGES, WRITER_CHECKPOINT_PAGES - 300),
+            (false, true)
+        );
+        assert_eq!(fold_steps(WRITER_CHECKPOINT_PAGES, 0), (true, true));
+    }
 }
