@@ -7,19 +7,19 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 A=${1:?usage: bench/ab.sh BINARY_A BINARY_B [ROUNDS]}; B=${2:?usage: bench/ab.sh BINARY_A BINARY_B [ROUNDS]}; ROUNDS=${3:-3}
-T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-ab.XXXXXX"); trap 'rm -rf "$T"' EXIT
+T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-ab.XXXXXX")
 . "$ROOT/bench/lib.sh"
+trap bench_cleanup EXIT
 pick_ports
-start_stub; NG=$STUB_PID
+start_stub
 sleep 1
 run() { # run NAME BIN
   local d=$T/cg-$1-$RANDOM
   callgate_dir $d
-  env -u RUST_LOG $2 serve --config $d/config.toml > $d/log 2>&1 & local P=$!
+  start_callgate "$2" "$d"
   wait_healthy 100
   local t0=$(awk '{print $14+$15}' /proc/$P/stat)
-  local conns=${CONNS:-32}; local threads=$(( conns < 2 ? 1 : 2 ))
-  local out=$(load -t$threads -c$conns -d8s --latency)
+  local out=$(load -t"$(wrk_threads)" -c"${CONNS:-32}" -d8s --latency)
   local t1=$(awk '{print $14+$15}' /proc/$P/stat)
   local rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out"); local reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   local p50=$(awk '$1=="50%" {print $2}' <<<"$out"); local p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -30,4 +30,3 @@ run() { # run NAME BIN
   kill $P; wait $P 2>/dev/null || true
 }
 for _ in $(seq "$ROUNDS"); do run A "$A"; run B "$B"; done
-kill $NG

@@ -2,10 +2,18 @@
 # walpages.sh). One private nginx stub and one callgate on loopback, each callgate on a fresh
 # state file, with the configuration of bench/load.sh (callgate.toml.in, one tenant with acme's
 # full policy but no limits, from make_policies.py).
-# The caller sets ROOT (the repo) and T (a temp dir it removes).
+# The caller sets ROOT (the repo) and T (a temp dir), and traps EXIT with bench_cleanup: it stops
+# every process in PIDS and removes T (unless KEEP=1).
 
 BENCH=$ROOT/bench
 BENCH_KEY=cg_bench_key_for_load_tests_only
+PIDS=()
+
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $T"; else rm -rf "$T"; fi
+}
 
 # Three free loopback ports, into STUB, CG and ADMIN.
 pick_ports() {
@@ -15,12 +23,13 @@ s=[socket.socket() for _ in range(3)]
 print(" ".join(str(x.getsockname()[1]) for x in s))')"
 }
 
-# Start the nginx stub on $STUB (its PID in STUB_PID) and write the tenant's policies to
-# $T/policies.
+# Start the nginx stub on $STUB (its PID in STUB_PID and PIDS) and write the tenant's policies
+# to $T/policies.
 start_stub() {
   mkdir -p "$T/stub"
   sed -e "s|@DIR@|$T/stub|g" -e "s|@PORT@|$STUB|g" -e "s|@WORKERS@|auto|g" "$BENCH/nginx-stub.conf.in" > "$T/stub/nginx.conf"
   nginx -p "$T/stub/" -c "$T/stub/nginx.conf" -e "$T/stub/error.log" -g 'daemon off;' & STUB_PID=$!
+  PIDS+=("$STUB_PID")
   python3 "$BENCH/make_policies.py" "$ROOT/policies" "$T/policies" 1 "$BENCH_KEY" >/dev/null
 }
 
@@ -46,11 +55,21 @@ wait_healthy() {
 # wrk ARGS... against callgate with the benchmark's request (bench/calls.lua).
 load() { BENCH_KEY=$BENCH_KEY BENCH_PER_SECOND=0 wrk "$@" -s "$BENCH/calls.lua" "http://127.0.0.1:$CG"; }
 
-# The usual start: ports, the stub (its PID added to the caller's PIDS), and a callgate
-# directory in d=$T/cg.
+# The usual start: ports, the stub, and a callgate directory in d=$T/cg.
 prepare() {
   pick_ports
-  start_stub; PIDS+=("$STUB_PID")
+  start_stub
   d=$T/cg
   callgate_dir "$d"
 }
+
+# start_callgate BIN DIR [WRAPPER...]: callgate on DIR's config (its PID in P and PIDS), output in
+# DIR/log; WRAPPER (e.g. valgrind and its options) runs it.
+start_callgate() {
+  local bin=$1 dir=$2; shift 2
+  env -u RUST_LOG "$@" "$bin" serve --config "$dir/config.toml" > "$dir/log" 2>&1 & P=$!
+  PIDS+=("$P")
+}
+
+# wrk's threads for $CONNS connections: one for one, else two.
+wrk_threads() { echo $(( ${CONNS:-32} < 2 ? 1 : 2 )); }

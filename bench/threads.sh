@@ -16,19 +16,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${1:-$ROOT/target/release/callgate}; CONNS=${CONNS:-32}; DUR=${DUR:-8}; FILL=${FILL:-0}
 T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-threads.XXXXXX")
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
-  if [ "${KEEP:-0}" = 1 ]; then echo "kept $T"; else rm -rf "$T"; fi; }
-trap cleanup EXIT
 . "$ROOT/bench/lib.sh"
+trap bench_cleanup EXIT
 prepare
-env -u RUST_LOG "$BIN" serve --config "$d/config.toml" > "$d/log" 2>&1 & P=$!; PIDS+=($P)
+start_callgate "$BIN" "$d"
 wait_healthy
 if [ "$FILL" != 0 ]; then load -t2 -c32 -d"${FILL}s" | grep -E "requests in"; sleep 1; fi
 snap() { for t in /proc/$P/task/*; do echo "$(basename "$t"):$(tr ' ' _ < "$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '/^wchar:/ {w=$2} /^syscw:/ {c=$2} /^rchar:/ {rb=$2} /^syscr:/ {rc=$2} END {print w+0, c+0, rb+0, rc+0}' "$t/io") $(awk '/^voluntary_ctxt_switches:/ {v=$2} /^nonvoluntary_ctxt_switches:/ {n=$2} END {print v+0, n+0}' "$t/status")"; done | sort; }
 snap > "$T/t0"
 if [ "${PERF:-0}" = 1 ]; then (sleep 2; perf record -F 999 -g -p "$P" -o "$T/perf.data" -- sleep 4 2>/dev/null) & PIDS+=($!); fi
-out=$(load -t$(( CONNS < 2 ? 1 : 2 )) -c"$CONNS" -d"${DUR}s" --latency)
+out=$(load -t"$(wrk_threads)" -c"$CONNS" -d"${DUR}s" --latency)
 snap > "$T/t1"
 curl -s "http://127.0.0.1:$ADMIN/metrics" > "$T/metrics.txt"
 echo "$out" | grep -E "Requests/sec|^ +50%|^ +99%|Non-2xx|Socket errors"

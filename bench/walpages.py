@@ -5,7 +5,7 @@ Reads the frames of DB-wal that belong to the log's current run (the salts of it
 counts its commits (frames that carry the database size), and maps each frame's page to the
 table or index that owns it through SQLite's dbstat table, on a copy of the file and its log
 (opening them recovers the log). Prints pages per commit in all and by b-tree. Meant for a log
-left by `kill -9` (see bench/walpages.sh): a clean stop folds the log into the file.
+left by `kill -9` (see bench/walpages.sh); a clean stop usually folds the log into the file.
 """
 import collections
 import os
@@ -25,14 +25,17 @@ with tempfile.TemporaryDirectory() as tmp:
     if len(wal) < 32:
         sys.exit("the log is empty")
     page_size, _checkpoint, salt1, salt2 = struct.unpack(">4I", wal[8:24])
-    pages, commits, offset = [], 0, 32
+    pages, commits, committed, offset = [], 0, 0, 32
     while offset + 24 + page_size <= len(wal):
         page, db_size, s1, s2 = struct.unpack(">4I", wal[offset:offset + 16])
         if (s1, s2) != (salt1, salt2):
             break  # a frame of an earlier run of the log
         pages.append(page)
-        commits += db_size != 0
+        if db_size != 0:  # a commit's last frame
+            commits += 1
+            committed = len(pages)
         offset += 24 + page_size
+    del pages[committed:]  # a commit cut short by the kill
     con = sqlite3.connect(copy)
     owner = dict((pageno, name) for name, pageno in con.execute("SELECT name, pageno FROM dbstat"))
     con.close()

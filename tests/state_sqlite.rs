@@ -141,8 +141,9 @@ async fn forged_relay_tokens_never_reach_the_writer() {
 /// The write-ahead log starts over after each checkpoint: under writes without pause it stays
 /// bounded, however long they go on (it once grew by 400 MB in six seconds of load). The
 /// checkpointer thread folds it from 1 000 pages on; a writer that outruns it folds it itself
-/// at 4 000 pages (16.5 MB with the frames' headers), plus the frames of the commit that
-/// crossed the mark.
+/// from 4 000 pages (16.5 MB with the frames' headers) on, after each commit, unless the
+/// checkpointer's round holds the log at that moment: then it grows by what is committed until
+/// that round ends (a slow disk's syncs included), hence the margin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_stays_bounded_under_continuous_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,9 +178,9 @@ async fn the_log_stays_bounded_under_continuous_writes() {
     let wal = std::fs::metadata(dir.path().join("state.db-wal"))
         .unwrap()
         .len();
-    assert!(wal < 18 << 20, "the log is {wal} bytes");
+    assert!(wal < 32 << 20, "the log is {wal} bytes");
     store.check_consistency(NOW).await.unwrap();
-    // Every call is in the file, bound, after a restart.
+    // Every call and its bind is there after a restart (from the file and what the log holds).
     drop(store);
     let store: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&path, Synchronous::Normal).unwrap());

@@ -2,7 +2,8 @@
 //!
 //! - [`writer`]: one thread owns the read-write connection and the counters; it runs every change
 //!   and group-commits whatever is waiting. Admission decides from the counters in O(1) and
-//!   records one row.
+//!   records one row. A checkpoint thread, on a connection of its own that never writes a row,
+//!   folds the write-ahead log into the file.
 //! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
 //! - [`queries`]: every statement, prepared once per connection.
 //! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only

@@ -151,8 +151,8 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
 }
 
 /// Open a connection for the checkpointer thread: it only folds the log into the file. With
-/// `synchronous = "normal"` SQLite syncs the log before it copies it and the file after, before
-/// the log may start over.
+/// `synchronous = "normal"` SQLite syncs the log before it copies it, and the file once a
+/// checkpoint has copied all of the log, before the log may start over.
 pub fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -226,17 +226,21 @@ fn has_call_id_constraint(conn: &Connection) -> Result<bool, StoreError> {
 /// file, so no other connection closing can delete it) while the connection is open; a sync
 /// through any descriptor of it flushes what SQLite wrote through its own.
 pub fn open_log(conn: &Connection) -> Result<std::fs::File, StoreError> {
-    let file = conn
-        .path()
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| StoreError::Backend("the state file has no path".into()))?;
-    let mut log = std::ffi::OsString::from(file);
+    let mut log = std::ffi::OsString::from(file_path(conn)?);
     log.push("-wal");
     let log = PathBuf::from(log);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&log)
         .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", log.display())))
+}
+
+/// The path of the file `conn` is open on, as SQLite resolved it.
+pub fn file_path(conn: &Connection) -> Result<PathBuf, StoreError> {
+    conn.path()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| StoreError::Backend("the state file has no path".into()))
 }
 
 fn create_parent(path: &Path) -> Result<(), StoreError> {

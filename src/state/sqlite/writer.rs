@@ -24,13 +24,15 @@
 //! checkpoint runs in the commit that passes the log's size, before its batch is answered, and
 //! stops the writer for the whole copy and two syncs (at one connection about one call in 150
 //! waited 1 to 5 ms for it). Once the log holds [`schema::CHECKPOINT_PAGES`] that it has not
-//! copied, the writer wakes the checkpointer, which copies what is committed (SQLite syncs the log
-//! first and the file after) while the writer goes on. It cannot finish alone: each of its rounds
+//! copied, the writer wakes the checkpointer, which copies what is committed while the writer
+//! goes on (SQLite syncs the log first, and the file only after a round that copied all of the
+//! log, before the log may start over). It cannot finish alone: each of its rounds
 //! copies what was committed when it began, and the log starts over only once all of it is in
 //! the file (else it would grow without bound; it once grew by 400 MB in 6 s). So after a commit,
 //! once its batch is answered, the writer folds the rest itself when the checkpointer has left
-//! fewer than [`FINISH_PAGES`] (a short copy and a sync of the file), or, if it commits too fast
-//! for that to happen, when the log reaches [`schema::WRITER_CHECKPOINT_PAGES`]; its next
+//! fewer than [`FINISH_PAGES`] (a short copy and the syncs), or, if it commits too fast for that
+//! to happen, when the log reaches [`schema::WRITER_CHECKPOINT_PAGES`] (a copy of what the
+//! checkpointer has not copied: a stall, as every checkpoint was before, but rarer); its next
 //! transaction starts the log over, which is then overwritten in place (a commit's sync has no
 //! file size to flush). [`fold_steps`] decides.
 //!
@@ -38,7 +40,9 @@
 //! may have dropped the pages it could not write, so a later sync's success would prove
 //! nothing. The operations it covered are answered with the error, every later one with
 //! `Closed`, and the gateway stops admitting calls until it is restarted on a sound disk (the
-//! file then holds what did reach it, and the counters are rebuilt from it).
+//! file then holds what did reach it, and the counters are rebuilt from it). A checkpoint that
+//! cannot write or sync the file stops it the same way, and then neither connection folds the
+//! log into the file when it closes: SQLite replays the log at the next start.
 //!
 //! An operation changes the counters after its SQL succeeded; should one fail part-way (its
 //! savepoint rolled back), the counters are rebuilt from the file, as after a failed commit,
@@ -53,7 +57,6 @@
 //! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
 //! settlements) waits for room, so nothing already admitted is ever dropped.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -362,6 +365,8 @@ struct Fold {
     /// Pages of the log the checkpointer has copied into the file (0: none, or all of them, and
     /// the log starts over).
     copied: Arc<AtomicI64>,
+    /// A checkpoint failed to write or sync the file (see [`fold`]).
+    failed: Arc<AtomicBool>,
     /// Wakes the checkpointer (one wake-up waits at most; closed when the writer stops).
     wake: std::sync::mpsc::SyncSender<()>,
 }
@@ -370,11 +375,6 @@ impl Fold {
     /// Hook the writer's connection and start the checkpointer thread on a connection of its own
     /// (its handle returned with the fold).
     fn start(conn: &mut Connection) -> Result<(Fold, std::thread::JoinHandle<()>), StoreError> {
-        let path = conn
-            .path()
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-            .ok_or_else(|| StoreError::Backend("the state file has no path".into()))?;
         let pages = Arc::new(AtomicI64::new(0));
         let hooked = pages.clone();
         conn.wal_hook(Some(
@@ -383,29 +383,28 @@ impl Fold {
                 Ok(())
             },
         ))?;
-        let folder = schema::open_checkpointer(&path)?;
+        let folder = schema::open_checkpointer(&schema::file_path(conn)?)?;
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
-        let copied = Arc::new(AtomicI64::new(0));
-        let (log, published) = (pages.clone(), copied.clone());
+        let fold = Fold {
+            pages,
+            copied: Arc::new(AtomicI64::new(0)),
+            failed: Arc::new(AtomicBool::new(false)),
+            wake,
+        };
+        let (log, copied, failed) = (fold.pages.clone(), fold.copied.clone(), fold.failed.clone());
         let checkpointer = std::thread::Builder::new()
             .name("callgate-checkpoint".into())
-            .spawn(move || checkpoint_when_woken(&folder, &woken, &log, &published))
+            .spawn(move || checkpoint_when_woken(&folder, &woken, &log, &copied, &failed))
             .map_err(|e| StoreError::Backend(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok((
-            Fold {
-                pages,
-                copied,
-                wake,
-            },
-            checkpointer,
-        ))
+        Ok((fold, checkpointer))
     }
 
     /// After a commit (its batch answered): wake the checkpointer once the log holds
     /// [`schema::CHECKPOINT_PAGES`] it has not copied; fold the rest of the log here once the
     /// checkpointer has copied all but [`FINISH_PAGES`] of it, or when the log has grown past
-    /// what the checkpointer keeps up with.
-    fn after_commit(&self, conn: &Connection) {
+    /// what the checkpointer keeps up with. `false`: a checkpoint could not write or sync the
+    /// file, and the writer must stop as after a failed sync of the log.
+    fn after_commit(&self, conn: &Connection) -> bool {
         let (wake, fold_here) = fold_steps(
             self.pages.load(Ordering::Relaxed),
             self.copied.load(Ordering::Relaxed),
@@ -414,32 +413,58 @@ impl Fold {
             // Full: it is already woken.
             let _ = self.wake.try_send(());
         }
-        if fold_here {
-            match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
-                // The checkpointer is copying: it will be done soon.
-                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "state store: cannot fold the log into the file")
-                }
-                Ok(_) => {
-                    // All of it is in the file: the next transaction starts the log over.
-                    self.pages.store(0, Ordering::Relaxed);
-                    self.copied.store(0, Ordering::Relaxed);
-                }
+        if fold_here && let Some((log, done)) = fold(conn, &self.failed) {
+            if done >= log {
+                // All of it is in the file: the next transaction starts the log over.
+                self.pages.store(0, Ordering::Relaxed);
+                self.copied.store(0, Ordering::Relaxed);
+            } else {
+                // A reader still needs the rest: the next commit tries again.
+                self.copied.store(done, Ordering::Relaxed);
             }
+        }
+        !self.failed.load(Ordering::SeqCst)
+    }
+}
+
+/// One passive checkpoint on `conn` (it copies what the log held when it began, and syncs the
+/// file if that is all of it): the log's length and the pages of it now in the file, or `None`
+/// if another connection is checkpointing or it failed. A failure to write or sync the file
+/// raises `failed`: the kernel may have dropped pages it could not write, and a later
+/// checkpoint's successful sync would not prove them on disk (the log would then start over
+/// without them), so the gateway stops admitting calls until it is restarted, as after a failed
+/// sync of the log; at restart SQLite replays the log, which was not started over.
+fn fold(conn: &Connection, failed: &AtomicBool) -> Option<(i64, i64)> {
+    if failed.load(Ordering::SeqCst) {
+        return None;
+    }
+    match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+        Ok((log, done)) => Some((i64::from(log), i64::from(done))),
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => None,
+        Err(e) => {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) {
+                failed.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "state store: a checkpoint cannot write the file; the writer stops, and no call is admitted until the gateway is restarted on a sound disk");
+            } else {
+                tracing::warn!(error = %e, "state store: cannot fold the log into the file");
+            }
+            None
         }
     }
 }
 
 /// Pages the checkpointer has not copied yet below which the writer folds the rest of the log
 /// itself after a commit: a short copy (the pages since the checkpointer's round began) and the
-/// file's sync, so that the log starts over. The checkpointer alone cannot finish while the writer
-/// commits: each of its rounds copies only what was committed when it began.
+/// syncs of the log and the file, so that the log starts over. The checkpointer alone cannot
+/// finish while the writer commits: each of its rounds copies only what was committed when it
+/// began.
 const FINISH_PAGES: i64 = 128;
 
 /// What to do after a commit, with `pages` in the log of which the checkpointer has `copied`:
-/// wake the checkpointer, and fold the log on the writer's thread.
+/// wake the checkpointer, and fold the log on the writer's thread. A `copied` past `pages` is
+/// from before the log started over: nothing of this log is copied.
 fn fold_steps(pages: i64, copied: i64) -> (bool, bool) {
+    let copied = if copied > pages { 0 } else { copied };
     let wake = pages - copied >= schema::CHECKPOINT_PAGES;
     let finish = copied > 0 && pages - copied < FINISH_PAGES;
     (wake, finish || pages >= schema::WRITER_CHECKPOINT_PAGES)
@@ -447,32 +472,39 @@ fn fold_steps(pages: i64, copied: i64) -> (bool, bool) {
 
 /// The checkpointer thread: on each wake-up, fold what the log holds into the file (SQLite's
 /// passive checkpoint: the writer goes on meanwhile). `pages`: the log's length after the writer's
-/// last commit; publishes how much of it it copied in `copied` (0 once all of it is).
+/// last commit; publishes how much of it it copied in `copied` (0 once all of it is). Stops when
+/// the writer does, or when a checkpoint fails to write the file (`failed`, see [`fold`]).
 fn checkpoint_when_woken(
     conn: &Connection,
     woken: &std::sync::mpsc::Receiver<()>,
     pages: &AtomicI64,
     copied: &AtomicI64,
+    failed: &AtomicBool,
 ) {
-    while woken.recv().is_ok() {
+    while woken.recv().is_ok() && !failed.load(Ordering::SeqCst) {
         // A wake-up sent while the last round ran may find less to copy than a round is for.
-        if pages.load(Ordering::Relaxed) - copied.load(Ordering::Relaxed) < schema::CHECKPOINT_PAGES
+        if !fold_steps(
+            pages.load(Ordering::Relaxed),
+            copied.load(Ordering::Relaxed),
+        )
+        .0
         {
             continue;
         }
-        match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
-            // `done`: the pages the log held when the round began (fewer if a reader still needs
-            // some); the writer may have added more since.
-            Ok((_, done)) => {
-                let done = i64::from(done);
-                let all = pages.load(Ordering::Relaxed) <= done;
-                // All of it: the writer's next transaction starts the log over.
-                copied.store(if all { 0 } else { done }, Ordering::Relaxed);
-            }
-            // The writer folds it at the moment: it starts the log over.
-            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
-            Err(e) => tracing::warn!(error = %e, "state store: cannot fold the log into the file"),
+        // `done`: the pages the log held when the round began (fewer if a reader still needs
+        // some); the writer may have added more since.
+        if let Some((_, done)) = fold(conn, failed) {
+            let all = pages.load(Ordering::Relaxed) <= done;
+            // All of it: the writer's next transaction starts the log over.
+            copied.store(if all { 0 } else { done }, Ordering::Relaxed);
         }
+    }
+    if failed.load(Ordering::SeqCst) {
+        // Closing must not fold the log into the file either (see [`fold`]).
+        let _ = conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        );
     }
 }
 
@@ -613,11 +645,13 @@ fn run(
                             && sync_due.is_some_and(|due| due <= Instant::now())
                         {
                             if !sync_and_answer(log, unsynced.drain(..)) {
-                                return;
+                                return stop_on_a_failing_disk(&conn, &fold);
                             }
                             sync_due = None;
                         }
-                        fold.after_commit(&conn);
+                        if !fold.after_commit(&conn) {
+                            return stop_after_a_failed_checkpoint(&conn, &fold, &log, unsynced);
+                        }
                         continue;
                     }
                 }
@@ -747,7 +781,7 @@ fn run(
                 let overdue = sync_due.is_some_and(|due| due <= Instant::now());
                 if !waiting.is_empty() || overdue {
                     if !sync_and_answer(log, waiting.drain(..).chain(unsynced.drain(..))) {
-                        return;
+                        return stop_on_a_failing_disk(&conn, &fold);
                     }
                     sync_due = None;
                 }
@@ -759,7 +793,9 @@ fn run(
         for since in waiting_since {
             wait_histogram.record(since.elapsed());
         }
-        fold.after_commit(&conn);
+        if !fold.after_commit(&conn) {
+            return stop_after_a_failed_checkpoint(&conn, &fold, &log, unsynced);
+        }
     }
     // The queue is closed: commit what is held, sync what is not yet.
     holding.store(false, Ordering::SeqCst);
@@ -778,9 +814,38 @@ fn run(
     }
     if let Some(log) = &log
         && (sync_due.is_some() || !unsynced.is_empty())
+        && !sync_and_answer(log, unsynced)
     {
-        sync_and_answer(log, unsynced);
+        stop_on_a_failing_disk(&conn, &fold);
     }
+}
+
+/// The writer stops for a failed sync or checkpoint: neither connection may fold the log into the
+/// file when it closes (see [`fold`]); SQLite replays the log at the next start.
+fn stop_on_a_failing_disk(conn: &Connection, fold: &Fold) {
+    fold.failed.store(true, Ordering::SeqCst);
+    let _ = conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    );
+}
+
+/// A checkpoint could not write the file: answer the writes already committed once the log is
+/// synced (the log itself is sound), then stop as on a failing disk. Later operations find the
+/// queue closed.
+fn stop_after_a_failed_checkpoint(
+    conn: &Connection,
+    fold: &Fold,
+    log: &Option<Log>,
+    unsynced: Vec<Reply>,
+) {
+    match log {
+        Some(log) => {
+            sync_and_answer(log, unsynced);
+        }
+        None => answer(unsynced, &Ok(())),
+    }
+    stop_on_a_failing_disk(conn, fold);
 }
 
 /// Raise the flag that says a transaction is held, unless a reader waits for an operation after
@@ -871,6 +936,13 @@ mod tests {
         assert_eq!(fold_steps(copied + FINISH_PAGES, copied), (false, false));
         // Nothing copied yet: not the checkpointer's remainder, the whole log.
         assert_eq!(fold_steps(FINISH_PAGES - 1, 0), (false, false));
+    }
+
+    #[test]
+    fn a_count_from_before_the_log_started_over_counts_as_nothing_copied() {
+        // The checkpointer published 1 500 of the old log after the writer had folded it.
+        assert_eq!(fold_steps(10, 1_500), (false, false));
+        assert_eq!(fold_steps(CHECKPOINT_PAGES, 1_500), (true, false));
     }
 
     #[test]
