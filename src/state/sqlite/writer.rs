@@ -184,7 +184,7 @@ impl Writer {
             .name("callgate-sqlite".into())
             .spawn(move || {
                 run(
-                    conn,
+                    &conn,
                     rx,
                     thread_ledger,
                     committed_tx,
@@ -196,9 +196,12 @@ impl Writer {
                         wanted: thread_wanted,
                     },
                 );
-                // The checkpointer stops once the writer has (its wake-up channel is closed); the
-                // file is free for another process once both have.
+                // The checkpointer stops once the writer has (its wake-up channel is closed), and
+                // its connection closes before the writer's: the last to close folds the log into
+                // the file and removes it, as one connection did. The file is free for another
+                // process once both have.
                 let _ = checkpointer.join();
+                drop(conn);
                 drop(lock);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
@@ -586,7 +589,7 @@ struct Held {
 /// A batch of one operation in a new transaction needs no savepoint: if it fails, the whole
 /// transaction is rolled back.
 fn run(
-    conn: Connection,
+    conn: &Connection,
     mut queue: mpsc::Receiver<Queued>,
     ledger: Arc<Mutex<Ledger>>,
     committed: watch::Sender<u64>,
@@ -630,7 +633,7 @@ fn run(
                         holding.store(false, Ordering::SeqCst);
                         if let Some(held) = held.take()
                             && commit_held(
-                                &conn,
+                                conn,
                                 &ledger,
                                 &committed,
                                 &log,
@@ -645,12 +648,12 @@ fn run(
                             && sync_due.is_some_and(|due| due <= Instant::now())
                         {
                             if !sync_and_answer(log, unsynced.drain(..)) {
-                                return stop_on_a_failing_disk(&conn, &fold);
+                                return stop_on_a_failing_disk(conn, &fold);
                             }
                             sync_due = None;
                         }
-                        if !fold.after_commit(&conn) {
-                            return stop_after_a_failed_checkpoint(&conn, &fold, &log, unsynced);
+                        if !fold.after_commit(conn) {
+                            return stop_after_a_failed_checkpoint(conn, &fold, &log, unsynced);
                         }
                         continue;
                     }
@@ -701,7 +704,7 @@ fn run(
                 }
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
-                let (when, reply) = job(&conn, &mut counters);
+                let (when, reply) = job(conn, &mut counters);
                 if when.is_none() {
                     if single {
                         // Alone in its transaction: undone with the transaction.
@@ -721,7 +724,7 @@ fn run(
                     }
                     // An operation that settles several calls may have changed counters before
                     // the failure: take them from the file.
-                    rebuild(&conn, &mut counters);
+                    rebuild(conn, &mut counters);
                 }
                 drop(counters);
                 if savepoint {
@@ -760,13 +763,13 @@ fn run(
             // SQLite rolled the transaction back itself (an operation went on past an error
             // that does that): nothing of it is on the file.
             Ok(()) if conn.is_autocommit() => {
-                Err(roll_back(&conn, &ledger, "the transaction was rolled back"))
+                Err(roll_back(conn, &ledger, "the transaction was rolled back"))
             }
-            Ok(()) => commit(&conn, &ledger),
+            Ok(()) => commit(conn, &ledger),
             Err(e) => {
                 // Jobs not reached are dropped with their replies: their callers see `Closed`.
                 batch.clear();
-                Err(roll_back(&conn, &ledger, e))
+                Err(roll_back(conn, &ledger, e))
             }
         };
         committed.send_replace(last);
@@ -781,7 +784,7 @@ fn run(
                 let overdue = sync_due.is_some_and(|due| due <= Instant::now());
                 if !waiting.is_empty() || overdue {
                     if !sync_and_answer(log, waiting.drain(..).chain(unsynced.drain(..))) {
-                        return stop_on_a_failing_disk(&conn, &fold);
+                        return stop_on_a_failing_disk(conn, &fold);
                     }
                     sync_due = None;
                 }
@@ -793,15 +796,15 @@ fn run(
         for since in waiting_since {
             wait_histogram.record(since.elapsed());
         }
-        if !fold.after_commit(&conn) {
-            return stop_after_a_failed_checkpoint(&conn, &fold, &log, unsynced);
+        if !fold.after_commit(conn) {
+            return stop_after_a_failed_checkpoint(conn, &fold, &log, unsynced);
         }
     }
     // The queue is closed: commit what is held, sync what is not yet.
     holding.store(false, Ordering::SeqCst);
     if let Some(held) = held.take()
         && commit_held(
-            &conn,
+            conn,
             &ledger,
             &committed,
             &log,
@@ -816,7 +819,7 @@ fn run(
         && (sync_due.is_some() || !unsynced.is_empty())
         && !sync_and_answer(log, unsynced)
     {
-        stop_on_a_failing_disk(&conn, &fold);
+        stop_on_a_failing_disk(conn, &fold);
     }
 }
 
