@@ -503,12 +503,17 @@ fn checkpoint_when_woken(
         }
     }
     if failed.load(Ordering::SeqCst) {
-        // Closing must not fold the log into the file either (see [`fold`]).
-        let _ = conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        );
+        keep_the_log_on_close(conn);
     }
+}
+
+/// After a failed sync or checkpoint, closing `conn` must not fold the log into the file either
+/// (see [`fold`]): SQLite replays it at the next start.
+fn keep_the_log_on_close(conn: &Connection) {
+    let _ = conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    );
 }
 
 /// The log the writer syncs (`synchronous = "full"`), and the histogram of its syncs.
@@ -827,10 +832,7 @@ fn run(
 /// file when it closes (see [`fold`]); SQLite replays the log at the next start.
 fn stop_on_a_failing_disk(conn: &Connection, fold: &Fold) {
     fold.failed.store(true, Ordering::SeqCst);
-    let _ = conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    );
+    keep_the_log_on_close(conn);
 }
 
 /// A checkpoint could not write the file: answer the writes already committed once the log is
