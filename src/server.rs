@@ -429,9 +429,10 @@ impl Gateway {
         }
         self.background.abort();
         // Binds and idempotent answers are queued, not awaited, on the request path: make them
-        // durable before the process exits.
-        if let Err(e) = self.store.flush().await {
-            tracing::error!(error = %e, "state store: flush at shutdown failed");
+        // durable, and let the store close its files (SQLite: fold the log into the file and
+        // remove it) before the process exits.
+        if let Err(e) = self.store.close().await {
+            tracing::error!(error = %e, "state store: close at shutdown failed");
         }
     }
 }

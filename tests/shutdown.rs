@@ -162,6 +162,12 @@ async fn sigterm_under_load_loses_nothing_and_exits_0() {
     };
     let exited = Instant::now();
     assert!(status.success(), "{status:?}");
+    // The store was closed before the process exited: its last connection folded the log into
+    // the file and removed it.
+    assert!(
+        !dir.path().join("state.db-wal").exists(),
+        "the write-ahead log was left behind by a clean stop"
+    );
     // Deliveries in flight at SIGTERM were waited for.
     let late: Vec<Instant> = answered
         .lock()

@@ -100,6 +100,59 @@ async fn one_process_owns_a_state_file() {
     assert!(third.is_ok());
 }
 
+/// Closing the store makes what was queued durable, refuses later work, and resolves once the
+/// store has let go of the file: the log is folded into it and removed (the writer's connection
+/// closes last, after the read-only ones), and the lock file is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_store_folds_the_log_and_frees_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(
+        store.admit(request("a", "r1", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    // A bind nobody waits for, still held in the writer's open transaction when the store closes.
+    let _bound = store
+        .bind(
+            "a",
+            "r1",
+            "c1",
+            serde_json::json!({"id": "c1"}).into(),
+            NOW + 60,
+            NOW,
+        )
+        .await
+        .unwrap();
+    // A read leaves an idle read-only connection open.
+    assert!(store.get_call("a", "nope").await.unwrap().is_none());
+    assert!(path.with_extension("db-wal").exists());
+
+    store.close().await.unwrap();
+    assert!(
+        !path.with_extension("db-wal").exists(),
+        "the log is still there after close"
+    );
+    assert!(matches!(
+        store.admit(request("a", "r2", 1)).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        store.get_call("a", "c1").await,
+        Err(StoreError::Closed)
+    ));
+    store.close().await.unwrap();
+
+    // The lock file is free: taking it does not wait (the store's own open would wait for it).
+    let lock = std::fs::File::open(path.with_extension("db.lock")).unwrap();
+    lock.try_lock().unwrap();
+    drop(lock);
+    let again = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(again.usage("a", NOW).await.unwrap().slots, 1);
+    assert!(again.get_call("a", "c1").await.unwrap().is_some());
+    again.check_consistency(NOW).await.unwrap();
+}
+
 /// Forged relay tokens are answered from a read-only connection: they never wait for, or take
 /// room in front of, the writer (here held up behind another process's write lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,6 +100,8 @@ type OptOuts = HashMap<String, Vec<OptOut>>;
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// The store is closed: no new reads, and no connection is kept.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Read-only connections kept open between reads.
@@ -113,6 +115,9 @@ impl Readers {
         let readers = self.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
+                if readers.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(StoreError::Closed);
+                }
                 let idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
                 let conn = match idle {
                     Some(conn) => conn,
@@ -120,7 +125,9 @@ impl Readers {
                 };
                 let result = f(&conn);
                 let mut idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < IDLE_READERS {
+                if idle.len() < IDLE_READERS
+                    && !readers.closed.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     idle.push(conn);
                 }
                 result
@@ -167,6 +174,7 @@ impl SqliteStore {
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
+                closed: Default::default(),
             }),
         })
     }
@@ -826,6 +834,19 @@ impl StateStore for SqliteStore {
             self.writer
                 .run(Urgency::Wait, |_, _| Ok(((), When::Committed))),
         )
+    }
+
+    fn close(&self) -> StoreFuture<'static, ()> {
+        // The read-only connections close first, so that the writer's is the last connection to
+        // the file: the last to close folds the log into the file and removes it.
+        self.readers
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(std::mem::take(
+            &mut *self.readers.idle.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        let writer = self.writer.clone();
+        Box::pin(async move { writer.close().await })
     }
 
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {

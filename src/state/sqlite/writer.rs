@@ -150,6 +150,10 @@ pub struct Writer {
     /// The highest sequence number a reader waits to see committed: no transaction holding it
     /// is held.
     wanted: Arc<AtomicU64>,
+    /// Raised by [`Writer::close`]: the writer takes no new operations once it sees it.
+    closing: Arc<AtomicBool>,
+    /// `true` once the writer thread has closed its connection and let go of the lock file.
+    stopped: watch::Receiver<bool>,
 }
 
 impl Writer {
@@ -170,6 +174,9 @@ impl Writer {
         let holding = Arc::new(AtomicBool::new(false));
         let wanted = Arc::new(AtomicU64::new(0));
         let (thread_holding, thread_wanted) = (holding.clone(), wanted.clone());
+        let closing = Arc::new(AtomicBool::new(false));
+        let thread_closing = closing.clone();
+        let (stopped_tx, stopped) = watch::channel(false);
         // A timer, to wait for the queue no longer than a commit or a sync is due.
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -194,6 +201,7 @@ impl Writer {
                         lazy_sync,
                         holding: thread_holding,
                         wanted: thread_wanted,
+                        closing: thread_closing,
                     },
                 );
                 // The checkpointer stops once the writer has (its wake-up channel is closed), and
@@ -203,6 +211,7 @@ impl Writer {
                 let _ = checkpointer.join();
                 drop(conn);
                 drop(lock);
+                stopped_tx.send_replace(true);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
         Ok(Writer {
@@ -212,7 +221,29 @@ impl Writer {
             ledger,
             holding,
             wanted,
+            closing,
+            stopped,
         })
+    }
+
+    /// Stop the writer for good: what is queued before this call is committed and synced, later
+    /// operations are refused ([`StoreError::Closed`]), and this resolves once the writer thread
+    /// has closed its connection (the last to close folds the log into the file and removes it)
+    /// and let go of the lock file. Closing twice waits the same way.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.closing.store(true, Ordering::SeqCst);
+        // Wakes the writer if it sleeps; it sees the flag after this batch and takes no more.
+        let flushed = match self
+            .run(Urgency::Wait, |_, _| Ok(((), When::Committed)))
+            .await
+        {
+            Err(StoreError::Closed) => Ok(()),
+            other => other,
+        };
+        let mut stopped = self.stopped.clone();
+        // The thread ends with `true`; a thread that panicked drops the sender instead.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+        flushed
     }
 
     /// The live counters.
@@ -274,18 +305,18 @@ impl Writer {
         });
         // The wait counts from here, room in a full queue included.
         let since = Instant::now();
-        let queued = self.try_queue(since, job, writes);
-        let writer = self.clone();
+        // The writer is cloned only when the operation has to wait for room in the queue.
+        let waiting = match self.try_queue(since, job, writes) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
+            Err(mpsc::error::TrySendError::Full(_)) if urgency == Urgency::Shed => {
+                Err(StoreError::Busy)
+            }
+            Err(mpsc::error::TrySendError::Full(job)) => Ok(Some((self.clone(), job))),
+        };
         async move {
-            match queued {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
-                Err(mpsc::error::TrySendError::Full(_)) if urgency == Urgency::Shed => {
-                    return Err(StoreError::Busy);
-                }
-                Err(mpsc::error::TrySendError::Full(job)) => {
-                    writer.queue_waiting(since, job, writes).await?
-                }
+            if let Some((writer, job)) = waiting? {
+                writer.queue_waiting(since, job, writes).await?
             }
             Ok(Answer(rx))
         }
@@ -563,6 +594,8 @@ struct Hold {
     holding: Arc<AtomicBool>,
     /// See [`Writer::committed_up_to_now`].
     wanted: Arc<AtomicU64>,
+    /// See [`Writer::close`].
+    closing: Arc<AtomicBool>,
 }
 
 /// A transaction left open with only lazy operations in it (see [`run`]).
@@ -607,6 +640,7 @@ fn run(
         lazy_sync,
         holding,
         wanted,
+        closing,
     } = hold;
     // Taken once: the recorder is installed before the store is opened.
     let (wait_histogram, batch_histogram) = (
@@ -620,6 +654,11 @@ fn run(
     let mut sync_due: Option<Instant> = None;
     let mut held: Option<Held> = None;
     loop {
+        if closing.load(Ordering::SeqCst) {
+            // No new operations: those already queued are still received, then the queue
+            // reports itself closed and the loop ends below.
+            queue.close();
+        }
         // The earlier of the sync and the held transaction's commit, if either is due.
         let due = sync_due
             .into_iter()
