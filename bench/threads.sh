@@ -2,7 +2,7 @@
 # bench/threads.sh [BINARY]: where one callgate process spends its time under load, per thread and
 # per stage. Starts a private nginx stub and callgate with bench/lib.sh (loopback only, fresh
 # state file), runs wrk for $DUR s at $CONNS connections, and prints:
-#   - wrk's req/s, p50, p99;
+#   - wrk's req/s, p50, p99, and finer percentiles (p90 to p99.9, BENCH_PERCENTILES in calls.lua);
 #   - CPU per request of each of callgate's threads (user and system, /proc/PID/task/*/stat);
 #   - write and read calls and bytes per request of each thread (/proc/PID/task/*/io: the store
 #     thread's are the pages it writes and the pages it reads back);
@@ -25,10 +25,10 @@ if [ "$FILL" != 0 ]; then load -t2 -c32 -d"${FILL}s" | grep -E "requests in"; sl
 snap() { for t in /proc/$P/task/*; do echo "$(basename "$t"):$(tr ' ' _ < "$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '/^wchar:/ {w=$2} /^syscw:/ {c=$2} /^rchar:/ {rb=$2} /^syscr:/ {rc=$2} END {print w+0, c+0, rb+0, rc+0}' "$t/io") $(awk '/^voluntary_ctxt_switches:/ {v=$2} /^nonvoluntary_ctxt_switches:/ {n=$2} END {print v+0, n+0}' "$t/status")"; done | sort; }
 snap > "$T/t0"
 if [ "${PERF:-0}" = 1 ]; then (sleep 2; perf record -F 999 -g -p "$P" -o "$T/perf.data" -- sleep 4 2>/dev/null) & PIDS+=($!); fi
-out=$(load -t"$(wrk_threads)" -c"$CONNS" -d"${DUR}s" --latency)
+out=$(BENCH_PERCENTILES=1 load -t"$(wrk_threads)" -c"$CONNS" -d"${DUR}s" --latency)
 snap > "$T/t1"
 curl -s "http://127.0.0.1:$ADMIN/metrics" > "$T/metrics.txt"
-echo "$out" | grep -E "Requests/sec|^ +50%|^ +99%|Non-2xx|Socket errors"
+echo "$out" | grep -E "Requests/sec|^ +50%|^ +99%|percentiles us|Non-2xx|Socket errors"
 reqs=$(awk '/requests in/ {print $1}' <<<"$out")
 echo "CPU per request, by thread (thread id:name):"
 join "$T/t0" "$T/t1" | awk -v r="$reqs" '{u=$10-$2; s=$11-$3; if (u+s>0) printf "  %-24s user %7.1f us  system %7.1f us\n", $1, u*10000/r, s*10000/r; tu+=u; ts+=s}
