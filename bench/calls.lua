@@ -6,7 +6,7 @@
 --                            thread and print them from done() as "per-second <unix> <count>".
 --                            This defines response(), which makes wrk parse every response in
 --                            Lua, so it is used only for the long run, never for saturation.
---   BENCH_PERCENTILES=1      print finer latency percentiles from done() (p90 to p99.9, in µs)
+--   BENCH_PERCENTILES=1      print finer latency percentiles from done() (p50, p90 to p99.9, µs)
 --                            as one line, "percentiles us: p50 ... p99.9 ...": wrk's own table
 --                            stops at p99. Costs nothing per request.
 

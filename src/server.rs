@@ -428,6 +428,9 @@ impl Gateway {
             );
         }
         self.background.abort();
+        // Ended, so that nothing of it reaches the store after it is closed (a read it had begun
+        // still finishes, and the store's close waits for it).
+        let _ = (&mut self.background).await;
         // Binds and idempotent answers are queued, not awaited, on the request path: make them
         // durable, and let the store close its files (SQLite: fold the log into the file and
         // remove it) before the process exits.

@@ -1,6 +1,6 @@
 //! Work that outlives the request that started it (the detached half of a call request, binds,
 //! releases, idempotent answers, webhook deliveries), tracked so that a graceful shutdown waits
-//! for it (bounded by `server.shutdown_grace_ms`) before the state store is flushed and the
+//! for it (bounded by `server.shutdown_grace_ms`) before the state store is closed and the
 //! process exits.
 
 use std::future::Future;

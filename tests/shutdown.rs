@@ -1,6 +1,6 @@
 //! Graceful shutdown under load: `SIGTERM` while call requests and webhook deliveries are in
 //! flight. The gateway stops accepting, finishes the requests, waits for the deliveries and the
-//! detached work, flushes the state store and exits 0; every call it answered 200 is recorded,
+//! detached work, closes the state store and exits 0; every call it answered 200 is recorded,
 //! and the accounting read back from the file is exact.
 
 mod support;

@@ -679,9 +679,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn suspensions(&self) -> StoreFuture<'static, Vec<Suspension>>;
     /// Wait until everything queued so far is durable (graceful shutdown).
     fn flush(&self) -> StoreFuture<'static, ()>;
-    /// The end of graceful shutdown: everything queued so far is made durable, later operations
-    /// are refused ([`StoreError::Closed`]), and this resolves once the store has let go of its
-    /// files and threads, so that the process may exit. By default, a [`StateStore::flush`].
+    /// The end of graceful shutdown: everything queued so far is made durable and this resolves
+    /// once the store has let go of its files and threads, so that the process may exit. A
+    /// backend that closes (SQLite) then refuses later operations ([`StoreError::Closed`]). By
+    /// default (Redis: every write is acknowledged when it resolves), a [`StateStore::flush`].
     fn close(&self) -> StoreFuture<'static, ()> {
         self.flush()
     }

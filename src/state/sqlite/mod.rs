@@ -100,8 +100,10 @@ type OptOuts = HashMap<String, Vec<OptOut>>;
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    /// The store is closed: no new reads, and no connection is kept.
-    closed: std::sync::atomic::AtomicBool,
+    /// `true` once the store is closed: no new reads, and no connection kept. Every read holds it
+    /// shared for as long as it has a connection, so that closing waits for reads in progress
+    /// (each bounded by the busy timeout): the writer's connection must be the last to close.
+    gate: RwLock<bool>,
 }
 
 /// Read-only connections kept open between reads.
@@ -115,7 +117,9 @@ impl Readers {
         let readers = self.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                if readers.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                // Declared before the connection: released after it is kept or closed.
+                let closed = readers.gate.read().unwrap_or_else(|p| p.into_inner());
+                if *closed {
                     return Err(StoreError::Closed);
                 }
                 let idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -125,9 +129,7 @@ impl Readers {
                 };
                 let result = f(&conn);
                 let mut idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < IDLE_READERS
-                    && !readers.closed.load(std::sync::atomic::Ordering::SeqCst)
-                {
+                if idle.len() < IDLE_READERS {
                     idle.push(conn);
                 }
                 result
@@ -174,7 +176,7 @@ impl SqliteStore {
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
-                closed: Default::default(),
+                gate: RwLock::new(false),
             }),
         })
     }
@@ -828,25 +830,28 @@ impl StateStore for SqliteStore {
     }
 
     fn flush(&self) -> StoreFuture<'static, ()> {
-        // Queued after everything queued so far, and answered once it is synced, which syncs
-        // all before it.
-        Box::pin(
-            self.writer
-                .run(Urgency::Wait, |_, _| Ok(((), When::Committed))),
-        )
+        Box::pin(self.writer.flush())
     }
 
     fn close(&self) -> StoreFuture<'static, ()> {
-        // The read-only connections close first, so that the writer's is the last connection to
-        // the file: the last to close folds the log into the file and removes it.
-        self.readers
-            .closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        drop(std::mem::take(
-            &mut *self.readers.idle.lock().unwrap_or_else(|p| p.into_inner()),
-        ));
-        let writer = self.writer.clone();
-        Box::pin(async move { writer.close().await })
+        // The read-only connections close first (reads in progress are waited for), so that the
+        // writer's is the last connection to the file: the last to close folds the log into the
+        // file and removes it.
+        let (readers, writer) = (self.readers.clone(), self.writer.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut closed = readers.gate.write().unwrap_or_else(|p| p.into_inner());
+                *closed = true;
+                readers
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("close task failed: {e}")))?;
+            writer.close().await
+        })
     }
 
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {

@@ -55,7 +55,14 @@
 //!
 //! The queue is bounded: new work (admissions, idempotency claims) is refused with
 //! [`StoreError::Busy`] when it is full, while work that finishes calls (binds, releases,
-//! settlements) waits for room, so nothing already admitted is ever dropped.
+//! settlements) waits for room, so nothing already admitted is ever dropped while the gateway
+//! runs.
+//!
+//! At the end of a graceful stop, [`Writer::close`] stops the writer: what is queued is committed
+//! and synced, and later work, or work still waiting for room (only what outlived the shutdown's
+//! grace period), is refused with [`StoreError::Closed`]; the calls it concerned are recovered as
+//! after a crash (their events or leases). The writer's connection closes last, so it folds the
+//! log into the file and removes it, and the process exits after that.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,8 +159,9 @@ pub struct Writer {
     wanted: Arc<AtomicU64>,
     /// Raised by [`Writer::close`]: the writer takes no new operations once it sees it.
     closing: Arc<AtomicBool>,
-    /// `true` once the writer thread has closed its connection and let go of the lock file.
-    stopped: watch::Receiver<bool>,
+    /// Set once the writer thread has closed its connection and let go of the lock file:
+    /// `true` if it ended cleanly, `false` if it stopped on a failing disk (see the module docs).
+    stopped: watch::Receiver<Option<bool>>,
 }
 
 impl Writer {
@@ -176,7 +184,7 @@ impl Writer {
         let (thread_holding, thread_wanted) = (holding.clone(), wanted.clone());
         let closing = Arc::new(AtomicBool::new(false));
         let thread_closing = closing.clone();
-        let (stopped_tx, stopped) = watch::channel(false);
+        let (stopped_tx, stopped) = watch::channel(None);
         // A timer, to wait for the queue no longer than a commit or a sync is due.
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -187,6 +195,7 @@ impl Writer {
             synced: metrics::histogram!(STORE_SYNC),
         });
         let (fold, checkpointer) = Fold::start(&mut conn)?;
+        let failed = fold.failed.clone();
         std::thread::Builder::new()
             .name("callgate-sqlite".into())
             .spawn(move || {
@@ -211,7 +220,7 @@ impl Writer {
                 let _ = checkpointer.join();
                 drop(conn);
                 drop(lock);
-                stopped_tx.send_replace(true);
+                stopped_tx.send_replace(Some(!failed.load(Ordering::SeqCst)));
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the store thread: {e}")))?;
         Ok(Writer {
@@ -226,23 +235,38 @@ impl Writer {
         })
     }
 
+    /// Wait until everything queued before this call is committed and synced.
+    pub fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        // Queued after everything queued so far, and answered once it is synced, which syncs
+        // all before it.
+        self.run(Urgency::Wait, |_, _| Ok(((), When::Committed)))
+    }
+
     /// Stop the writer for good: what is queued before this call is committed and synced, later
-    /// operations are refused ([`StoreError::Closed`]), and this resolves once the writer thread
-    /// has closed its connection (the last to close folds the log into the file and removes it)
-    /// and let go of the lock file. Closing twice waits the same way.
+    /// operations are refused ([`StoreError::Closed`]), those still waiting for room in a full
+    /// queue included, and this resolves once the writer thread has closed its connection (the
+    /// last to close folds the log into the file and removes it) and let go of the lock file.
+    /// An error if the writer had stopped on a failing disk (the log is then kept for the next
+    /// start to replay). Closing twice waits the same way.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.closing.store(true, Ordering::SeqCst);
         // Wakes the writer if it sleeps; it sees the flag after this batch and takes no more.
-        let flushed = match self
-            .run(Urgency::Wait, |_, _| Ok(((), When::Committed)))
-            .await
-        {
+        // `Closed`: it saw the flag first, and what was queued before it still drains.
+        let flushed = match self.flush().await {
             Err(StoreError::Closed) => Ok(()),
             other => other,
         };
         let mut stopped = self.stopped.clone();
-        // The thread ends with `true`; a thread that panicked drops the sender instead.
-        let _ = stopped.wait_for(|stopped| *stopped).await;
+        let clean = match stopped.wait_for(Option::is_some).await {
+            Ok(ended) => *ended == Some(true),
+            // The thread panicked (its sender dropped without an end).
+            Err(_) => false,
+        };
+        if !clean {
+            return Err(StoreError::Backend(
+                "the store's writer had stopped on a failing disk; the log is kept and replayed at the next start".into(),
+            ));
+        }
         flushed
     }
 
@@ -653,11 +677,13 @@ fn run(
     // When the oldest commit not yet synced must be: none while everything committed is synced.
     let mut sync_due: Option<Instant> = None;
     let mut held: Option<Held> = None;
+    let mut queue_closed = false;
     loop {
-        if closing.load(Ordering::SeqCst) {
+        if !queue_closed && closing.load(Ordering::SeqCst) {
             // No new operations: those already queued are still received, then the queue
-            // reports itself closed and the loop ends below.
+            // reports itself empty and closed and the loop ends below.
             queue.close();
+            queue_closed = true;
         }
         // The earlier of the sync and the held transaction's commit, if either is due.
         let due = sync_due
