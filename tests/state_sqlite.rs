@@ -31,6 +31,158 @@ impl Backend for Sqlite {
 
 conformance_suite!(Sqlite::new());
 
+/// The suite again, with upstream ids merged from memory into their table once two binds have
+/// gathered, one entry a transaction: the contract holds while merges run.
+mod merging_every_two_binds {
+    use super::*;
+
+    struct Merging {
+        dir: tempfile::TempDir,
+    }
+
+    impl Backend for Merging {
+        fn open(&self) -> Arc<dyn StateStore> {
+            let options = SqliteOptions {
+                merge_upstream_ids_at: 2,
+                ..SqliteOptions::default()
+            };
+            Arc::new(SqliteStore::open_with(&self.dir.path().join("state.db"), options).unwrap())
+        }
+    }
+
+    conformance_suite!(Merging {
+        dir: tempfile::tempdir().unwrap()
+    });
+}
+
+/// What `call_ids` holds, and the bound `up_to`, read from the file beside the store.
+fn merged(path: &std::path::Path) -> (Vec<(String, String)>, i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT call_id, reservation_id FROM call_ids ORDER BY call_id")
+        .unwrap();
+    let entries = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let up_to = conn
+        .query_row("SELECT up_to FROM call_ids_merged", [], |r| r.get(0))
+        .unwrap();
+    (entries, up_to)
+}
+
+/// Upstream ids are found whether their bind is still in memory or merged into `call_ids`, and
+/// after a late bind (its row below what a merge covers, so it goes straight into the table);
+/// they stay unique either way; a restart, and a file as a crash in the middle of a merge leaves
+/// it (some chunks in, `up_to` not moved), find them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let options = SqliteOptions {
+        merge_upstream_ids_at: 4,
+        ..SqliteOptions::default()
+    };
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    let bind = |store: &SqliteStore, id: String| {
+        let call = format!("call-{id}");
+        let bound = store.bind("a", &id, &call, object(&call).into(), NOW + 1, NOW);
+        async move { bound.await?.await }
+    };
+    let store = SqliteStore::open_with(&path, options.clone()).unwrap();
+    // r00 is admitted first and bound last.
+    let ids: Vec<String> = (0..30).map(|i| format!("r{i:02}")).collect();
+    for id in &ids {
+        assert_eq!(
+            store.admit(request("a", id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+    }
+    for id in &ids[1..] {
+        bind(&store, id.clone()).await.unwrap();
+    }
+    let found = async |store: &SqliteStore, ids: &[String]| {
+        for id in ids {
+            let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+            assert_eq!(call.map(|c| c.reservation_id).as_ref(), Some(id), "{id}");
+            // Another tenant's id is not found.
+            assert!(
+                store
+                    .get_call("b", &format!("call-{id}"))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    };
+    found(&store, &ids[1..]).await;
+    store.check_consistency(NOW).await.unwrap();
+    let (entries, up_to) = merged(&path);
+    assert!(
+        up_to > 0 && entries.len() >= 4,
+        "merged: {}, up to {up_to}",
+        entries.len()
+    );
+    assert!(
+        entries.len() < 29,
+        "some still in memory: {}",
+        entries.len()
+    );
+    // The late bind: r00's row is below what the merges cover.
+    bind(&store, ids[0].clone()).await.unwrap();
+    let (entries, _) = merged(&path);
+    assert!(entries.contains(&("call-r00".into(), "r00".into())));
+    found(&store, &ids).await;
+    // An upstream id is bound once, whether merged (r01's) or in memory (r29's, the last bound
+    // before r00), and a call keeps its id when bound again.
+    assert_eq!(
+        store.admit(request("a", "dup", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    for taken in ["call-r01", "call-r29", "call-r00"] {
+        let twice = store
+            .bind("a", "dup", taken, object(taken).into(), NOW + 1, NOW)
+            .await
+            .unwrap();
+        assert!(twice.await.is_err(), "{taken}");
+    }
+    bind(&store, ids[5].clone()).await.unwrap();
+    store.check_consistency(NOW).await.unwrap();
+    drop(store);
+
+    // A restart.
+    let store = SqliteStore::open_with(&path, options.clone()).unwrap();
+    found(&store, &ids).await;
+    store.check_consistency(NOW).await.unwrap();
+    drop(store);
+
+    // A crash in the middle of a merge: half the entries above `up_to`'s earlier value merged,
+    // `up_to` not moved (both as the chunks' commits leave them).
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "UPDATE call_ids_merged SET up_to = 10;
+         DELETE FROM call_ids WHERE call_id IN
+             (SELECT c.call_id FROM calls c WHERE c.rowid > 10 AND c.rowid % 2 = 0);",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open_with(&path, options).unwrap();
+    found(&store, &ids).await;
+    store.check_consistency(NOW).await.unwrap();
+    // New binds merge the rest in again.
+    for i in 0..12 {
+        let id = format!("s{i:02}");
+        assert_eq!(
+            store.admit(request("a", &id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+        bind(&store, id).await.unwrap();
+    }
+    found(&store, &ids).await;
+    store.check_consistency(NOW).await.unwrap();
+}
+
 /// With the writer held up (another process holds the file's write lock), new work beyond the
 /// queue's capacity is refused with `Busy`, nothing of it taken; once the writer moves again,
 /// every queued admission completes and the counters match the file.
@@ -412,6 +564,70 @@ async fn a_snapshot_of_an_older_file_reads_the_tables_it_has() {
     assert!(snapshot.suspensions().await.unwrap().is_empty());
 }
 
+/// A file from before upstream ids had a table of their own (or one a version from then wrote to
+/// since) has them in the partial index `calls_call_id`: they are copied into `call_ids` once, and
+/// the index dropped.
+#[tokio::test]
+async fn a_file_with_the_partial_call_id_index_moves_its_ids_into_their_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    {
+        let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+        for id in ["r1", "r2", "r3"] {
+            assert_eq!(
+                store.admit(request("a", id, 1)).await.unwrap(),
+                AdmitOutcome::Admitted
+            );
+        }
+        for id in ["r1", "r2"] {
+            let call = format!("call-{id}");
+            let queued = store
+                .bind("a", id, &call, object(&call).into(), NOW + 1, NOW)
+                .await
+                .unwrap();
+            queued.await.unwrap();
+        }
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TABLE call_ids; DROP TABLE call_ids_merged;
+         CREATE UNIQUE INDEX calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    for id in ["r1", "r2"] {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id), Some(id.to_string()));
+    }
+    store.check_consistency(NOW).await.unwrap();
+    let twice = store
+        .bind("a", "r3", "call-r1", object("call-r1").into(), NOW + 1, NOW)
+        .await
+        .unwrap();
+    assert!(twice.await.is_err());
+    drop(store);
+    let (entries, up_to) = merged(&path);
+    assert_eq!(
+        entries,
+        [
+            ("call-r1".into(), "r1".into()),
+            ("call-r2".into(), "r2".into())
+        ]
+    );
+    assert_eq!(up_to, 3);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let index: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'calls_call_id')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!index);
+}
+
 /// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which
 /// indexes every admission's NULL: the calls table is rebuilt once when the store opens, with
 /// every call as it was (and, in files from before relay tokens named their reservation, the
@@ -471,6 +687,7 @@ async fn rebuilt_with_its_calls(legacy_tokens: bool) {
     );
     conn.execute_batch(&format!(
         "BEGIN; {old}; INSERT INTO calls_old SELECT * FROM calls; DROP TABLE calls;
+         DROP TABLE call_ids; DROP TABLE call_ids_merged;
          ALTER TABLE calls_old RENAME TO calls;
          CREATE INDEX calls_tenant ON calls(tenant, reservation_id);
          CREATE INDEX calls_lease ON calls(lease_expires_at) WHERE live = 1; COMMIT;"
@@ -512,7 +729,20 @@ async fn rebuilt_with_its_calls(legacy_tokens: bool) {
         !indexes.iter().any(|(_, origin, _)| origin == "u"),
         "{indexes:?}"
     );
-    assert!(indexes.contains(&("calls_call_id".to_string(), "c".to_string(), 1)));
+    // Upstream ids are in their table, not in an index of the calls.
+    assert!(
+        !indexes.iter().any(|(name, _, _)| name == "calls_call_id"),
+        "{indexes:?}"
+    );
+    let (entries, up_to) = merged(&path);
+    assert_eq!(
+        entries,
+        [
+            ("call-r1".into(), "r1".into()),
+            ("call-r2".into(), "r2".into())
+        ]
+    );
+    assert_eq!(up_to, 3);
     // The unique index on token hashes is kept where the file had one.
     assert_eq!(
         indexes.contains(&("calls_token_hash".to_string(), "c".to_string(), 0)),

@@ -6,6 +6,8 @@
 //!   folds the write-ahead log into the file.
 //! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
 //! - [`queries`]: every statement, prepared once per connection.
+//! - [`call_index`]: calls by upstream id: the latest binds in memory, merged into the
+//!   `call_ids` table in sorted chunks, so that a bind writes no random index page.
 //! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only
 //!   connections of their own: they see the last commit and never wait behind one. Usage is read
 //!   from the counters.
@@ -29,6 +31,7 @@
 //! claim and its stored answer likewise ride on the commits around them; a key whose request was cut short by a crash stays `in flight` (a retry
 //! is refused, never placed twice) until its TTL ends.
 
+mod call_index;
 mod queries;
 mod schema;
 mod snapshot;
@@ -43,7 +46,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rusqlite::Connection;
 use serde_json::Value;
 
-use self::queries::CallKey;
+use self::call_index::CallIndex;
 use self::writer::{Urgency, When, Writer, Writes};
 use super::accounting::{self, Ending, Ledger, Pricing};
 use super::*;
@@ -69,6 +72,9 @@ pub struct SqliteOptions {
     /// The longest a write nobody waits for (a bind) waits for its commit, then for its sync
     /// ([`writer::LAZY_SYNC`]; tests lengthen it to see what shares a commit).
     pub lazy_sync: std::time::Duration,
+    /// Binds gathered in memory before they are merged into the upstream-id table
+    /// ([`call_index::MERGE_AT`]; tests merge after a few).
+    pub merge_upstream_ids_at: usize,
 }
 
 impl Default for SqliteOptions {
@@ -77,6 +83,7 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Full,
             queue_capacity: 4096,
             lazy_sync: writer::LAZY_SYNC,
+            merge_upstream_ids_at: call_index::MERGE_AT,
         }
     }
 }
@@ -84,6 +91,8 @@ impl Default for SqliteOptions {
 /// See the module docs.
 pub struct SqliteStore {
     writer: Writer,
+    /// Upstream ids: recent binds in memory, the rest in `call_ids`.
+    index: Arc<CallIndex>,
     readers: Arc<Readers>,
     /// The file predates relay tokens that name their reservation and has an index on token
     /// hashes: tokens issued then are still found by their hash.
@@ -168,9 +177,18 @@ impl SqliteStore {
             Synchronous::Full => Some(schema::open_log(&conn)?),
             Synchronous::Normal => None,
         };
-        let writer = Writer::start(conn, options.queue_capacity, lock, log, options.lazy_sync)?;
+        let index = Arc::new(CallIndex::load(&conn, options.merge_upstream_ids_at)?);
+        let writer = Writer::start(
+            conn,
+            options.queue_capacity,
+            lock,
+            log,
+            options.lazy_sync,
+            index.clone(),
+        )?;
         Ok(SqliteStore {
             writer,
+            index,
             legacy_tokens,
             opt_outs: Arc::new(RwLock::new(opt_outs)),
             readers: Arc::new(Readers {
@@ -224,10 +242,26 @@ fn settle(
     Ok(())
 }
 
+/// A call by its upstream id, as `conn` sees it.
+fn find_by_upstream(
+    conn: &Connection,
+    index: &CallIndex,
+    call_id: &str,
+) -> Result<Option<(CallRecord, Pricing)>, StoreError> {
+    let Some(reservation_id) = index.find(conn, call_id)? else {
+        return Ok(None);
+    };
+    // A bind memory has but `conn` does not see yet (still in the writer's open transaction).
+    Ok(queries::load_call(conn, &reservation_id)?
+        .filter(|(record, _)| record.call_id.as_deref() == Some(call_id)))
+}
+
 /// Apply an event (or the upstream's answer) to a call; returns whether it settled the call.
+#[allow(clippy::too_many_arguments)]
 fn apply_event(
     conn: &Connection,
     ledger: &mut Ledger,
+    index: &CallIndex,
     record: &CallRecord,
     pricing: Pricing,
     event: &CallEvent,
@@ -241,7 +275,10 @@ fn apply_event(
         && let Some(call_id) = &event.call_id
     {
         // The bind was lost (a crash between the answer and its commit): learn the id here.
-        queries::set_call_id(conn, &record.reservation_id, call_id)?;
+        index.check_free(conn, call_id, &record.reservation_id)?;
+        if let Some(row) = queries::set_call_id(conn, &record.reservation_id, call_id)? {
+            index.add(conn, call_id, &record.reservation_id, row)?;
+        }
     }
     if !record.live {
         // Already settled (final event, reconciliation or lease): the first ending counts.
@@ -262,12 +299,12 @@ fn apply_event(
 fn apply_relayed_event(
     conn: &Connection,
     ledger: &mut Ledger,
+    index: &CallIndex,
     reservation_id: &str,
     event: &CallEvent,
     now: i64,
 ) -> Result<(EventOutcome, When), StoreError> {
-    let Some((record, pricing)) = queries::load_call(conn, CallKey::Reservation, reservation_id)?
-    else {
+    let Some((record, pricing)) = queries::load_call(conn, reservation_id)? else {
         return Ok((EventOutcome::UnknownToken, When::Now));
     };
     if let (Some(bound), Some(named)) = (&record.call_id, &event.call_id)
@@ -275,8 +312,8 @@ fn apply_relayed_event(
     {
         return Ok((EventOutcome::CallMismatch, When::Now));
     }
-    let settled = apply_event(conn, ledger, &record, pricing, event, None, now)?;
-    let (record, _) = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
+    let settled = apply_event(conn, ledger, index, &record, pricing, event, None, now)?;
+    let (record, _) = queries::load_call(conn, &record.reservation_id)?
         .ok_or_else(|| StoreError::Backend("call vanished".into()))?;
     let outcome = EventOutcome::Applied {
         record: Box::new(record),
@@ -327,20 +364,31 @@ impl StateStore for SqliteStore {
             object,
             status: answered,
         } = answered;
-        // One write, its last statement: no savepoint of its own.
+        // The row, and for a late bind an entry in `call_ids` too (see `call_index`): a savepoint.
+        let index = self.index.clone();
         let queued = self
             .writer
-            .submit_as(Urgency::Wait, Writes::OneStatement, move |conn, _| {
-                let Some((current, live, current_lease)) =
-                    queries::bind_state(conn, &reservation_id)?
-                else {
+            .submit_as(Urgency::Wait, Writes::Several, move |conn, _| {
+                let Some(current) = queries::bind_state(conn, &reservation_id)? else {
                     return Err(StoreError::Backend(format!(
                         "no reservation {reservation_id} to bind"
                     )));
                 };
-                let status = accounting::status_after_bind(&current, &answered);
-                let lease = accounting::lease_after_bind(live, current_lease, lease_expires_at);
+                // A call's upstream id never changes once known (from its bind or an event).
+                if let Some(bound) = current.call_id.filter(|bound| *bound != call_id) {
+                    return Err(StoreError::Backend(format!(
+                        "reservation {reservation_id} is bound to upstream id {bound}, not {call_id}"
+                    )));
+                }
+                index.check_free(conn, &call_id, &reservation_id)?;
+                let status = accounting::status_after_bind(&current.status, &answered);
+                let lease = accounting::lease_after_bind(
+                    current.live,
+                    current.lease_expires_at,
+                    lease_expires_at,
+                );
                 queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
+                index.add(conn, &call_id, &reservation_id, current.row)?;
                 // Nobody on the request path waits for it: its sync rides on the next admission's.
                 Ok(((), When::Lazy))
             });
@@ -392,14 +440,14 @@ impl StateStore for SqliteStore {
                 Ok(reservation)
             })
         };
-        let writer = self.writer.clone();
+        let (writer, index) = (self.writer.clone(), self.index.clone());
         Box::pin(async move {
             let Some(reservation_id) = check.await? else {
                 return Ok(EventOutcome::UnknownToken);
             };
             writer
                 .run(Urgency::Wait, move |conn, ledger| {
-                    apply_relayed_event(conn, ledger, &reservation_id, &event, now)
+                    apply_relayed_event(conn, ledger, &index, &reservation_id, &event, now)
                 })
                 .await
         })
@@ -414,16 +462,16 @@ impl StateStore for SqliteStore {
         now: i64,
     ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
+        let index = self.index.clone();
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
-            let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
+            let Some((record, pricing)) = find_by_upstream(conn, &index, &call_id)?
                 .filter(|(record, _)| record.tenant == tenant)
             else {
                 return Ok((None, When::Now));
             };
-            let settled =
-                apply_event(conn, ledger, &record, pricing, &event, object.as_ref(), now)?;
-            let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
-                .map(|r| (r.0, settled));
+            let object = object.as_ref();
+            let settled = apply_event(conn, ledger, &index, &record, pricing, &event, object, now)?;
+            let record = queries::load_call(conn, &record.reservation_id)?.map(|r| (r.0, settled));
             Ok((record, When::Committed))
         }))
     }
@@ -436,8 +484,9 @@ impl StateStore for SqliteStore {
         now: i64,
     ) -> StoreFuture<'static, Option<(CallRecord, bool)>> {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
+        let index = self.index.clone();
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
-            let Some((record, pricing)) = queries::load_call(conn, CallKey::Upstream, &call_id)?
+            let Some((record, pricing)) = find_by_upstream(conn, &index, &call_id)?
                 .filter(|(record, _)| record.tenant == tenant)
             else {
                 return Ok((None, When::Now));
@@ -447,8 +496,7 @@ impl StateStore for SqliteStore {
             }
             let ending = Ending::Stated { charge };
             settle(conn, ledger, &record, pricing, "released", ending, now)?;
-            let record = queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
-                .map(|r| (r.0, true));
+            let record = queries::load_call(conn, &record.reservation_id)?.map(|r| (r.0, true));
             Ok((record, When::Committed))
         }))
     }
@@ -475,9 +523,7 @@ impl StateStore for SqliteStore {
             for (record, pricing) in lapsed {
                 let status = accounting::EXPIRED;
                 settle(conn, ledger, &record, pricing, status, Ending::Expired, now)?;
-                if let Some((r, _)) =
-                    queries::load_call(conn, CallKey::Reservation, &record.reservation_id)?
-                {
+                if let Some((r, _)) = queries::load_call(conn, &record.reservation_id)? {
                     out.push(r);
                 }
             }
@@ -504,13 +550,14 @@ impl StateStore for SqliteStore {
         let (tenant, call_id) = (tenant.to_string(), call_id.to_string());
         let readers = self.readers.clone();
         let writer = self.writer.clone();
+        let index = self.index.clone();
         Box::pin(async move {
             // What the counters already show (an event's settlement) is committed first, so
             // that the call reads as its usage does.
             writer.committed_up_to_now().await?;
             let committed = {
-                let call_id = call_id.clone();
-                readers.read(move |conn| queries::load_call(conn, CallKey::Upstream, &call_id))
+                let (call_id, index) = (call_id.clone(), index.clone());
+                readers.read(move |conn| find_by_upstream(conn, &index, &call_id))
             };
             let found = match committed.await? {
                 Some((record, _)) => Some(record),
@@ -519,7 +566,7 @@ impl StateStore for SqliteStore {
                 None => {
                     writer
                         .run(Urgency::Shed, move |conn, _| {
-                            let record = queries::load_call(conn, CallKey::Upstream, &call_id)?;
+                            let record = find_by_upstream(conn, &index, &call_id)?;
                             Ok((record.map(|r| r.0), When::Now))
                         })
                         .await?
@@ -855,9 +902,11 @@ impl StateStore for SqliteStore {
     }
 
     fn check_consistency(&self, now: i64) -> StoreFuture<'static, ()> {
+        let index = self.index.clone();
         Box::pin(self.writer.run(Urgency::Wait, move |conn, ledger| {
             let records = schema::load_ledger(conn)?;
-            let differences = ledger.differences(&records, now);
+            let mut differences = ledger.differences(&records, now);
+            differences.extend(call_index::differences(conn, &index)?);
             if differences.is_empty() {
                 Ok(((), When::Now))
             } else {

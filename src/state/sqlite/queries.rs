@@ -21,13 +21,6 @@ macro_rules! select_calls {
     };
 }
 
-/// Which key finds a call.
-#[derive(Debug, Clone, Copy)]
-pub enum CallKey {
-    Reservation,
-    Upstream,
-}
-
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(CallRecord, Pricing)> {
     let object: Option<String> = row.get(4)?;
     Ok((
@@ -54,18 +47,16 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(CallRecord, Pri
     ))
 }
 
-/// One call and its pricing.
+/// One call and its pricing, by reservation id (by upstream id: [`super::call_index`] finds the
+/// reservation).
 pub fn load_call(
     conn: &Connection,
-    by: CallKey,
-    key: &str,
+    reservation_id: &str,
 ) -> Result<Option<(CallRecord, Pricing)>, StoreError> {
-    let sql = match by {
-        CallKey::Reservation => select_calls!("reservation_id = ?1"),
-        CallKey::Upstream => select_calls!("call_id = ?1"),
-    };
-    let mut stmt = conn.prepare_cached(sql)?;
-    Ok(stmt.query_row([key], record_from_row).optional()?)
+    let mut stmt = conn.prepare_cached(select_calls!("reservation_id = ?1"))?;
+    Ok(stmt
+        .query_row([reservation_id], record_from_row)
+        .optional()?)
 }
 
 /// The stored hash of a reservation's relay token secret.
@@ -118,17 +109,33 @@ pub fn store_spend(conn: &Connection, tenant: &str, spend: &Spend) -> Result<(),
     Ok(())
 }
 
-/// What a bind needs of a reservation: its status, liveness and lease.
+/// What a bind needs of a reservation.
+pub struct BindState {
+    pub status: String,
+    pub live: bool,
+    pub lease_expires_at: i64,
+    pub row: i64,
+    /// The upstream id it is bound to already, if any.
+    pub call_id: Option<String>,
+}
+
+/// What a bind needs of a reservation: its status, liveness, lease, row and upstream id.
 pub fn bind_state(
     conn: &Connection,
     reservation_id: &str,
-) -> Result<Option<(String, bool, i64)>, StoreError> {
+) -> Result<Option<BindState>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT status, live, lease_expires_at FROM calls WHERE reservation_id = ?1",
+        "SELECT status, live, lease_expires_at, rowid, call_id FROM calls WHERE reservation_id = ?1",
     )?;
     Ok(stmt
         .query_row([reservation_id], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? == 1, r.get(2)?))
+            Ok(BindState {
+                status: r.get(0)?,
+                live: r.get::<_, i64>(1)? == 1,
+                lease_expires_at: r.get(2)?,
+                row: r.get(3)?,
+                call_id: r.get(4)?,
+            })
         })
         .optional()?)
 }
@@ -158,17 +165,19 @@ pub fn bind_call(
     Ok(())
 }
 
-/// Learn a call's upstream id from its first event (its bind was never recorded).
+/// Learn a call's upstream id from its first event (its bind was never recorded); returns its
+/// row if it had none.
 pub fn set_call_id(
     conn: &Connection,
     reservation_id: &str,
     call_id: &str,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "UPDATE calls SET call_id = ?2 WHERE reservation_id = ?1 AND call_id IS NULL",
+        "UPDATE calls SET call_id = ?2 WHERE reservation_id = ?1 AND call_id IS NULL RETURNING rowid",
     )?;
-    stmt.execute(params![reservation_id, call_id])?;
-    Ok(())
+    Ok(stmt
+        .query_row(params![reservation_id, call_id], |r| r.get(0))
+        .optional()?)
 }
 
 /// Forget a reservation the upstream never accepted; returns its tenant, hold and liveness.

@@ -7,10 +7,9 @@ use rusqlite::{Connection, OpenFlags};
 use crate::state::accounting::{Ledger, Spend};
 use crate::state::{Period, StoreError};
 
-/// The calls table's columns. `call_id` (the upstream's id) is unique through the partial index
-/// `calls_call_id`, which holds only bound calls: an admission, whose call has no upstream id
-/// yet, writes no entry to it (a column `UNIQUE` would index its NULL, and the bind would move
-/// it: one more page written per commit).
+/// The calls table's columns. `call_id` (the upstream's id) is found through `call_ids` and the
+/// bind index in memory ([`super::call_index`]), which also keep it unique; the table has no
+/// index on it (a column `UNIQUE` would index an admission's NULL, and the bind would move it).
 const CALLS_COLUMNS: &str = "(
     reservation_id   TEXT PRIMARY KEY,
     tenant           TEXT NOT NULL,
@@ -39,13 +38,19 @@ const CALLS_COLUMN_NAMES: &str = "reservation_id, tenant, call_id, token_hash, s
 /// Tables and indexes, after `CREATE TABLE IF NOT EXISTS calls` [`CALLS_COLUMNS`]. Runtime
 /// opt-outs are keyed by number and scope (`*` for every tenant, else the tenant id); attempts by
 /// scope (a tenant id, or `#account`), number and reservation id. Calls are found by reservation
-/// id (primary key; relay tokens name it), upstream id (reads, reconciliation), tenant (listing)
-/// and lease end (the sweeper); nothing on the request path counts them: the live counters do.
+/// id (primary key; relay tokens name it), upstream id (`call_ids`: reads, reconciliation),
+/// tenant (listing) and lease end (the sweeper); nothing on the request path counts them: the live counters do.
 /// Every index costs a page write per commit, so there is none that is not needed (files made
 /// before 0.2 keep a unique index on `token_hash`: harmless).
 const SCHEMA: &str = "
 DROP INDEX IF EXISTS calls_live;
-CREATE UNIQUE INDEX IF NOT EXISTS calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS call_ids (
+    call_id        TEXT PRIMARY KEY,
+    reservation_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS call_ids_merged (
+    up_to INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, reservation_id);
 CREATE INDEX IF NOT EXISTS calls_lease ON calls(lease_expires_at) WHERE live = 1;
 CREATE TABLE IF NOT EXISTS budgets (
@@ -112,7 +117,8 @@ pub const WRITER_CHECKPOINT_PAGES: i64 = 4 * CHECKPOINT_PAGES;
 /// after a split of an index page, SQLite's commit walks every page in the cache
 /// (`balance_nonroot`'s temporary page number raises the cache's largest key; see
 /// docs/benchmarks.md, "... the page cache's full scans"), and the upstream-id index's random keys
-/// split a page every few commits. Measured after 20 s at saturation (about 200 000 calls), five
+/// split a page every few commits (before binds were merged into it in sorted chunks,
+/// [`super::call_index`]). Measured after 20 s at saturation (about 200 000 calls), five
 /// interleaved rounds of 4 MiB against 8 MiB: the writer's user time per call 21.6 against
 /// 26.5 µs, all of the gateway's CPU per call −8%, for 0.28 more page reads per call (from the
 /// kernel's page cache). 2 MiB did not beat 4.
@@ -147,6 +153,7 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         "CREATE TABLE IF NOT EXISTS calls {CALLS_COLUMNS};"
     ))?;
     conn.execute_batch(SCHEMA)?;
+    super::call_index::migrate(&conn)?;
     Ok(conn)
 }
 

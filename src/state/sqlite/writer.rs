@@ -71,6 +71,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::call_index::CallIndex;
 use super::schema;
 use crate::metrics::{STORE_BATCH, STORE_SYNC, STORE_WAIT};
 use crate::state::StoreError;
@@ -174,6 +175,7 @@ impl Writer {
         lock: std::fs::File,
         log: Option<std::fs::File>,
         lazy_sync: std::time::Duration,
+        index: Arc<CallIndex>,
     ) -> Result<Writer, StoreError> {
         let ledger = Arc::new(Mutex::new(schema::load_ledger(&conn)?));
         let (queue, rx) = mpsc::channel(capacity.max(1));
@@ -204,7 +206,7 @@ impl Writer {
                     rx,
                     thread_ledger,
                     committed_tx,
-                    Disk { log, fold },
+                    Disk { log, fold, index },
                     timer,
                     Hold {
                         lazy_sync,
@@ -413,6 +415,8 @@ impl Writer {
 struct Disk {
     log: Option<Log>,
     fold: Fold,
+    /// Upstream ids: the writer merges them into their table (see `call_index`).
+    index: Arc<CallIndex>,
 }
 
 /// How the log is folded into the file (see the module docs): the log's length after the last
@@ -603,11 +607,14 @@ fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreErr
     }
 }
 
-/// The counters as the file has them, after a rollback.
-fn rebuild(conn: &Connection, counters: &mut Ledger) {
+/// The counters and the upstream ids in memory as the file has them, after a rollback.
+fn rebuild(conn: &Connection, counters: &mut Ledger, index: &CallIndex) {
     match schema::load_ledger(conn) {
         Ok(rebuilt) => *counters = rebuilt,
         Err(e) => tracing::error!(error = %e, "state store: cannot rebuild the counters"),
+    }
+    if let Err(e) = index.reload(conn) {
+        tracing::error!(error = %e, "state store: cannot reload the upstream ids in memory");
     }
 }
 
@@ -659,7 +666,8 @@ fn run(
     timer: tokio::runtime::Runtime,
     hold: Hold,
 ) {
-    let Disk { log, fold } = disk;
+    let Disk { log, fold, index } = disk;
+    let index = &*index;
     let Hold {
         lazy_sync,
         holding,
@@ -705,6 +713,7 @@ fn run(
                             && commit_held(
                                 conn,
                                 &ledger,
+                                index,
                                 &committed,
                                 &log,
                                 &batch_histogram,
@@ -722,6 +731,7 @@ fn run(
                             }
                             sync_due = None;
                         }
+                        merge_upstream_ids(conn, index);
                         if !fold.after_commit(conn) {
                             return stop_after_a_failed_checkpoint(conn, &fold, &log, unsynced);
                         }
@@ -794,7 +804,7 @@ fn run(
                     }
                     // An operation that settles several calls may have changed counters before
                     // the failure: take them from the file.
-                    rebuild(conn, &mut counters);
+                    rebuild(conn, &mut counters, index);
                 }
                 drop(counters);
                 if savepoint {
@@ -832,14 +842,17 @@ fn run(
             Ok(()) if rolled_back_alone => Ok(()),
             // SQLite rolled the transaction back itself (an operation went on past an error
             // that does that): nothing of it is on the file.
-            Ok(()) if conn.is_autocommit() => {
-                Err(roll_back(conn, &ledger, "the transaction was rolled back"))
-            }
-            Ok(()) => commit(conn, &ledger),
+            Ok(()) if conn.is_autocommit() => Err(roll_back(
+                conn,
+                &ledger,
+                index,
+                "the transaction was rolled back",
+            )),
+            Ok(()) => commit(conn, &ledger, index),
             Err(e) => {
                 // Jobs not reached are dropped with their replies: their callers see `Closed`.
                 batch.clear();
-                Err(roll_back(conn, &ledger, e))
+                Err(roll_back(conn, &ledger, index, e))
             }
         };
         committed.send_replace(last);
@@ -866,6 +879,7 @@ fn run(
         for since in waiting_since {
             wait_histogram.record(since.elapsed());
         }
+        merge_upstream_ids(conn, index);
         if !fold.after_commit(conn) {
             return stop_after_a_failed_checkpoint(conn, &fold, &log, unsynced);
         }
@@ -876,6 +890,7 @@ fn run(
         && commit_held(
             conn,
             &ledger,
+            index,
             &committed,
             &log,
             &batch_histogram,
@@ -890,6 +905,17 @@ fn run(
         && !sync_and_answer(log, unsynced)
     {
         stop_on_a_failing_disk(conn, &fold);
+    }
+}
+
+/// Once a batch is answered (or a held one committed): the next chunk of upstream ids, in a
+/// transaction of its own, synced with the next commit (see `call_index`).
+fn merge_upstream_ids(conn: &Connection, index: &CallIndex) {
+    if conn.is_autocommit()
+        && index.wants_merge()
+        && let Err(e) = index.merge_step(conn)
+    {
+        tracing::warn!(error = %e, "state store: cannot merge upstream ids; tried again after the next batch");
     }
 }
 
@@ -931,16 +957,18 @@ fn raise_hold(holding: &AtomicBool, wanted: &AtomicU64, committed: u64) -> bool 
 
 /// Commit the held transaction (it is due, or the queue closed). Its replies join `unsynced`,
 /// and `true` says a sync is due now; without a log, or if the commit failed, they are answered.
+#[allow(clippy::too_many_arguments)]
 fn commit_held(
     conn: &Connection,
     ledger: &Mutex<Ledger>,
+    index: &CallIndex,
     committed: &watch::Sender<u64>,
     log: &Option<Log>,
     batches: &metrics::Histogram,
     held: Held,
     unsynced: &mut Vec<Reply>,
 ) -> bool {
-    let result = commit(conn, ledger);
+    let result = commit(conn, ledger, index);
     committed.send_replace(held.last);
     batches.record(held.operations as f64);
     match (log, result) {
@@ -956,21 +984,30 @@ fn commit_held(
 }
 
 /// Commit the open transaction; if that fails (a failing disk), roll it back.
-fn commit(conn: &Connection, ledger: &Mutex<Ledger>) -> Result<(), StoreError> {
+fn commit(conn: &Connection, ledger: &Mutex<Ledger>, index: &CallIndex) -> Result<(), StoreError> {
     conn.prepare_cached("COMMIT")
         .and_then(|mut commit| commit.execute([]))
         .map(|_| ())
-        .map_err(|e| roll_back(conn, ledger, e))
+        .map_err(|e| roll_back(conn, ledger, index, e))
 }
 
 /// The batch could not be committed (`why`): roll back what is left of its transaction, rebuild
 /// the counters from the file, and give the error its operations are answered with.
-fn roll_back(conn: &Connection, ledger: &Mutex<Ledger>, why: impl std::fmt::Display) -> StoreError {
+fn roll_back(
+    conn: &Connection,
+    ledger: &Mutex<Ledger>,
+    index: &CallIndex,
+    why: impl std::fmt::Display,
+) -> StoreError {
     tracing::error!(error = %why, "state store: the batch could not be committed; rebuilding the counters from the file");
     if !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
     }
-    rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+    rebuild(
+        conn,
+        &mut ledger.lock().unwrap_or_else(|p| p.into_inner()),
+        index,
+    );
     StoreError::Backend(why.to_string())
 }
 

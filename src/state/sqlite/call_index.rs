@@ -1,0 +1,347 @@
+//! The upstream-id index: recent binds in memory, merged into the `call_ids` table in sorted
+//! chunks.
+//!
+//! Upstream ids are random: a b-tree keyed by them takes each bind on a leaf of its own, so a
+//! commit of eight binds wrote eight leaves of it (half of what a commit wrote at saturation), and
+//! more of them as the file grows (docs/benchmarks.md, "Where a commit's pages go"). Here a bind
+//! writes only its call's row (which it rewrites anyway); the index learns it in memory, and
+//! once [`MERGE_AT`] binds have gathered, the writer merges them into `call_ids` in key order,
+//! [`MERGE_CHUNK`] a transaction, after it has answered a batch. Binds that share a leaf then
+//! share its write.
+//!
+//! What is durable: the calls row holds its upstream id from the bind's commit on. `call_ids`
+//! holds every bound call whose row is at or below `call_ids_merged.up_to` (a rowid); the rows
+//! above it are read back into memory at start. A merge moves `up_to` only in the transaction of
+//! its last chunk, and a bind of a row at or below the bound the running merge will set (a call
+//! whose upstream answered late) goes straight into `call_ids`, in the bind's transaction. So a
+//! crash at any point leaves every bound call in `call_ids` or above `up_to`; a chunk merged
+//! again after a crash finds its entries there and leaves them.
+//!
+//! Readers take a hit in memory only if the row they read has that upstream id (a bind still in
+//! the writer's open transaction is not found, as before); entries leave memory only after the
+//! chunk that merged them is committed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::state::StoreError;
+
+/// Binds gathered in memory before a merge starts (about 2 MB of memory, a second and a half of
+/// binds at saturation).
+pub const MERGE_AT: usize = 16 * 1024;
+
+/// Entries merged per transaction.
+pub const MERGE_CHUNK: usize = 512;
+
+/// See the module docs.
+pub struct CallIndex {
+    state: Mutex<State>,
+    /// [`MERGE_AT`], and the chunk: [`MERGE_CHUNK`], or less for a smaller `merge_at` (tests).
+    merge_at: usize,
+    chunk: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bound calls not yet merged (or in the merge that runs): upstream id → reservation id, row.
+    recent: HashMap<Box<str>, (Box<str>, i64)>,
+    /// The running merge's entries, in key order, and how many are merged.
+    merging: Vec<(Box<str>, Box<str>)>,
+    merged: usize,
+    /// Bound rows at or below this go straight into `call_ids`.
+    direct_up_to: i64,
+    /// What `up_to` becomes when the running merge ends.
+    merging_up_to: i64,
+}
+
+impl CallIndex {
+    /// The index as the file has it (the writer's connection, at start or after a rollback).
+    pub fn load(conn: &Connection, merge_at: usize) -> Result<CallIndex, StoreError> {
+        let merge_at = merge_at.max(1);
+        let index = CallIndex {
+            state: Mutex::default(),
+            merge_at,
+            chunk: MERGE_CHUNK.min(merge_at.div_ceil(4)),
+        };
+        index.reload(conn)?;
+        Ok(index)
+    }
+
+    /// Forget what memory holds and read it back from the file: the bound rows above `up_to`.
+    pub fn reload(&self, conn: &Connection) -> Result<(), StoreError> {
+        let up_to = merged_up_to(conn)?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT call_id, reservation_id, rowid FROM calls WHERE rowid > ?1 AND call_id IS NOT NULL",
+        )?;
+        let recent = stmt
+            .query_map([up_to], |r| {
+                Ok((
+                    r.get::<_, String>(0)?.into_boxed_str(),
+                    (r.get::<_, String>(1)?.into_boxed_str(), r.get(2)?),
+                ))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        *self.lock() = State {
+            recent,
+            direct_up_to: up_to,
+            merging_up_to: up_to,
+            ..State::default()
+        };
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reservation bound to `call_id`, if memory has it (it may not be committed yet: check
+    /// the row).
+    pub fn recent(&self, call_id: &str) -> Option<String> {
+        self.lock().recent.get(call_id).map(|(r, _)| r.to_string())
+    }
+
+    /// The reservation `call_id` is bound to, in memory or in `call_ids` (as `conn` sees it).
+    pub fn find(&self, conn: &Connection, call_id: &str) -> Result<Option<String>, StoreError> {
+        if let Some(found) = self.recent(call_id) {
+            return Ok(Some(found));
+        }
+        let mut stmt =
+            conn.prepare_cached("SELECT reservation_id FROM call_ids WHERE call_id = ?1")?;
+        Ok(stmt.query_row([call_id], |r| r.get(0)).optional()?)
+    }
+
+    /// Refuse `call_id` if another reservation has it. The writer calls this before it writes the
+    /// row.
+    pub fn check_free(
+        &self,
+        conn: &Connection,
+        call_id: &str,
+        reservation_id: &str,
+    ) -> Result<(), StoreError> {
+        match self.find(conn, call_id)? {
+            Some(other) if other != reservation_id => Err(StoreError::Backend(format!(
+                "upstream call id {call_id} is already bound to another call"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Index a bind whose row (`rowid`) the writer has just written, in its transaction: in
+    /// memory, or in `call_ids` if the row is at or below what the merges cover (then it is a
+    /// second write of the operation, which needs a savepoint).
+    pub fn add(
+        &self,
+        conn: &Connection,
+        call_id: &str,
+        reservation_id: &str,
+        rowid: i64,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if rowid <= state.direct_up_to {
+            drop(state);
+            insert(conn, call_id, reservation_id)?;
+            return Ok(());
+        }
+        state
+            .recent
+            .insert(call_id.into(), (reservation_id.into(), rowid));
+        Ok(())
+    }
+
+    /// Whether a merge has work: one is running, or enough binds have gathered.
+    pub fn wants_merge(&self) -> bool {
+        let state = self.lock();
+        !state.merging.is_empty() || state.recent.len() >= self.merge_at
+    }
+
+    /// One step of the merge, in a transaction of its own (the writer calls this with none open,
+    /// after it has answered a batch): start one if enough binds have gathered, then merge the
+    /// next chunk. Its commit is synced with the writer's next.
+    pub fn merge_step(&self, conn: &Connection) -> Result<(), StoreError> {
+        let (chunk, last) = {
+            let mut state = self.lock();
+            if state.merging.is_empty() {
+                if state.recent.len() < self.merge_at {
+                    return Ok(());
+                }
+                let mut entries: Vec<_> = state
+                    .recent
+                    .iter()
+                    .map(|(call, (reservation, _))| (call.clone(), reservation.clone()))
+                    .collect();
+                entries.sort_unstable();
+                let top = state.recent.values().map(|(_, row)| *row).max();
+                state.merging_up_to = top.unwrap_or(state.merging_up_to);
+                // From now on a bind of a row this merge covers goes straight to the table.
+                state.direct_up_to = state.merging_up_to;
+                state.merging = entries;
+                state.merged = 0;
+            }
+            let end = (state.merged + self.chunk).min(state.merging.len());
+            let chunk: Vec<_> = state.merging[state.merged..end].to_vec();
+            (
+                chunk,
+                (end == state.merging.len()).then_some(state.merging_up_to),
+            )
+        };
+        let written = (|| -> Result<(), StoreError> {
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            for (call_id, reservation_id) in &chunk {
+                insert(conn, call_id, reservation_id)?;
+            }
+            if let Some(up_to) = last {
+                conn.prepare_cached("UPDATE call_ids_merged SET up_to = ?1")?
+                    .execute([up_to])?;
+            }
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            return Err(e);
+        }
+        let mut state = self.lock();
+        for (call_id, reservation_id) in &chunk {
+            if state
+                .recent
+                .get(call_id)
+                .is_some_and(|(r, _)| r == reservation_id)
+            {
+                state.recent.remove(call_id);
+            }
+        }
+        state.merged += chunk.len();
+        if last.is_some() {
+            state.merging = Vec::new();
+            state.merged = 0;
+        }
+        Ok(())
+    }
+
+    /// Bound calls memory holds (for the consistency check and tests).
+    pub fn in_memory(&self) -> Vec<(String, String)> {
+        self.lock()
+            .recent
+            .iter()
+            .map(|(c, (r, _))| (c.to_string(), r.to_string()))
+            .collect()
+    }
+}
+
+fn insert(conn: &Connection, call_id: &str, reservation_id: &str) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO call_ids (call_id, reservation_id) VALUES (?1, ?2) ON CONFLICT (call_id) DO NOTHING",
+    )?;
+    stmt.execute(params![call_id, reservation_id])?;
+    Ok(())
+}
+
+fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT up_to FROM call_ids_merged")?;
+    Ok(stmt.query_row([], |r| r.get(0)).optional()?.unwrap_or(0))
+}
+
+/// Make `call_ids` hold every bound call, once, for a file from before it (or one an older
+/// version wrote to since: it keeps the old index, `calls_call_id`): copy the bound calls in, set
+/// `up_to` to the last row, drop the old index. One transaction.
+pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let old_index: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'calls_call_id')",
+        [],
+        |r| r.get(0),
+    )?;
+    let has_state: bool =
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM call_ids_merged)", [], |r| {
+            r.get(0)
+        })?;
+    if has_state && !old_index {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT OR IGNORE INTO call_ids (call_id, reservation_id)
+             SELECT call_id, reservation_id FROM calls WHERE call_id IS NOT NULL ORDER BY call_id;
+         DELETE FROM call_ids_merged;
+         INSERT INTO call_ids_merged (up_to) SELECT COALESCE(MAX(rowid), 0) FROM calls;
+         DROP INDEX IF EXISTS calls_call_id;
+         COMMIT;",
+    )
+    .inspect_err(|_| {
+        let _ = conn.execute_batch("ROLLBACK");
+    })?;
+    Ok(())
+}
+
+/// Where the index and the calls' rows disagree: a bound call neither in memory nor in
+/// `call_ids`, an entry of either that its row does not have, a bound row at or below `up_to`
+/// that `call_ids` does not hold (a restart would not find it).
+pub fn differences(conn: &Connection, index: &CallIndex) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    let recent: HashMap<String, String> = index.in_memory().into_iter().collect();
+    let mut stmt = conn.prepare(
+        "SELECT c.call_id, c.reservation_id, i.reservation_id, c.rowid > m.up_to
+         FROM calls c LEFT JOIN call_ids i ON i.call_id = c.call_id, call_ids_merged m
+         WHERE c.call_id IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, bool>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (call_id, reservation, indexed, above) = row?;
+        let held = recent.get(&call_id);
+        if indexed.is_none() && held.is_none() {
+            out.push(format!(
+                "upstream id {call_id} ({reservation}) is not indexed"
+            ));
+        }
+        for other in indexed.iter().chain(held) {
+            if *other != reservation {
+                out.push(format!(
+                    "upstream id {call_id} is indexed to {other}, its row is {reservation}"
+                ));
+            }
+        }
+        // What a restart would find: the rows above `up_to` are read back into memory.
+        if !above && indexed.is_none() {
+            out.push(format!(
+                "upstream id {call_id} is at or below up_to but not in call_ids"
+            ));
+        }
+    }
+    let entries: i64 = conn.query_row("SELECT COUNT(*) FROM call_ids", [], |r| r.get(0))?;
+    let unbound: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM call_ids i LEFT JOIN calls c ON c.reservation_id = i.reservation_id
+         WHERE c.call_id IS NOT i.call_id",
+        [],
+        |r| r.get(0),
+    )?;
+    if unbound > 0 {
+        out.push(format!(
+            "{unbound} of {entries} entries in call_ids have no such bound row"
+        ));
+    }
+    for (call_id, reservation) in &recent {
+        let row: Option<Option<String>> = conn
+            .query_row(
+                "SELECT call_id FROM calls WHERE reservation_id = ?1",
+                [reservation],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if row.flatten().as_deref() != Some(call_id) {
+            out.push(format!(
+                "memory binds {call_id} to {reservation}, its row does not"
+            ));
+        }
+    }
+    Ok(out)
+}
