@@ -10,8 +10,9 @@
 //! share its write.
 //!
 //! What is durable: the calls row holds its upstream id from the bind's commit on. `call_ids`
-//! holds every bound call whose row is at or below `call_ids_merged.up_to` (a rowid); the rows
-//! above it are read back into memory at start. A merge moves `up_to` only in the transaction of
+//! holds every bound call whose row is at or below `call_ids_merged.up_to` (a rowid, with the
+//! reservation of that row as its `anchor`: a `VACUUM` may renumber rows, and then every bound
+//! call is copied in again); the rows above it are read back into memory at start. A merge moves `up_to` only in the transaction of
 //! its last chunk, and a bind of a row at or below the bound the running merge will set (a call
 //! whose upstream answered late) goes straight into `call_ids`, in the bind's transaction. So a
 //! crash at any point leaves every bound call in `call_ids` or above `up_to`; a chunk merged
@@ -52,8 +53,9 @@ struct State {
     merged: usize,
     /// Bound rows at or below this go straight into `call_ids`.
     direct_up_to: i64,
-    /// What `up_to` becomes when the running merge ends.
+    /// What `up_to` becomes when the running merge ends, and the reservation of that row.
     merging_up_to: i64,
+    merging_anchor: Option<Box<str>>,
 }
 
 impl CallIndex {
@@ -172,8 +174,11 @@ impl CallIndex {
                     .map(|(call, (reservation, _))| (call.clone(), reservation.clone()))
                     .collect();
                 entries.sort_unstable();
-                let top = state.recent.values().map(|(_, row)| *row).max();
-                state.merging_up_to = top.unwrap_or(state.merging_up_to);
+                let top = state.recent.values().max_by_key(|(_, row)| *row).cloned();
+                if let Some((reservation, row)) = top {
+                    state.merging_up_to = row;
+                    state.merging_anchor = Some(reservation);
+                }
                 // From now on a bind of a row this merge covers goes straight to the table.
                 state.direct_up_to = state.merging_up_to;
                 state.merging = entries;
@@ -181,19 +186,18 @@ impl CallIndex {
             }
             let end = (state.merged + self.chunk).min(state.merging.len());
             let chunk: Vec<_> = state.merging[state.merged..end].to_vec();
-            (
-                chunk,
-                (end == state.merging.len()).then_some(state.merging_up_to),
-            )
+            let last = (end == state.merging.len())
+                .then(|| (state.merging_up_to, state.merging_anchor.clone()));
+            (chunk, last)
         };
         let written = (|| -> Result<(), StoreError> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             for (call_id, reservation_id) in &chunk {
                 insert(conn, call_id, reservation_id)?;
             }
-            if let Some(up_to) = last {
-                conn.prepare_cached("UPDATE call_ids_merged SET up_to = ?1")?
-                    .execute([up_to])?;
+            if let Some((up_to, anchor)) = &last {
+                conn.prepare_cached("UPDATE call_ids_merged SET up_to = ?1, anchor = ?2")?
+                    .execute(params![up_to, anchor.as_deref()])?;
             }
             conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(())
@@ -245,28 +249,41 @@ fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
     Ok(stmt.query_row([], |r| r.get(0)).optional()?.unwrap_or(0))
 }
 
-/// Make `call_ids` hold every bound call, once, for a file from before it (or one an older
-/// version wrote to since: it keeps the old index, `calls_call_id`): copy the bound calls in, set
-/// `up_to` to the last row, drop the old index. One transaction.
+/// Make `call_ids` hold every bound call, once, for a file from before it, one an older version
+/// wrote to since (it keeps the old index, `calls_call_id`), or one whose rows were renumbered
+/// (`VACUUM` may renumber a table's rowids; the row `up_to` names is no longer its `anchor`): copy
+/// the bound calls in, set `up_to` to the last bound row, drop the old index. One transaction.
 pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let old_index: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'calls_call_id')",
         [],
         |r| r.get(0),
     )?;
-    let has_state: bool =
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM call_ids_merged)", [], |r| {
-            r.get(0)
-        })?;
-    if has_state && !old_index {
+    let in_place: Option<bool> = conn
+        .query_row(
+            "SELECT up_to = 0 OR (SELECT rowid FROM calls WHERE reservation_id = anchor) IS up_to
+             FROM call_ids_merged",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if in_place == Some(true) && !old_index {
         return Ok(());
+    }
+    if in_place == Some(false) {
+        tracing::warn!(
+            "state file: the calls were renumbered (a VACUUM?); copying every upstream id into call_ids again"
+        );
     }
     conn.execute_batch(
         "BEGIN IMMEDIATE;
          INSERT OR IGNORE INTO call_ids (call_id, reservation_id)
              SELECT call_id, reservation_id FROM calls WHERE call_id IS NOT NULL ORDER BY call_id;
          DELETE FROM call_ids_merged;
-         INSERT INTO call_ids_merged (up_to) SELECT COALESCE(MAX(rowid), 0) FROM calls;
+         INSERT INTO call_ids_merged (up_to, anchor)
+             SELECT COALESCE(MAX(rowid), 0), NULL FROM calls WHERE call_id IS NOT NULL;
+         UPDATE call_ids_merged
+             SET anchor = (SELECT reservation_id FROM calls WHERE rowid = up_to);
          DROP INDEX IF EXISTS calls_call_id;
          COMMIT;",
     )

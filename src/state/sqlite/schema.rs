@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS call_ids (
     reservation_id TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS call_ids_merged (
-    up_to INTEGER NOT NULL
+    up_to  INTEGER NOT NULL,
+    anchor TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, reservation_id);
 CREATE INDEX IF NOT EXISTS calls_lease ON calls(lease_expires_at) WHERE live = 1;
