@@ -274,7 +274,10 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
         tracing::warn!(
             "state file: the calls were renumbered (a VACUUM?); copying every upstream id into call_ids again"
         );
+    } else if old_index {
+        tracing::info!("state file: copying upstream ids into call_ids once");
     }
+    let started = std::time::Instant::now();
     conn.execute_batch(
         "BEGIN IMMEDIATE;
          INSERT OR IGNORE INTO call_ids (call_id, reservation_id)
@@ -290,6 +293,13 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     .inspect_err(|_| {
         let _ = conn.execute_batch("ROLLBACK");
     })?;
+    // A new file (or one from before the partial index, whose rebuild logged itself) is quiet.
+    if in_place.is_some() || old_index {
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "state file: upstream ids copied into call_ids"
+        );
+    }
     Ok(())
 }
 
