@@ -56,6 +56,11 @@ struct State {
     /// What `up_to` becomes when the running merge ends, and the reservation of that row.
     merging_up_to: i64,
     merging_anchor: Option<Box<str>>,
+    /// Binds added to memory so far (see [`CallIndex::additions`]).
+    additions: u64,
+    /// A reload failed: what memory holds may include binds that were rolled back. Nothing is
+    /// merged until a reload succeeds.
+    stale: bool,
 }
 
 impl CallIndex {
@@ -73,6 +78,33 @@ impl CallIndex {
 
     /// Forget what memory holds and read it back from the file: the bound rows above `up_to`.
     pub fn reload(&self, conn: &Connection) -> Result<(), StoreError> {
+        let read = self.read_back(conn);
+        let mut state = self.lock();
+        let additions = state.additions;
+        match read {
+            Ok((recent, up_to)) => {
+                *state = State {
+                    recent,
+                    direct_up_to: up_to,
+                    merging_up_to: up_to,
+                    additions,
+                    ..State::default()
+                };
+                Ok(())
+            }
+            Err(e) => {
+                state.stale = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The bound rows above `up_to`, and `up_to`.
+    #[allow(clippy::type_complexity)]
+    fn read_back(
+        &self,
+        conn: &Connection,
+    ) -> Result<(HashMap<Box<str>, (Box<str>, i64)>, i64), StoreError> {
         let up_to = merged_up_to(conn)?;
         let mut stmt = conn.prepare_cached(
             "SELECT call_id, reservation_id, rowid FROM calls WHERE rowid > ?1 AND call_id IS NOT NULL",
@@ -85,13 +117,13 @@ impl CallIndex {
                 ))
             })?
             .collect::<Result<HashMap<_, _>, _>>()?;
-        *self.lock() = State {
-            recent,
-            direct_up_to: up_to,
-            merging_up_to: up_to,
-            ..State::default()
-        };
-        Ok(())
+        Ok((recent, up_to))
+    }
+
+    /// How many binds have been added to memory: an operation that fails after it added one
+    /// (its savepoint rolled back) has memory read back from the file.
+    pub fn additions(&self) -> u64 {
+        self.lock().additions
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -149,31 +181,42 @@ impl CallIndex {
         state
             .recent
             .insert(call_id.into(), (reservation_id.into(), rowid));
+        state.additions += 1;
         Ok(())
     }
 
     /// Whether a merge has work: one is running, or enough binds have gathered.
     pub fn wants_merge(&self) -> bool {
         let state = self.lock();
-        !state.merging.is_empty() || state.recent.len() >= self.merge_at
+        state.stale || !state.merging.is_empty() || state.recent.len() >= self.merge_at
     }
 
     /// One step of the merge, in a transaction of its own (the writer calls this with none open,
     /// after it has answered a batch): start one if enough binds have gathered, then merge the
     /// next chunk. Its commit is synced with the writer's next.
     pub fn merge_step(&self, conn: &Connection) -> Result<(), StoreError> {
-        let (chunk, last) = {
-            let mut state = self.lock();
-            if state.merging.is_empty() {
-                if state.recent.len() < self.merge_at {
-                    return Ok(());
-                }
-                let mut entries: Vec<_> = state
+        if self.lock().stale {
+            self.reload(conn)?;
+        }
+        let starting = {
+            let state = self.lock();
+            (state.merging.is_empty() && state.recent.len() >= self.merge_at).then(|| {
+                state
                     .recent
                     .iter()
                     .map(|(call, (reservation, _))| (call.clone(), reservation.clone()))
-                    .collect();
-                entries.sort_unstable();
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Sorted with the lock released: readers look binds up meanwhile. Only this thread (the
+        // writer's) changes what memory holds.
+        let starting = starting.map(|mut entries| {
+            entries.sort_unstable();
+            entries
+        });
+        let (chunk, last) = {
+            let mut state = self.lock();
+            if let Some(entries) = starting {
                 let top = state.recent.values().max_by_key(|(_, row)| *row).cloned();
                 if let Some((reservation, row)) = top {
                     state.merging_up_to = row;
@@ -183,6 +226,9 @@ impl CallIndex {
                 state.direct_up_to = state.merging_up_to;
                 state.merging = entries;
                 state.merged = 0;
+            }
+            if state.merging.is_empty() {
+                return Ok(());
             }
             let end = (state.merged + self.chunk).min(state.merging.len());
             let chunk: Vec<_> = state.merging[state.merged..end].to_vec();
@@ -236,9 +282,13 @@ impl CallIndex {
     }
 }
 
+/// Index `call_id` as `reservation_id`'s. The bind checked that no other reservation has it, so
+/// an entry already there for another is stale, and replaced.
 fn insert(conn: &Connection, call_id: &str, reservation_id: &str) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO call_ids (call_id, reservation_id) VALUES (?1, ?2) ON CONFLICT (call_id) DO NOTHING",
+        "INSERT INTO call_ids (call_id, reservation_id) VALUES (?1, ?2)
+         ON CONFLICT (call_id) DO UPDATE SET reservation_id = excluded.reservation_id
+         WHERE reservation_id IS NOT excluded.reservation_id",
     )?;
     stmt.execute(params![call_id, reservation_id])?;
     Ok(())
@@ -251,8 +301,9 @@ fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
 
 /// Make `call_ids` hold every bound call, once, for a file from before it, one an older version
 /// wrote to since (it keeps the old index, `calls_call_id`), or one whose rows were renumbered
-/// (`VACUUM` may renumber a table's rowids; the row `up_to` names is no longer its `anchor`): copy
-/// the bound calls in, set `up_to` to the last bound row, drop the old index. One transaction.
+/// (`VACUUM` may renumber a table's rowids; the row `up_to` names is no longer its `anchor`): make
+/// `call_ids` afresh from the bound calls (an older version may have changed a binding), set
+/// `up_to` to the last bound row, drop the old index. One transaction.
 pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let old_index: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'calls_call_id')",
@@ -280,6 +331,7 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     conn.execute_batch(
         "BEGIN IMMEDIATE;
+         DELETE FROM call_ids;
          INSERT OR IGNORE INTO call_ids (call_id, reservation_id)
              SELECT call_id, reservation_id FROM calls WHERE call_id IS NOT NULL ORDER BY call_id;
          DELETE FROM call_ids_merged;

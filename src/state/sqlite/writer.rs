@@ -607,14 +607,19 @@ fn answer(replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreErr
     }
 }
 
-/// The counters and the upstream ids in memory as the file has them, after a rollback.
-fn rebuild(conn: &Connection, counters: &mut Ledger, index: &CallIndex) {
+/// The counters as the file has them, after a rollback.
+fn rebuild(conn: &Connection, counters: &mut Ledger) {
     match schema::load_ledger(conn) {
         Ok(rebuilt) => *counters = rebuilt,
         Err(e) => tracing::error!(error = %e, "state store: cannot rebuild the counters"),
     }
+}
+
+/// The upstream ids in memory as the file has them, after a rollback of binds memory holds (if
+/// that fails, nothing is merged until it succeeds: see `call_index`).
+fn reload_index(conn: &Connection, index: &CallIndex) {
     if let Err(e) = index.reload(conn) {
-        tracing::error!(error = %e, "state store: cannot reload the upstream ids in memory");
+        tracing::error!(error = %e, "state store: cannot read the upstream ids back into memory");
     }
 }
 
@@ -784,6 +789,7 @@ fn run(
                 }
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
+                let additions = index.additions();
                 let (when, reply) = job(conn, &mut counters);
                 if when.is_none() {
                     if single {
@@ -804,7 +810,11 @@ fn run(
                     }
                     // An operation that settles several calls may have changed counters before
                     // the failure: take them from the file.
-                    rebuild(conn, &mut counters, index);
+                    rebuild(conn, &mut counters);
+                    // And binds it added to memory (few operations fail after adding one).
+                    if index.additions() != additions {
+                        reload_index(conn, index);
+                    }
                 }
                 drop(counters);
                 if savepoint {
@@ -1003,11 +1013,8 @@ fn roll_back(
     if !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
     }
-    rebuild(
-        conn,
-        &mut ledger.lock().unwrap_or_else(|p| p.into_inner()),
-        index,
-    );
+    rebuild(conn, &mut ledger.lock().unwrap_or_else(|p| p.into_inner()));
+    reload_index(conn, index);
     StoreError::Backend(why.to_string())
 }
 
