@@ -44,17 +44,19 @@ pub struct CallIndex {
     chunk: usize,
 }
 
+/// Bound calls not yet merged (or in the merge that runs): upstream id → reservation id, row.
+type Recent = HashMap<Box<str>, (Box<str>, i64)>;
+
 #[derive(Default)]
 struct State {
-    /// Bound calls not yet merged (or in the merge that runs): upstream id → reservation id, row.
-    recent: HashMap<Box<str>, (Box<str>, i64)>,
-    /// The running merge's entries, in key order, and how many are merged.
-    merging: Vec<(Box<str>, Box<str>)>,
+    recent: Recent,
+    /// The running merge's upstream ids (their reservations are in `recent` until merged), in
+    /// key order, and how many are merged.
+    merging: Vec<Box<str>>,
     merged: usize,
-    /// Bound rows at or below this go straight into `call_ids`.
-    direct_up_to: i64,
-    /// What `up_to` becomes when the running merge ends, and the reservation of that row.
-    merging_up_to: i64,
+    /// What the merges cover: `up_to`, or what the running merge sets it to when it ends (with
+    /// the reservation of that row). A bound row at or below it goes straight into `call_ids`.
+    covered_up_to: i64,
     merging_anchor: Option<Box<str>>,
     /// Binds added to memory so far (see [`CallIndex::additions`]).
     additions: u64,
@@ -78,15 +80,14 @@ impl CallIndex {
 
     /// Forget what memory holds and read it back from the file: the bound rows above `up_to`.
     pub fn reload(&self, conn: &Connection) -> Result<(), StoreError> {
-        let read = self.read_back(conn);
+        let read = read_back(conn);
         let mut state = self.lock();
         let additions = state.additions;
         match read {
             Ok((recent, up_to)) => {
                 *state = State {
                     recent,
-                    direct_up_to: up_to,
-                    merging_up_to: up_to,
+                    covered_up_to: up_to,
                     additions,
                     ..State::default()
                 };
@@ -97,27 +98,6 @@ impl CallIndex {
                 Err(e)
             }
         }
-    }
-
-    /// The bound rows above `up_to`, and `up_to`.
-    #[allow(clippy::type_complexity)]
-    fn read_back(
-        &self,
-        conn: &Connection,
-    ) -> Result<(HashMap<Box<str>, (Box<str>, i64)>, i64), StoreError> {
-        let up_to = merged_up_to(conn)?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT call_id, reservation_id, rowid FROM calls WHERE rowid > ?1 AND call_id IS NOT NULL",
-        )?;
-        let recent = stmt
-            .query_map([up_to], |r| {
-                Ok((
-                    r.get::<_, String>(0)?.into_boxed_str(),
-                    (r.get::<_, String>(1)?.into_boxed_str(), r.get(2)?),
-                ))
-            })?
-            .collect::<Result<HashMap<_, _>, _>>()?;
-        Ok((recent, up_to))
     }
 
     /// How many binds have been added to memory: an operation that fails after it added one
@@ -173,7 +153,7 @@ impl CallIndex {
         rowid: i64,
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
-        if rowid <= state.direct_up_to {
+        if rowid <= state.covered_up_to {
             drop(state);
             insert(conn, call_id, reservation_id)?;
             return Ok(());
@@ -200,13 +180,8 @@ impl CallIndex {
         }
         let starting = {
             let state = self.lock();
-            (state.merging.is_empty() && state.recent.len() >= self.merge_at).then(|| {
-                state
-                    .recent
-                    .iter()
-                    .map(|(call, (reservation, _))| (call.clone(), reservation.clone()))
-                    .collect::<Vec<_>>()
-            })
+            (state.merging.is_empty() && state.recent.len() >= self.merge_at)
+                .then(|| state.recent.keys().cloned().collect::<Vec<_>>())
         };
         // Sorted with the lock released: readers look binds up meanwhile. Only this thread (the
         // writer's) changes what memory holds.
@@ -214,16 +189,15 @@ impl CallIndex {
             entries.sort_unstable();
             entries
         });
-        let (chunk, last) = {
+        let (chunk, merged, last) = {
             let mut state = self.lock();
             if let Some(entries) = starting {
                 let top = state.recent.values().max_by_key(|(_, row)| *row).cloned();
+                // From now on a bind of a row this merge covers goes straight to the table.
                 if let Some((reservation, row)) = top {
-                    state.merging_up_to = row;
+                    state.covered_up_to = row;
                     state.merging_anchor = Some(reservation);
                 }
-                // From now on a bind of a row this merge covers goes straight to the table.
-                state.direct_up_to = state.merging_up_to;
                 state.merging = entries;
                 state.merged = 0;
             }
@@ -231,10 +205,18 @@ impl CallIndex {
                 return Ok(());
             }
             let end = (state.merged + self.chunk).min(state.merging.len());
-            let chunk: Vec<_> = state.merging[state.merged..end].to_vec();
+            // Only this thread changes `recent`, and it keeps what a merge holds until merged.
+            let chunk: Vec<(Box<str>, Box<str>)> = state.merging[state.merged..end]
+                .iter()
+                .filter_map(|call| {
+                    let (reservation, _) = state.recent.get(call)?;
+                    Some((call.clone(), reservation.clone()))
+                })
+                .collect();
+            let merged = end - state.merged;
             let last = (end == state.merging.len())
-                .then(|| (state.merging_up_to, state.merging_anchor.clone()));
-            (chunk, last)
+                .then(|| (state.covered_up_to, state.merging_anchor.clone()));
+            (chunk, merged, last)
         };
         let written = (|| -> Result<(), StoreError> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
@@ -255,16 +237,10 @@ impl CallIndex {
             return Err(e);
         }
         let mut state = self.lock();
-        for (call_id, reservation_id) in &chunk {
-            if state
-                .recent
-                .get(call_id)
-                .is_some_and(|(r, _)| r == reservation_id)
-            {
-                state.recent.remove(call_id);
-            }
+        for (call_id, _) in &chunk {
+            state.recent.remove(call_id);
         }
-        state.merged += chunk.len();
+        state.merged += merged;
         if last.is_some() {
             state.merging = Vec::new();
             state.merged = 0;
@@ -292,6 +268,23 @@ fn insert(conn: &Connection, call_id: &str, reservation_id: &str) -> Result<(), 
     )?;
     stmt.execute(params![call_id, reservation_id])?;
     Ok(())
+}
+
+/// The bound rows above `up_to`, and `up_to`.
+fn read_back(conn: &Connection) -> Result<(Recent, i64), StoreError> {
+    let up_to = merged_up_to(conn)?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT call_id, reservation_id, rowid FROM calls WHERE rowid > ?1 AND call_id IS NOT NULL",
+    )?;
+    let recent = stmt
+        .query_map([up_to], |r| {
+            Ok((
+                r.get::<_, String>(0)?.into_boxed_str(),
+                (r.get::<_, String>(1)?.into_boxed_str(), r.get(2)?),
+            ))
+        })?
+        .collect::<Result<Recent, _>>()?;
+    Ok((recent, up_to))
 }
 
 fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
