@@ -521,7 +521,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn admit(&self, req: AdmitRequest) -> StoreFuture<'static, AdmitOutcome>;
     /// The upstream accepted the call: bind the tenant's reservation to its id, object and lease. Resolves
     /// once the bind is queued (so the answer can go out without waiting for a commit); the
-    /// [`Queued`] it gives resolves once it is durable.
+    /// [`Queued`] it gives resolves once it is durable. An upstream id names one call (within
+    /// the tenant at least; account-wide on SQLite) and a call keeps its id: a bind that would
+    /// break either is refused, at either step, and changes nothing; the same bind again is
+    /// harmless.
     fn bind(
         &self,
         tenant: &str,

@@ -545,6 +545,91 @@ pub async fn an_event_recovers_a_lost_bind(b: &impl Backend) {
     consistent(&store, NOW).await;
 }
 
+/// Bind `id` to `call_id` and wait until it is durable; a refusal may come at either step.
+async fn try_bind(
+    store: &Arc<dyn StateStore>,
+    tenant: &str,
+    id: &str,
+    call_id: &str,
+) -> Result<(), callgate::state::StoreError> {
+    let queued = store
+        .bind(
+            tenant,
+            id,
+            call_id,
+            json!({"id": call_id, "status": "queued"}).into(),
+            NOW + 900 * SEC,
+            NOW,
+        )
+        .await?;
+    queued.await
+}
+
+pub async fn an_upstream_id_names_one_call_and_a_call_keeps_its_id(b: &impl Backend) {
+    let store = b.open();
+    admit_and_bind(&store, request("a", "r1", 5), "c1").await;
+    assert_eq!(
+        store.admit(request("a", "r2", 5)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    // The same bind again (a retry) is harmless.
+    try_bind(&store, "a", "r1", "c1").await.unwrap();
+    // A bound call refuses a second id, and an id bound to one call refuses another: neither
+    // refusal changes anything.
+    assert!(try_bind(&store, "a", "r1", "c2").await.is_err());
+    assert!(try_bind(&store, "a", "r2", "c1").await.is_err());
+    assert!(store.get_call("a", "c2").await.unwrap().is_none());
+    let first = store.get_call("a", "c1").await.unwrap().unwrap();
+    assert_eq!(first.reservation_id, "r1");
+    // An event that names an id bound to another call does not move it, and still applies.
+    let ringing = event(Some("c1"), "ringing", None, false);
+    store
+        .record_event(&token("r2"), ringing, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_call("a", "c1")
+            .await
+            .unwrap()
+            .unwrap()
+            .reservation_id,
+        "r1"
+    );
+    // The second call still binds an id of its own, and its events settle it.
+    try_bind(&store, "a", "r2", "c2").await.unwrap();
+    let second = store.get_call("a", "c2").await.unwrap().unwrap();
+    assert_eq!(
+        (second.reservation_id.as_str(), second.status.as_str()),
+        ("r2", "ringing")
+    );
+    let done = event(Some("c2"), "completed", Some(60), true);
+    store.record_event(&token("r2"), done, NOW).await.unwrap();
+    assert_eq!(counters(&store, "a", NOW).await, usage(1, 5, 1));
+    // A restart keeps both bindings.
+    drop(store);
+    let store = b.open();
+    assert_eq!(
+        store
+            .get_call("a", "c1")
+            .await
+            .unwrap()
+            .unwrap()
+            .reservation_id,
+        "r1"
+    );
+    assert_eq!(
+        store
+            .get_call("a", "c2")
+            .await
+            .unwrap()
+            .unwrap()
+            .reservation_id,
+        "r2"
+    );
+    consistent(&store, NOW).await;
+}
+
 pub async fn reads_are_per_tenant_and_paged(b: &impl Backend) {
     let store = b.open();
     for i in 0..3 {
@@ -1099,6 +1184,7 @@ macro_rules! conformance_suite {
             concurrent_admissions_never_exceed_a_limit,
             the_counters_survive_a_restart,
             an_event_recovers_a_lost_bind,
+            an_upstream_id_names_one_call_and_a_call_keeps_its_id,
             reads_are_per_tenant_and_paged,
             idempotency_keys_answer_once,
             issued_relay_tokens_find_their_call,

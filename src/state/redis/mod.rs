@@ -1003,7 +1003,7 @@ impl StateStore for RedisStore {
         let done = self.op(move |inner| async move {
             let args: Vec<Vec<u8>> = vec![
                 rid.clone().into_bytes(),
-                call_id.into_bytes(),
+                call_id.clone().into_bytes(),
                 answered.object.as_bytes().to_vec(),
                 answered.status.into_bytes(),
                 lease_expires_at.to_string().into_bytes(),
@@ -1014,8 +1014,19 @@ impl StateStore for RedisStore {
                     .tenant_script(&inner.scripts.bind, &tenant, &args)
                     .await?,
             )?;
-            if bound.first().and_then(int) != Some(1) {
-                return Err(StoreError::Backend(format!("no reservation {rid} to bind")));
+            match bound.first().and_then(int) {
+                Some(1) => {}
+                Some(2) => {
+                    return Err(StoreError::Backend(format!(
+                        "reservation {rid} is bound to another upstream id, not {call_id}"
+                    )));
+                }
+                Some(3) => {
+                    return Err(StoreError::Backend(format!(
+                        "upstream call id {call_id} is already bound to another call"
+                    )));
+                }
+                _ => return Err(StoreError::Backend(format!("no reservation {rid} to bind"))),
             }
             // A live call's account lease follows its tenant's.
             Ok((bound.get(1).and_then(int) == Some(1)).then(|| {

@@ -126,6 +126,18 @@ impl CallIndex {
         Ok(stmt.query_row([call_id], |r| r.get(0)).optional()?)
     }
 
+    /// Whether `call_id` is free for `reservation_id`: no other reservation has it.
+    pub fn is_free(
+        &self,
+        conn: &Connection,
+        call_id: &str,
+        reservation_id: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .find(conn, call_id)?
+            .is_none_or(|other| other == reservation_id))
+    }
+
     /// Refuse `call_id` if another reservation has it. The writer calls this before it writes the
     /// row.
     pub fn check_free(
@@ -134,11 +146,12 @@ impl CallIndex {
         call_id: &str,
         reservation_id: &str,
     ) -> Result<(), StoreError> {
-        match self.find(conn, call_id)? {
-            Some(other) if other != reservation_id => Err(StoreError::Backend(format!(
+        if self.is_free(conn, call_id, reservation_id)? {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
                 "upstream call id {call_id} is already bound to another call"
-            ))),
-            _ => Ok(()),
+            )))
         }
     }
 

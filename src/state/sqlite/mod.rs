@@ -274,10 +274,15 @@ fn apply_event(
     if record.call_id.is_none()
         && let Some(call_id) = &event.call_id
     {
-        // The bind was lost (a crash between the answer and its commit): learn the id here.
-        index.check_free(conn, call_id, &record.reservation_id)?;
-        if let Some(row) = queries::set_call_id(conn, &record.reservation_id, call_id)? {
-            index.add(conn, call_id, &record.reservation_id, row)?;
+        // The bind was lost (a crash between the answer and its commit): learn the id here,
+        // unless another call has it (an upstream fault): then the event still applies.
+        if index.is_free(conn, call_id, &record.reservation_id)? {
+            if let Some(row) = queries::set_call_id(conn, &record.reservation_id, call_id)? {
+                index.add(conn, call_id, &record.reservation_id, row)?;
+            }
+        } else {
+            tracing::warn!(reservation = %record.reservation_id, call_id = %call_id,
+                "an event names an upstream id bound to another call; the id is not learned");
         }
     }
     if !record.live {

@@ -1,11 +1,17 @@
 -- Bind a reservation to the upstream's call: its id, object and lease. A settled call keeps its
 -- status and lease (it is never revived).
 -- ARGV: 1 prefix, 2 reservation id, 3 call id, 4 call object (JSON), 5 status answered, 6 lease
--- end, 7 now. Returns {1, live, lease end} once bound, 0 when there is no such reservation.
+-- end, 7 now. Returns {1, live, lease end} once bound, {0} when there is no such reservation,
+-- {2, id} when the reservation is bound to another upstream id, {3, reservation} when the upstream
+-- id is bound to another reservation (both refusals change nothing; the same bind again is
+-- harmless).
 local rid = ARGV[2]
 local c = call_key(rid)
-local cur = redis.call('HMGET', c, 'st', 'live', 'lease')
+local cur = redis.call('HMGET', c, 'st', 'live', 'lease', 'cid')
 if not cur[2] then return { 0 } end
+if cur[4] and cur[4] ~= ARGV[3] then return { 2, cur[4] } end
+local owner = redis.call('HGET', k('cids'), ARGV[3])
+if owner and owner ~= rid then return { 3, owner } end
 local status = cur[1]
 if status == 'pending' then status = ARGV[5] end
 local live = cur[2] == '1'

@@ -29,8 +29,11 @@ if live and final then
 end
 if ARGV[8] ~= '' then redis.call('HSET', c, 'obj', ARGV[8]) end
 local bound = cur[1]
-if not bound and named ~= '' then
-  -- The bind was lost (a crash between the answer and its write): learn the id here.
+local owner = nil
+if not bound and named ~= '' then owner = redis.call('HGET', k('cids'), named) end
+if not bound and named ~= '' and (not owner or owner == rid) then
+  -- The bind was lost (a crash between the answer and its write): learn the id here, unless
+  -- another call has it (an upstream fault): then the event still applies.
   redis.call('HSET', c, 'cid', named)
   redis.call('HSET', k('cids'), named, rid)
   redis.call('ZADD', k('list'), 0, rid)
