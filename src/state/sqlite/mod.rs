@@ -392,7 +392,7 @@ impl StateStore for SqliteStore {
                     current.lease_expires_at,
                     lease_expires_at,
                 );
-                queries::bind_call(conn, &reservation_id, &call_id, &object, status, lease, now)?;
+                queries::bind_call(conn, current.row, &call_id, &object, status, lease, now)?;
                 index.add(conn, &call_id, &reservation_id, current.row)?;
                 // Nobody on the request path waits for it: its sync rides on the next admission's.
                 Ok(((), When::Lazy))

@@ -140,10 +140,11 @@ pub fn bind_state(
         .optional()?)
 }
 
-/// Bind a reservation to the upstream's call.
+/// Bind a reservation to the upstream's call; `row` is its row, as [`bind_state`] read it in
+/// the same transaction (found by rowid: no second look-up of the reservation id's index).
 pub fn bind_call(
     conn: &Connection,
-    reservation_id: &str,
+    row: i64,
     call_id: &str,
     object: &str,
     status: &str,
@@ -152,10 +153,10 @@ pub fn bind_call(
 ) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
         "UPDATE calls SET call_id = ?2, object = ?3, status = ?4, lease_expires_at = ?5, updated_at = ?6
-         WHERE reservation_id = ?1",
+         WHERE rowid = ?1",
     )?;
     stmt.execute(params![
-        reservation_id,
+        row,
         call_id,
         object,
         status,
