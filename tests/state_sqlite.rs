@@ -186,6 +186,92 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
 /// With the writer held up (another process holds the file's write lock), new work beyond the
 /// queue's capacity is refused with `Busy`, nothing of it taken; once the writer moves again,
 /// every queued admission completes and the counters match the file.
+/// A late bind writes its row and its `call_ids` entry: both or neither, also inside a batch
+/// (here a held transaction), where the bind has no savepoint from the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bind_that_fails_leaves_its_row_unbound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    let bind = |store: &SqliteStore, id: &str, call: &str| {
+        let bound = store.bind("a", id, call, object(call).into(), NOW + 1, NOW);
+        async move { bound.await?.await }
+    };
+    let merging = SqliteOptions {
+        merge_upstream_ids_at: 2,
+        ..SqliteOptions::default()
+    };
+    // r00 stays unbound while the others are bound and merged past it.
+    let store = SqliteStore::open_with(&path, merging.clone()).unwrap();
+    for i in 0..10 {
+        let id = format!("r{i:02}");
+        assert_eq!(
+            store.admit(request("a", &id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+        if i > 0 {
+            bind(&store, &id, &format!("call-{id}")).await.unwrap();
+        }
+    }
+    drop(store);
+    assert!(merged(&path).1 > 1, "r00's row is covered by the merges");
+    // The entry of the late bind below cannot be written.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON call_ids WHEN NEW.call_id = 'call-bad'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let held = SqliteOptions {
+        lazy_sync: Duration::from_secs(60),
+        ..merging
+    };
+    let store = SqliteStore::open_with(&path, held.clone()).unwrap();
+    assert_eq!(
+        store.admit(request("a", "r10", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    // Queued and held: the late bind after it runs in the same transaction.
+    let _held = store
+        .bind(
+            "a",
+            "r10",
+            "call-r10",
+            object("call-r10").into(),
+            NOW + 1,
+            NOW,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), bind(&store, "r00", "call-bad"));
+    assert!(failed.await.expect("answered").is_err());
+    assert!(store.get_call("a", "call-bad").await.unwrap().is_none());
+    // Its row was left unbound: it binds to another id (held too: the stop commits it).
+    let _held = store
+        .bind(
+            "a",
+            "r00",
+            "call-r00",
+            object("call-r00").into(),
+            NOW + 1,
+            NOW,
+        )
+        .await
+        .unwrap();
+    let listed = store.list_calls("a", 20, None).await.unwrap();
+    let r00 = listed.iter().find(|c| c.reservation_id == "r00").unwrap();
+    assert_eq!(r00.call_id.as_deref(), Some("call-r00"));
+    drop(store);
+    let store = SqliteStore::open_with(&path, held).unwrap();
+    for id in ["r00", "r05", "r10"] {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id).as_deref(), Some(id));
+    }
+    store.check_consistency(NOW).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_new_work_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -155,9 +155,16 @@ impl CallIndex {
         }
     }
 
+    /// Whether a bind of the row `rowid` is late: at or below what the merges cover, so that
+    /// [`CallIndex::add`] writes it to `call_ids` rather than to memory.
+    pub fn covers(&self, rowid: i64) -> bool {
+        rowid <= self.lock().covered_up_to
+    }
+
     /// Index a bind whose row (`rowid`) the writer has just written, in its transaction: in
-    /// memory, or in `call_ids` if the row is at or below what the merges cover (then it is a
-    /// second write of the operation, which needs a savepoint).
+    /// memory, or in `call_ids` if the row is at or below what the merges cover (see
+    /// [`CallIndex::covers`]: then it is a second write of the operation, which needs a
+    /// savepoint).
     pub fn add(
         &self,
         conn: &Connection,

@@ -369,11 +369,14 @@ impl StateStore for SqliteStore {
             object,
             status: answered,
         } = answered;
-        // The row, and for a late bind an entry in `call_ids` too (see `call_index`): a savepoint.
+        // One write, the row's, and its upstream id in memory; a late bind (see `call_index`)
+        // writes an entry in `call_ids` too, in a savepoint of its own. So no savepoint for the
+        // operation: a savepoint copies every page the bind touches that the batch had already
+        // changed (the sub-journal), which is most of them.
         let index = self.index.clone();
         let queued = self
             .writer
-            .submit_as(Urgency::Wait, Writes::Several, move |conn, _| {
+            .submit_as(Urgency::Wait, Writes::OneStatement, move |conn, _| {
                 let Some(current) = queries::bind_state(conn, &reservation_id)? else {
                     return Err(StoreError::Backend(format!(
                         "no reservation {reservation_id} to bind"
@@ -392,8 +395,15 @@ impl StateStore for SqliteStore {
                     current.lease_expires_at,
                     lease_expires_at,
                 );
-                queries::bind_call(conn, current.row, &call_id, &object, status, lease, now)?;
-                index.add(conn, &call_id, &reservation_id, current.row)?;
+                let bind = || {
+                    queries::bind_call(conn, current.row, &call_id, &object, status, lease, now)?;
+                    index.add(conn, &call_id, &reservation_id, current.row)
+                };
+                if index.covers(current.row) {
+                    queries::in_savepoint(conn, bind)?;
+                } else {
+                    bind()?;
+                }
                 // Nobody on the request path waits for it: its sync rides on the next admission's.
                 Ok(((), When::Lazy))
             });

@@ -140,6 +140,25 @@ pub fn bind_state(
         .optional()?)
 }
 
+/// Run `f`, which writes more than once, in a savepoint of its own inside the writer's
+/// transaction: its writes land together or not at all (for an operation that runs without the
+/// writer's savepoint, `Writes::OneStatement`, and writes twice only sometimes).
+pub fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.prepare_cached("SAVEPOINT inner")?.execute([])?;
+    let done = f();
+    if done.is_err() && !conn.is_autocommit() {
+        // Undone (unless SQLite rolled the whole transaction back: a failing disk).
+        conn.prepare_cached("ROLLBACK TO inner")?.execute([])?;
+    }
+    if !conn.is_autocommit() {
+        conn.prepare_cached("RELEASE inner")?.execute([])?;
+    }
+    done
+}
+
 /// Bind a reservation to the upstream's call; `row` is its row, as [`bind_state`] read it in
 /// the same transaction (found by rowid: no second look-up of the reservation id's index).
 pub fn bind_call(
@@ -155,14 +174,7 @@ pub fn bind_call(
         "UPDATE calls SET call_id = ?2, object = ?3, status = ?4, lease_expires_at = ?5, updated_at = ?6
          WHERE rowid = ?1",
     )?;
-    stmt.execute(params![
-        row,
-        call_id,
-        object,
-        status,
-        lease_expires_at,
-        now
-    ])?;
+    stmt.execute(params![row, call_id, object, status, lease_expires_at, now])?;
     Ok(())
 }
 
