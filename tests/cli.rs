@@ -188,7 +188,14 @@ fn serve_starts_on_the_example_config_and_answers() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let _ = child.kill();
+    // A graceful stop: the bind, durable after the answer went out, is in the audit trail.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    if !stopped.success() {
+        let _ = child.kill();
+    }
     let output = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&output.stderr);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{logs}");

@@ -183,9 +183,6 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     store.check_consistency(NOW).await.unwrap();
 }
 
-/// With the writer held up (another process holds the file's write lock), new work beyond the
-/// queue's capacity is refused with `Busy`, nothing of it taken; once the writer moves again,
-/// every queued admission completes and the counters match the file.
 /// A late bind writes its row and its `call_ids` entry: both or neither, also inside a batch
 /// (here a held transaction), where the bind has no savepoint from the writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,6 +269,9 @@ async fn a_late_bind_that_fails_leaves_its_row_unbound() {
     store.check_consistency(NOW).await.unwrap();
 }
 
+/// With the writer held up (another process holds the file's write lock), new work beyond the
+/// queue's capacity is refused with `Busy`, nothing of it taken; once the writer moves again,
+/// every queued admission completes and the counters match the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_new_work_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

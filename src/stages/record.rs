@@ -122,12 +122,21 @@ impl AsyncStage for Record {
                     let (store, reservation) = (store.clone(), id.clone());
                     match bind {
                         Ok(bind) => {
-                            tracing::info!(target: "audit", reservation = %id, call_id = %call_id, "bound");
-                            crate::tasks::spawn(async move {
-                                if let Err(e) = bind.await {
-                                    tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
+                            // In the audit trail once it is durable (or refused).
+                            crate::tasks::spawn(
+                                async move {
+                                    match bind.await {
+                                        Ok(()) => tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound"),
+                                        Err(e) => tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed"),
+                                    }
                                 }
-                            });
+                                .in_current_span(),
+                            );
+                        }
+                        Err(e @ crate::state::StoreError::Refused(_)) => {
+                            // A rule of the records (an upstream id that names another call):
+                            // trying again cannot help.
+                            tracing::error!(reservation = %id, call_id = %call_id, error = %e, "bind failed; the call's events or its lease will settle it");
                         }
                         Err(e) => {
                             tracing::warn!(reservation = %id, call_id = %call_id, error = %e, "bind failed; retrying in the background");
@@ -148,8 +157,16 @@ impl AsyncStage for Record {
                                     let (reservation, call_id) =
                                         (reservation.clone(), call_id.clone());
                                     async move {
-                                        bound.await?.await?;
-                                        tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
+                                        match async { bound.await?.await }.await {
+                                            Ok(()) => {
+                                                tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
+                                            }
+                                            Err(e @ crate::state::StoreError::Refused(_)) => {
+                                                // Trying again cannot help.
+                                                tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
+                                            }
+                                            Err(e) => return Err(e),
+                                        }
                                         Ok::<_, crate::state::StoreError>(())
                                     }
                                 },

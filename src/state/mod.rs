@@ -50,6 +50,10 @@ pub enum StoreError {
     /// The backend failed (I/O, corruption, a constraint). Requests that need it are answered 500.
     #[error("state store: {0}")]
     Backend(String),
+    /// The operation breaks a rule of the records and was refused, changing nothing (a bind of an
+    /// upstream id another call has, or of a call to a second id): trying again cannot help.
+    #[error("state store: refused: {0}")]
+    Refused(String),
     /// The live counters disagree with the records (a consistency check found it).
     #[error("state store: counters disagree with the records: {0}")]
     Inconsistent(String),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use callgate::state::{
     AdmitOutcome, AdmitRequest, AttemptCap, AttemptLimit, AttemptOutcome, AttemptScope,
     BudgetTerms, CallEvent, ConsentRecord, EventOutcome, IdempotencyBegin, IdempotencyClaim,
-    OptOut, Period, RelayToken, StateStore, StoredResponse, Suspension, Usage,
+    OptOut, Period, RelayToken, StateStore, StoreError, StoredResponse, Suspension, Usage,
 };
 use serde_json::json;
 
@@ -551,7 +551,7 @@ async fn try_bind(
     tenant: &str,
     id: &str,
     call_id: &str,
-) -> Result<(), callgate::state::StoreError> {
+) -> Result<(), StoreError> {
     let queued = store
         .bind(
             tenant,
@@ -576,8 +576,13 @@ pub async fn an_upstream_id_names_one_call_and_a_call_keeps_its_id(b: &impl Back
     try_bind(&store, "a", "r1", "c1").await.unwrap();
     // A bound call refuses a second id, and an id bound to one call refuses another: neither
     // refusal changes anything.
-    assert!(try_bind(&store, "a", "r1", "c2").await.is_err());
-    assert!(try_bind(&store, "a", "r2", "c1").await.is_err());
+    for (id, call) in [("r1", "c2"), ("r2", "c1")] {
+        let refused = try_bind(&store, "a", id, call).await;
+        assert!(
+            matches!(refused, Err(StoreError::Refused(_))),
+            "{id} to {call}: {refused:?}"
+        );
+    }
     assert!(store.get_call("a", "c2").await.unwrap().is_none());
     let first = store.get_call("a", "c1").await.unwrap().unwrap();
     assert_eq!(first.reservation_id, "r1");

@@ -1017,12 +1017,12 @@ impl StateStore for RedisStore {
             match bound.first().and_then(int) {
                 Some(1) => {}
                 Some(2) => {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::Refused(format!(
                         "reservation {rid} is bound to another upstream id, not {call_id}"
                     )));
                 }
                 Some(3) => {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::Refused(format!(
                         "upstream call id {call_id} is already bound to another call"
                     )));
                 }

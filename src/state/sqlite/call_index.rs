@@ -149,7 +149,7 @@ impl CallIndex {
         if self.is_free(conn, call_id, reservation_id)? {
             Ok(())
         } else {
-            Err(StoreError::Backend(format!(
+            Err(StoreError::Refused(format!(
                 "upstream call id {call_id} is already bound to another call"
             )))
         }

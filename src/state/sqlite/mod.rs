@@ -384,7 +384,7 @@ impl StateStore for SqliteStore {
                 };
                 // A call's upstream id never changes once known (from its bind or an event).
                 if let Some(bound) = current.call_id.filter(|bound| *bound != call_id) {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::Refused(format!(
                         "reservation {reservation_id} is bound to upstream id {bound}, not {call_id}"
                     )));
                 }

@@ -147,14 +147,23 @@ pub fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.prepare_cached("SAVEPOINT inner")?.execute([])?;
+    let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
+    control("SAVEPOINT inner")?;
     let done = f();
-    if done.is_err() && !conn.is_autocommit() {
-        // Undone (unless SQLite rolled the whole transaction back: a failing disk).
-        conn.prepare_cached("ROLLBACK TO inner")?.execute([])?;
+    if conn.is_autocommit() {
+        // SQLite rolled the whole transaction back (a failing disk): the writer fails the batch.
+        return done;
     }
-    if !conn.is_autocommit() {
-        conn.prepare_cached("RELEASE inner")?.execute([])?;
+    let ended = match &done {
+        Ok(_) => control("RELEASE inner"),
+        Err(_) => control("ROLLBACK TO inner").and_then(|()| control("RELEASE inner")),
+    };
+    if let Err(e) = ended {
+        // The savepoint could not be ended as it should: undo the whole transaction rather
+        // than commit writes whose operation failed (or answer a failure for writes that
+        // stay). The writer then fails the batch, as for a failing disk.
+        let _ = control("ROLLBACK");
+        return Err(done.err().unwrap_or_else(|| e.into()));
     }
     done
 }

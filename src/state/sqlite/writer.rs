@@ -119,7 +119,8 @@ pub enum Writes {
     /// One statement at most, its last (reads before it are free), and the counters changed
     /// only after it: no savepoint. If it fails there is nothing of it to undo: SQLite backs out
     /// a statement that fails (or, on a failing disk, the whole transaction, and the batch fails
-    /// with it).
+    /// with it). An operation that writes more than once only sometimes (a late bind) runs those
+    /// writes in a savepoint of its own (`queries::in_savepoint`).
     OneStatement,
 }
 
@@ -793,8 +794,11 @@ fn run(
                 let (when, reply) = job(conn, &mut counters);
                 if when.is_none() {
                     if single {
-                        // Alone in its transaction: undone with the transaction.
-                        control("ROLLBACK")?;
+                        // Alone in its transaction: undone with the transaction (unless SQLite
+                        // rolled it back already: a failing disk).
+                        if !conn.is_autocommit() {
+                            control("ROLLBACK")?;
+                        }
                         rolled_back_alone = true;
                     } else if savepoint {
                         control("ROLLBACK TO op")?;
