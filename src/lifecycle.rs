@@ -57,7 +57,8 @@ impl Lifecycle {
         }
     }
 
-    /// Settle lapsed leases and purge expired idempotency records; returns the calls settled.
+    /// Settle lapsed leases and purge expired idempotency records, attempts and calls past their
+    /// retention; returns the calls settled.
     pub async fn sweep(&self) -> Result<Vec<CallRecord>, StoreError> {
         let now = self.clock.now().as_microsecond();
         let expired = self.store.expire_leases(now).await?;
@@ -75,6 +76,7 @@ impl Lifecycle {
         }
         self.store.purge_idempotency(now).await?;
         self.store.purge_attempts(now).await?;
+        self.store.purge_calls(now).await?;
         Ok(expired)
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callgate::state::redis::{RedisOptions, RedisStore};
-use callgate::state::{AdmitOutcome, StateStore, StoreError};
+use callgate::state::{AdmitOutcome, CallEvent, StateStore, StoreError};
 use conformance::{Backend, NOW, request};
 use redis_support::RedisServer;
 
@@ -204,4 +204,72 @@ async fn flushed_scripts_are_loaded_again() {
         AdmitOutcome::Admitted
     );
     assert_eq!(store.usage("a", NOW).await.unwrap().slots, 2);
+}
+
+/// A settled call is kept 30 days, then forgotten with its upstream id: `cids`, `list` and the
+/// record leave nothing behind (a call bound after it was settled too); a live call stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_calls_are_forgotten_with_their_ids_after_their_retention() {
+    const DAY: i64 = 24 * 3_600 * conformance::SEC;
+    let server = RedisServer::start();
+    let store: Arc<dyn StateStore> = Arc::new(open(&server.url()));
+    let bind = async |id: &str, call: &str| {
+        let object = serde_json::json!({"id": call, "status": "queued"});
+        let queued = store.bind("a", id, call, object.into(), NOW + DAY, NOW);
+        queued.await.unwrap().await.unwrap();
+    };
+    for id in ["r0", "r1", "r2"] {
+        assert_eq!(
+            store.admit(request("a", id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
+    }
+    // r0 ends by its event, r1 lapses unbound and is bound after, r2 stays live.
+    bind("r0", "c0").await;
+    let done = CallEvent {
+        call_id: Some("c0".into()),
+        status: "completed".into(),
+        duration: Some(30),
+        is_final: true,
+    };
+    store
+        .record_event(&conformance::token("r0"), done, NOW)
+        .await
+        .unwrap();
+    bind("r2", "c2").await;
+    let lapsed = store
+        .expire_leases(NOW + 2 * 3_600 * conformance::SEC)
+        .await
+        .unwrap();
+    assert_eq!(lapsed.len(), 1);
+    bind("r1", "c1").await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let cids = async |conn: &mut redis::aio::MultiplexedConnection| -> usize {
+        redis::cmd("HLEN")
+            .arg("callgate:{a}:cids")
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(cids(&mut conn).await, 3);
+    // Within the retention: kept.
+    assert_eq!(store.purge_calls(NOW + 29 * DAY).await.unwrap(), 0);
+    assert!(store.get_call("a", "c0").await.unwrap().is_some());
+    // After it: both settled calls forgotten, the live one kept.
+    assert_eq!(store.purge_calls(NOW + 31 * DAY).await.unwrap(), 2);
+    for gone in ["c0", "c1"] {
+        assert!(store.get_call("a", gone).await.unwrap().is_none(), "{gone}");
+    }
+    assert!(store.get_call("a", "c2").await.unwrap().is_some());
+    assert_eq!(cids(&mut conn).await, 1);
+    let listed = store.list_calls("a", 10, None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let left: usize = redis::cmd("ZCARD")
+        .arg("callgate:{a}:gone")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    store.check_consistency(NOW + 31 * DAY).await.unwrap();
 }

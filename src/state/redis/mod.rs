@@ -13,6 +13,7 @@
 //! | `<p>:{<tenant>}:book`        | hash   | credits held by live calls; spend, its period and zone   |
 //! | `<p>:{<tenant>}:cids`        | hash   | upstream call id -> reservation id                       |
 //! | `<p>:{<tenant>}:list`        | zset   | bound reservations (lexical: UUIDv7 order) for listing   |
+//! | `<p>:{<tenant>}:gone`        | zset   | upstream ids of settled calls by the end of their record's retention: forgotten then (`cids`, `list`) |
 //! | `<p>:{<tenant>}:quiet`       | zset   | live bound calls by last update, for reconciliation      |
 //! | `<p>:{<tenant>}:i:<key>`     | hash   | an idempotency key; `<p>:{<tenant>}:idem` indexes them by expiry |
 //! | `<p>:{<tenant>}:rate`        | string | the tenant's GCRA theoretical arrival time               |
@@ -66,6 +67,8 @@ const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often, at most, expired idempotency records are purged (Redis forgets them a day after
 /// their expiry in any case).
 const PURGE_EVERY_US: i64 = 60 * 1_000_000;
+/// Upstream ids of calls past their retention forgotten per script run (`lua/forget.lua`).
+const FORGET_AT_ONCE: usize = 1000;
 /// How often, at most, the sweeper visits every tenant rather than those the account set names.
 const FULL_SWEEP_EVERY_US: i64 = 60 * 1_000_000;
 /// Tenants swept or read at once.
@@ -95,6 +98,7 @@ struct Scripts {
     expire: Script,
     read: Script,
     idempotency: Script,
+    forget: Script,
     account: Script,
     rate: Script,
     attempt: Script,
@@ -121,6 +125,7 @@ impl Scripts {
             expire: tenant_script!("expire.lua"),
             read: tenant_script!("read.lua"),
             idempotency: tenant_script!("idempotency.lua"),
+            forget: tenant_script!("forget.lua"),
             account: Script::new(include_str!("lua/account.lua")),
             rate: Script::new(include_str!("lua/rate.lua")),
             attempt: Script::new(include_str!("lua/attempt.lua")),
@@ -182,6 +187,8 @@ struct Inner {
     known: Mutex<HashSet<String>>,
     /// The `now` of the last idempotency purge.
     last_purge: Mutex<i64>,
+    /// The `now` of the last purge of calls past their retention.
+    last_call_purge: Mutex<i64>,
     /// The `now` of the last sweep of every tenant's leases.
     last_full_sweep: Mutex<i64>,
     /// `callgate_store_wait_seconds`: how long each write a caller waits for took.
@@ -359,6 +366,7 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 known: Mutex::new(HashSet::new()),
                 last_purge: Mutex::new(i64::MIN),
+                last_call_purge: Mutex::new(i64::MIN),
                 last_full_sweep: Mutex::new(i64::MIN),
                 // Taken once: the recorder is installed before the store is opened.
                 waited: metrics::histogram!(crate::metrics::STORE_WAIT),
@@ -1423,6 +1431,45 @@ impl StateStore for RedisStore {
                 })
                 .await?;
             Ok(purged.into_iter().sum())
+        })
+    }
+
+    fn purge_calls(&self, now: i64) -> StoreFuture<'static, usize> {
+        self.op(move |inner| async move {
+            {
+                let mut last = inner
+                    .last_call_purge
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if *last != i64::MIN && now >= *last && now - *last < PURGE_EVERY_US {
+                    return Ok(0);
+                }
+                *last = now;
+            }
+            let tenants = inner.tenants().await?;
+            let forgotten = inner
+                .per_tenant(tenants, |tenant| {
+                    let inner = &inner;
+                    async move {
+                        let mut forgotten = 0;
+                        loop {
+                            let args = vec![
+                                now.to_string().into_bytes(),
+                                FORGET_AT_ONCE.to_string().into_bytes(),
+                            ];
+                            let n = int(&inner
+                                .tenant_script(&inner.scripts.forget, &tenant, &args)
+                                .await?)
+                            .unwrap_or(0) as usize;
+                            forgotten += n;
+                            if n < FORGET_AT_ONCE {
+                                return Ok(forgotten);
+                            }
+                        }
+                    }
+                })
+                .await?;
+            Ok(forgotten.into_iter().sum())
         })
     }
 

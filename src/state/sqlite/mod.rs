@@ -794,6 +794,11 @@ impl StateStore for SqliteStore {
         }))
     }
 
+    fn purge_calls(&self, _now: i64) -> StoreFuture<'static, usize> {
+        // Every call stays in the file: nothing to forget.
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
     fn suspend(&self, suspension: Suspension) -> StoreFuture<'static, ()> {
         Box::pin(self.writer.run(Urgency::Wait, move |conn, _| {
             queries::put_suspension(conn, &suspension)?;

@@ -25,4 +25,6 @@ if live then
   redis.call('ZADD', k('quiet'), ARGV[7], rid)
   return { 1, 1, lease }
 end
+-- Bound after it was settled (a late answer): its id goes with its record.
+forget_later(ARGV[3], tonumber(ARGV[7]))
 return { 1, 0, lease }
