@@ -165,6 +165,11 @@ impl Redaction {
     fn redact_str<'a>(&self, value: &'a str) -> Option<Cow<'a, str>> {
         let mut out = Cow::Borrowed(value);
         for p in &self.patterns {
+            // Most values match no pattern: a plain search says so without the capture groups
+            // (allocated per call) that `replace_all` makes before it knows.
+            if !p.regex.is_match(&out) {
+                continue;
+            }
             let mut found = false;
             let replaced = p.regex.replace_all(&out, |caps: &Captures| {
                 let m = &caps[0];
