@@ -106,13 +106,14 @@ impl Service<CallRequest> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: CallRequest) -> Self::Future {
+    fn call(&mut self, mut req: CallRequest) -> Self::Future {
         let upstream = self.upstream.clone();
         let relay_base = self.relay_base.clone();
         Box::pin(async move {
+            // Taken, not copied: nothing after this stage reads the request's call.
             let mut call = req
                 .call
-                .clone()
+                .take()
                 .ok_or_else(|| GatewayError::Internal("forward ran before validate".into()))?;
             if let Some(reservation) = &req.reservation {
                 // The call's trace rides along, so that its events' handling links to it.
