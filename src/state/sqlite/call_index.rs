@@ -240,9 +240,12 @@ impl CallIndex {
         };
         let written = (|| -> Result<(), StoreError> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            // One statement for the chunk, not one look-up in the statement cache per entry.
+            let mut insert = conn.prepare_cached(INSERT)?;
             for (call_id, reservation_id) in &chunk {
-                insert(conn, call_id, reservation_id)?;
+                insert.execute(params![call_id, reservation_id])?;
             }
+            drop(insert);
             if let Some((up_to, anchor)) = &last {
                 conn.prepare_cached("UPDATE call_ids_merged SET up_to = ?1, anchor = ?2")?
                     .execute(params![up_to, anchor.as_deref()])?;
@@ -281,14 +284,15 @@ impl CallIndex {
 /// Index `call_id` as `reservation_id`'s. The bind checked that no other reservation has it, so
 /// an entry already there for another is stale, and replaced.
 fn insert(conn: &Connection, call_id: &str, reservation_id: &str) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO call_ids (call_id, reservation_id) VALUES (?1, ?2)
-         ON CONFLICT (call_id) DO UPDATE SET reservation_id = excluded.reservation_id
-         WHERE reservation_id IS NOT excluded.reservation_id",
-    )?;
-    stmt.execute(params![call_id, reservation_id])?;
+    conn.prepare_cached(INSERT)?
+        .execute(params![call_id, reservation_id])?;
     Ok(())
 }
+
+/// An entry of `call_ids`; one that an older version left stale is replaced.
+const INSERT: &str = "INSERT INTO call_ids (call_id, reservation_id) VALUES (?1, ?2)
+     ON CONFLICT (call_id) DO UPDATE SET reservation_id = excluded.reservation_id
+     WHERE reservation_id IS NOT excluded.reservation_id";
 
 /// The bound rows above `up_to`, and `up_to`.
 fn read_back(conn: &Connection) -> Result<(Recent, i64), StoreError> {
