@@ -207,7 +207,8 @@ async fn flushed_scripts_are_loaded_again() {
 }
 
 /// A settled call is kept 30 days, then forgotten with its upstream id: `cids`, `list` and the
-/// record leave nothing behind (a call bound after it was settled too); a live call stays.
+/// record leave nothing behind (a call bound after it was settled too, and an entry an older
+/// version left); a live call stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_calls_are_forgotten_with_their_ids_after_their_retention() {
     const DAY: i64 = 24 * 3_600 * conformance::SEC;
@@ -256,8 +257,25 @@ async fn settled_calls_are_forgotten_with_their_ids_after_their_retention() {
     // Within the retention: kept.
     assert_eq!(store.purge_calls(NOW + 29 * DAY).await.unwrap(), 0);
     assert!(store.get_call("a", "c0").await.unwrap().is_some());
-    // After it: both settled calls forgotten, the live one kept.
-    assert_eq!(store.purge_calls(NOW + 31 * DAY).await.unwrap(), 2);
+    // An entry whose record expired before `gone` was kept (an older version): the walk
+    // through `cids` forgets it.
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg("callgate:{a}:cids")
+        .arg("c-old")
+        .arg("r-old")
+        .ignore()
+        .cmd("ZADD")
+        .arg("callgate:{a}:list")
+        .arg(0)
+        .arg("r-old")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // After it: both settled calls forgotten, and the old entry; the live one kept.
+    assert_eq!(store.purge_calls(NOW + 31 * DAY).await.unwrap(), 3);
+    assert!(store.get_call("a", "c-old").await.unwrap().is_none());
     for gone in ["c0", "c1"] {
         assert!(store.get_call("a", gone).await.unwrap().is_none(), "{gone}");
     }

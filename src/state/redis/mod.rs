@@ -13,7 +13,7 @@
 //! | `<p>:{<tenant>}:book`        | hash   | credits held by live calls; spend, its period and zone   |
 //! | `<p>:{<tenant>}:cids`        | hash   | upstream call id -> reservation id                       |
 //! | `<p>:{<tenant>}:list`        | zset   | bound reservations (lexical: UUIDv7 order) for listing   |
-//! | `<p>:{<tenant>}:gone`        | zset   | upstream ids of settled calls by the end of their record's retention: forgotten then (`cids`, `list`) |
+//! | `<p>:{<tenant>}:gone`        | zset   | upstream ids of settled calls by the end of their record's retention: forgotten then (`cids`, `list`; entries from before it are found by a walk through `cids`) |
 //! | `<p>:{<tenant>}:quiet`       | zset   | live bound calls by last update, for reconciliation      |
 //! | `<p>:{<tenant>}:i:<key>`     | hash   | an idempotency key; `<p>:{<tenant>}:idem` indexes them by expiry |
 //! | `<p>:{<tenant>}:rate`        | string | the tenant's GCRA theoretical arrival time               |
@@ -189,6 +189,8 @@ struct Inner {
     last_purge: Mutex<i64>,
     /// The `now` of the last purge of calls past their retention.
     last_call_purge: Mutex<i64>,
+    /// Per tenant, where the walk through `cids` for entries whose record is gone goes on.
+    cids_walk: Mutex<HashMap<String, String>>,
     /// The `now` of the last sweep of every tenant's leases.
     last_full_sweep: Mutex<i64>,
     /// `callgate_store_wait_seconds`: how long each write a caller waits for took.
@@ -367,6 +369,7 @@ impl RedisStore {
                 known: Mutex::new(HashSet::new()),
                 last_purge: Mutex::new(i64::MIN),
                 last_call_purge: Mutex::new(i64::MIN),
+                cids_walk: Mutex::new(HashMap::new()),
                 last_full_sweep: Mutex::new(i64::MIN),
                 // Taken once: the recorder is installed before the store is opened.
                 waited: metrics::histogram!(crate::metrics::STORE_WAIT),
@@ -1453,16 +1456,35 @@ impl StateStore for RedisStore {
                     async move {
                         let mut forgotten = 0;
                         loop {
+                            let cursor = inner
+                                .cids_walk
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(&tenant)
+                                .cloned()
+                                .unwrap_or_else(|| "0".into());
                             let args = vec![
                                 now.to_string().into_bytes(),
                                 FORGET_AT_ONCE.to_string().into_bytes(),
+                                cursor.into_bytes(),
                             ];
-                            let n = int(&inner
-                                .tenant_script(&inner.scripts.forget, &tenant, &args)
-                                .await?)
-                            .unwrap_or(0) as usize;
-                            forgotten += n;
-                            if n < FORGET_AT_ONCE {
+                            let out = array(
+                                inner
+                                    .tenant_script(&inner.scripts.forget, &tenant, &args)
+                                    .await?,
+                            )?;
+                            let due = out.first().and_then(int).unwrap_or(0) as usize;
+                            let orphans = out.get(2).and_then(int).unwrap_or(0) as usize;
+                            // The walk goes on from here at the next purge (a minute on).
+                            if let Some(next) = out.get(1).and_then(text) {
+                                inner
+                                    .cids_walk
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(tenant.clone(), next);
+                            }
+                            forgotten += due + orphans;
+                            if due < FORGET_AT_ONCE {
                                 return Ok(forgotten);
                             }
                         }
