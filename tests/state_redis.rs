@@ -207,58 +207,20 @@ async fn flushed_scripts_are_loaded_again() {
 }
 
 /// A settled call is kept 30 days, then forgotten with its upstream id: `cids`, `list` and the
-/// record leave nothing behind (a call bound after it was settled too, and an entry an older
-/// version left); a live call stays.
+/// record leave nothing behind (a call settled by its event, one bound after it lapsed, one whose
+/// id an event named after it lapsed, and an entry an older version left); a live call stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_calls_are_forgotten_with_their_ids_after_their_retention() {
     const DAY: i64 = 24 * 3_600 * conformance::SEC;
     let server = RedisServer::start();
     let store: Arc<dyn StateStore> = Arc::new(open(&server.url()));
-    let bind = async |id: &str, call: &str| {
-        let object = serde_json::json!({"id": call, "status": "queued"});
-        let queued = store.bind("a", id, call, object.into(), NOW + DAY, NOW);
-        queued.await.unwrap().await.unwrap();
-    };
-    for id in ["r0", "r1", "r2"] {
-        assert_eq!(
-            store.admit(request("a", id, 1)).await.unwrap(),
-            AdmitOutcome::Admitted
-        );
-    }
-    // r0 ends by its event, r1 lapses unbound and is bound after, r2 stays live.
-    bind("r0", "c0").await;
-    let done = CallEvent {
-        call_id: Some("c0".into()),
-        status: "completed".into(),
-        duration: Some(30),
-        is_final: true,
-    };
-    store
-        .record_event(&conformance::token("r0"), done, NOW)
-        .await
-        .unwrap();
-    bind("r2", "c2").await;
-    let lapsed = store
-        .expire_leases(NOW + 2 * 3_600 * conformance::SEC)
-        .await
-        .unwrap();
-    assert_eq!(lapsed.len(), 1);
-    bind("r1", "c1").await;
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let cids = async |conn: &mut redis::aio::MultiplexedConnection| -> usize {
-        redis::cmd("HLEN")
-            .arg("callgate:{a}:cids")
-            .query_async(conn)
-            .await
-            .unwrap()
+    let count = async |conn: &mut redis::aio::MultiplexedConnection, cmd: &str, key: &str| {
+        let n: usize = redis::cmd(cmd).arg(key).query_async(conn).await.unwrap();
+        n
     };
-    assert_eq!(cids(&mut conn).await, 3);
-    // Within the retention: kept.
-    assert_eq!(store.purge_calls(NOW + 29 * DAY).await.unwrap(), 0);
-    assert!(store.get_call("a", "c0").await.unwrap().is_some());
-    // An entry whose record expired before `gone` was kept (an older version): the walk
-    // through `cids` forgets it.
+    // An entry whose record expired before `gone` was kept (an older version).
     let _: () = redis::pipe()
         .cmd("HSET")
         .arg("callgate:{a}:cids")
@@ -273,21 +235,57 @@ async fn settled_calls_are_forgotten_with_their_ids_after_their_retention() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    // After it: both settled calls forgotten, and the old entry; the live one kept.
-    assert_eq!(store.purge_calls(NOW + 31 * DAY).await.unwrap(), 3);
-    assert!(store.get_call("a", "c-old").await.unwrap().is_none());
-    for gone in ["c0", "c1"] {
-        assert!(store.get_call("a", gone).await.unwrap().is_none(), "{gone}");
+    let bind = async |id: &str, call: &str| {
+        let object = serde_json::json!({"id": call, "status": "queued"});
+        let queued = store.bind("a", id, call, object.into(), NOW + DAY, NOW);
+        queued.await.unwrap().await.unwrap();
+    };
+    let event = |call: &str, status: &str, is_final: bool| CallEvent {
+        call_id: Some(call.into()),
+        status: status.into(),
+        duration: Some(30),
+        is_final,
+    };
+    for id in ["r0", "r1", "r2", "r3"] {
+        assert_eq!(
+            store.admit(request("a", id, 1)).await.unwrap(),
+            AdmitOutcome::Admitted
+        );
     }
-    assert!(store.get_call("a", "c2").await.unwrap().is_some());
-    assert_eq!(cids(&mut conn).await, 1);
-    let listed = store.list_calls("a", 10, None).await.unwrap();
-    assert_eq!(listed.len(), 1);
-    let left: usize = redis::cmd("ZCARD")
-        .arg("callgate:{a}:gone")
-        .query_async(&mut conn)
+    // r0 ends by its event; r1 and r3 lapse unbound, then r1 is bound and r3's id is named by
+    // an event; r2 stays live.
+    bind("r0", "c0").await;
+    let token = conformance::token;
+    let done = event("c0", "completed", true);
+    store.record_event(&token("r0"), done, NOW).await.unwrap();
+    bind("r2", "c2").await;
+    let lapsed = store
+        .expire_leases(NOW + 2 * 3_600 * conformance::SEC)
         .await
         .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(lapsed.len(), 2);
+    bind("r1", "c1").await;
+    let late = event("c3", "completed", true);
+    store.record_event(&token("r3"), late, NOW).await.unwrap();
+    assert_eq!(count(&mut conn, "HLEN", "callgate:{a}:cids").await, 5);
+    // Within the retention: the calls are kept; the walk forgets the old entry, once.
+    assert_eq!(store.purge_calls(NOW + 29 * DAY).await.unwrap(), 1);
+    assert_eq!(count(&mut conn, "EXISTS", "callgate:{a}:walked").await, 1);
+    for kept in ["c0", "c1", "c2", "c3"] {
+        assert!(store.get_call("a", kept).await.unwrap().is_some(), "{kept}");
+    }
+    // After it: the three settled calls forgotten, records and all; the live one kept.
+    assert_eq!(store.purge_calls(NOW + 31 * DAY).await.unwrap(), 3);
+    for gone in ["c0", "c1", "c3"] {
+        assert!(store.get_call("a", gone).await.unwrap().is_none(), "{gone}");
+    }
+    for (rid, exists) in [("r0", 0), ("r1", 0), ("r2", 1), ("r3", 0)] {
+        let key = format!("callgate:{{a}}:c:{rid}");
+        assert_eq!(count(&mut conn, "EXISTS", &key).await, exists, "{rid}");
+    }
+    assert!(store.get_call("a", "c2").await.unwrap().is_some());
+    assert_eq!(count(&mut conn, "HLEN", "callgate:{a}:cids").await, 1);
+    assert_eq!(count(&mut conn, "ZCARD", "callgate:{a}:list").await, 1);
+    assert_eq!(count(&mut conn, "ZCARD", "callgate:{a}:gone").await, 0);
     store.check_consistency(NOW + 31 * DAY).await.unwrap();
 }

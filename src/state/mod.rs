@@ -659,8 +659,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Forget attempts older than the longest window ([`MAX_ATTEMPT_WINDOW_US`]) before `now`.
     fn purge_attempts(&self, now: i64) -> StoreFuture<'static, usize>;
     /// Forget settled calls whose record's retention has ended by `now`, with their upstream
-    /// ids; how many ids were due. Redis keeps a settled call 30 days; SQLite keeps every call
-    /// (its file is the record), so it forgets none.
+    /// ids; how many. Redis keeps a settled call 30 days; SQLite keeps every call (its file is
+    /// the record), so it forgets none.
     fn purge_calls(&self, now: i64) -> StoreFuture<'static, usize>;
     /// Record a consent.
     fn add_consent(&self, record: ConsentRecord) -> StoreFuture<'static, ()>;

@@ -13,7 +13,8 @@
 //! | `<p>:{<tenant>}:book`        | hash   | credits held by live calls; spend, its period and zone   |
 //! | `<p>:{<tenant>}:cids`        | hash   | upstream call id -> reservation id                       |
 //! | `<p>:{<tenant>}:list`        | zset   | bound reservations (lexical: UUIDv7 order) for listing   |
-//! | `<p>:{<tenant>}:gone`        | zset   | upstream ids of settled calls by the end of their record's retention: forgotten then (`cids`, `list`; entries from before it are found by a walk through `cids`) |
+//! | `<p>:{<tenant>}:gone`        | zset   | `<res id> <call id>` of settled calls by the end of their record's retention: forgotten then (`cids`, `list`, the record) |
+//! | `<p>:{<tenant>}:walked`      | string | set once a walk through `cids` has forgotten the entries of calls settled before `gone` was kept |
 //! | `<p>:{<tenant>}:quiet`       | zset   | live bound calls by last update, for reconciliation      |
 //! | `<p>:{<tenant>}:i:<key>`     | hash   | an idempotency key; `<p>:{<tenant>}:idem` indexes them by expiry |
 //! | `<p>:{<tenant>}:rate`        | string | the tenant's GCRA theoretical arrival time               |
@@ -67,8 +68,11 @@ const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often, at most, expired idempotency records are purged (Redis forgets them a day after
 /// their expiry in any case).
 const PURGE_EVERY_US: i64 = 60 * 1_000_000;
-/// Upstream ids of calls past their retention forgotten per script run (`lua/forget.lua`).
+/// Calls past their retention forgotten per script run (`lua/forget.lua`), and entries of the
+/// walk through `cids` looked at.
 const FORGET_AT_ONCE: usize = 1000;
+/// Script runs per tenant per round at most (a backlog drains over several rounds).
+const FORGET_RUNS: usize = 10;
 /// How often, at most, the sweeper visits every tenant rather than those the account set names.
 const FULL_SWEEP_EVERY_US: i64 = 60 * 1_000_000;
 /// Tenants swept or read at once.
@@ -1438,7 +1442,8 @@ impl StateStore for RedisStore {
     }
 
     fn purge_calls(&self, now: i64) -> StoreFuture<'static, usize> {
-        self.op(move |inner| async move {
+        let inner = self.inner.clone();
+        Box::pin(async move {
             {
                 let mut last = inner
                     .last_call_purge
@@ -1449,13 +1454,16 @@ impl StateStore for RedisStore {
                 }
                 *last = now;
             }
-            let tenants = inner.tenants().await?;
+            let tenants = inner.within(inner.tenants()).await?;
+            // Each script within the store's timeout, not the whole round in one (a round visits
+            // every tenant); a tenant that fails is logged and tried again next round, the others
+            // go on.
             let forgotten = inner
                 .per_tenant(tenants, |tenant| {
                     let inner = &inner;
                     async move {
                         let mut forgotten = 0;
-                        loop {
+                        for _ in 0..FORGET_RUNS {
                             let cursor = inner
                                 .cids_walk
                                 .lock()
@@ -1468,14 +1476,20 @@ impl StateStore for RedisStore {
                                 FORGET_AT_ONCE.to_string().into_bytes(),
                                 cursor.into_bytes(),
                             ];
-                            let out = array(
-                                inner
-                                    .tenant_script(&inner.scripts.forget, &tenant, &args)
-                                    .await?,
-                            )?;
+                            let ran = inner
+                                .within(inner.tenant_script(&inner.scripts.forget, &tenant, &args))
+                                .await
+                                .and_then(array);
+                            let out = match ran {
+                                Ok(out) => out,
+                                Err(e) => {
+                                    tracing::warn!(tenant = %tenant, error = %e, "forgetting calls past their retention failed; tried again next round");
+                                    break;
+                                }
+                            };
                             let due = out.first().and_then(int).unwrap_or(0) as usize;
                             let orphans = out.get(2).and_then(int).unwrap_or(0) as usize;
-                            // The walk goes on from here at the next purge (a minute on).
+                            // The walk goes on from here at the next run.
                             if let Some(next) = out.get(1).and_then(text) {
                                 inner
                                     .cids_walk
@@ -1485,9 +1499,10 @@ impl StateStore for RedisStore {
                             }
                             forgotten += due + orphans;
                             if due < FORGET_AT_ONCE {
-                                return Ok(forgotten);
+                                break;
                             }
                         }
+                        Ok(forgotten)
                     }
                 })
                 .await?;

@@ -26,5 +26,5 @@ if live then
   return { 1, 1, lease }
 end
 -- Bound after it was settled (a late answer): its id goes with its record.
-forget_later(ARGV[3], tonumber(ARGV[7]))
+forget_later(rid, ARGV[3], tonumber(ARGV[7]))
 return { 1, 0, lease }

@@ -39,7 +39,7 @@ if not bound and named ~= '' and (not owner or owner == rid) then
   redis.call('ZADD', k('list'), 0, rid)
   bound = named
   -- Already settled: its id goes with its record (a settlement below records it itself).
-  if not live then forget_later(named, now) end
+  if not live then forget_later(rid, named, now) end
 end
 local settled = 0
 if live then

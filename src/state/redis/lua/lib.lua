@@ -10,11 +10,12 @@ local function call_key(rid) return P .. 'c:' .. rid end
 -- How long a settled call's record (and its idempotency answer) is kept, milliseconds.
 local RETENTION_MS = 30 * 24 * 3600 * 1000
 
--- A settled call's upstream id is forgotten with its record: `gone` holds it by the end of the
--- record's retention (microseconds, in the time of `now`), and `forget.lua` removes it then from
--- `cids` and `list`, which would otherwise keep an entry for every call ever bound.
-local function forget_later(cid, now)
-  redis.call('ZADD', k('gone'), now + RETENTION_MS * 1000, cid)
+-- A settled call's upstream id is forgotten with its record: `gone` holds "<reservation id>
+-- <upstream id>" by the end of the record's retention (microseconds, in the time of `now`), and
+-- `forget.lua` removes them then from `cids` and `list`, which would otherwise keep an entry for
+-- every call ever bound.
+local function forget_later(rid, cid, now)
+  redis.call('ZADD', k('gone'), now + RETENTION_MS * 1000, rid .. ' ' .. cid)
 end
 
 -- The tenant's spend as of `now`: {spent, pstart, pend, period, tz}, or nil when the period
@@ -68,7 +69,7 @@ local function settle(rid, status, charge, duration, now, s)
   store_spend(s)
   redis.call('PEXPIRE', c, RETENTION_MS)
   local cid = redis.call('HGET', c, 'cid')
-  if cid then forget_later(cid, tonumber(now)) end
+  if cid then forget_later(rid, cid, tonumber(now)) end
 end
 
 -- Settle every live call whose lease ended by `now` at its full hold; their ids, or nil when
