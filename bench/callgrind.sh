@@ -5,7 +5,10 @@
 # to warm up, then counts REQUESTS (1000) of them, one at a time on one keep-alive connection (the
 # benchmark's POST /v1/calls), and prints the instructions per request of the whole process and of
 # the store's writer thread. The profile is kept (its path printed) for callgrind_annotate.
-# Needs valgrind, nginx, curl, python3.
+# CONNS=16 DUR=20 counts a saturated run instead: wrk with CONNS connections for DUR seconds,
+# the total divided by the requests wrk completed (batches of several operations, as under
+# load; at one connection each batch holds one operation). REQUESTS is then ignored.
+# Needs valgrind, nginx, curl, python3 (and wrk with CONNS).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${1:-$ROOT/target/release/callgate}; N=${2:-1000}
@@ -33,8 +36,14 @@ for _ in range(n):
 PY
 }
 send 200
+CONNS=${CONNS:-1}
+if [ "$CONNS" -gt 1 ]; then load -t1 -c"$CONNS" -d5s >/dev/null; fi
 callgrind_control -i on "$P" >/dev/null
-send "$N"
+if [ "$CONNS" -gt 1 ]; then
+  N=$(load -t1 -c"$CONNS" -d"${DUR:-20}s" | awk '/requests in/ {print $1}')
+else
+  send "$N"
+fi
 callgrind_control -i off "$P" >/dev/null
 kill -INT "$P"; wait "$P" || true
 total=$(callgrind_annotate "$OUT" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
