@@ -22,7 +22,7 @@ use super::forward::AcceptedCall;
 use super::{AsyncStage, CallRequest, StageFuture, call_next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
-use crate::state::StateStore;
+use crate::state::{StateStore, StoreError};
 use crate::tasks::First;
 use tracing::Instrument;
 
@@ -125,27 +125,23 @@ impl AsyncStage for Record {
                             // In the audit trail once it is durable (or refused).
                             crate::tasks::spawn(
                                 async move {
-                                    match bind.await {
-                                        Ok(()) => tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound"),
-                                        Err(e) => tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed"),
+                                    let bound = bind.await;
+                                    if let Err(e) = bound_or_refused(bound, &reservation, &call_id) {
+                                        tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
                                     }
                                 }
                                 .in_current_span(),
                             );
                         }
-                        Err(e @ crate::state::StoreError::Refused(_)) => {
-                            // A rule of the records (an upstream id that names another call):
-                            // trying again cannot help.
-                            tracing::error!(reservation = %id, call_id = %call_id, error = %e, "bind failed; the call's events or its lease will settle it");
+                        Err(refused @ StoreError::Refused(_)) => {
+                            let _ = bound_or_refused(Err(refused), &id, &call_id);
                         }
                         Err(e) => {
                             tracing::warn!(reservation = %id, call_id = %call_id, error = %e, "bind failed; retrying in the background");
                             let gave_up =
                                 "bind failed; the call's events or its lease will settle it";
-                            crate::tasks::spawn(crate::tasks::retry(
-                                First::AfterWait,
-                                gave_up,
-                                move || {
+                            crate::tasks::spawn(
+                                crate::tasks::retry(First::AfterWait, gave_up, move || {
                                     let bound = store.bind(
                                         &tenant,
                                         &reservation,
@@ -157,21 +153,12 @@ impl AsyncStage for Record {
                                     let (reservation, call_id) =
                                         (reservation.clone(), call_id.clone());
                                     async move {
-                                        match async { bound.await?.await }.await {
-                                            Ok(()) => {
-                                                tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
-                                            }
-                                            Err(e @ crate::state::StoreError::Refused(_)) => {
-                                                // Trying again cannot help.
-                                                tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
-                                            }
-                                            Err(e) => return Err(e),
-                                        }
-                                        Ok::<_, crate::state::StoreError>(())
+                                        let bound = async { bound.await?.await }.await;
+                                        bound_or_refused(bound, &reservation, &call_id)
                                     }
-                                },
-                            )
-                            .in_current_span());
+                                })
+                                .in_current_span(),
+                            );
                         }
                     }
                 }
@@ -186,5 +173,26 @@ impl AsyncStage for Record {
             }
             Ok(response)
         })
+    }
+}
+
+/// The end of a bind: in the audit trail once it is durable; refused (a rule of the records: an
+/// upstream id that names another call), logged, since trying again cannot help (the call's
+/// events or its lease settle it). Any other failure is the caller's to log or retry.
+fn bound_or_refused(
+    bound: Result<(), StoreError>,
+    reservation: &str,
+    call_id: &str,
+) -> Result<(), StoreError> {
+    match bound {
+        Ok(()) => {
+            tracing::info!(target: "audit", reservation = %reservation, call_id = %call_id, "bound");
+            Ok(())
+        }
+        Err(e @ StoreError::Refused(_)) => {
+            tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind refused; the call's events or its lease will settle it");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }

@@ -201,6 +201,18 @@ struct Inner {
     waited: metrics::Histogram,
 }
 
+/// Whether a round that runs at most once per `every` (microseconds) is due at `now`, given
+/// when it last ran (`i64::MIN`: never); if it is, `now` becomes its last run. A clock that went
+/// back makes it due.
+fn due(last: &Mutex<i64>, now: i64, every: i64) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let due = *last == i64::MIN || now < *last || now - *last >= every;
+    if due {
+        *last = now;
+    }
+    due
+}
+
 /// What a Redis error means for the caller: the store is out of reach (fail closed, retry), or
 /// something is wrong with what was asked.
 fn store_error(e: RedisError) -> StoreError {
@@ -1208,17 +1220,7 @@ impl StateStore for RedisStore {
             }
             // Now and then every tenant, in case a call lost its account slot (it would otherwise
             // be found only by its tenant's next admission).
-            let full_pass = {
-                let mut last = inner
-                    .last_full_sweep
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let due = *last == i64::MIN || now < *last || now - *last >= FULL_SWEEP_EVERY_US;
-                if due {
-                    *last = now;
-                }
-                due
-            };
+            let full_pass = due(&inner.last_full_sweep, now, FULL_SWEEP_EVERY_US);
             if full_pass {
                 for tenant in inner.tenants().await? {
                     by_tenant.entry(tenant).or_default();
@@ -1420,12 +1422,8 @@ impl StateStore for RedisStore {
 
     fn purge_idempotency(&self, now: i64) -> StoreFuture<'static, usize> {
         self.op(move |inner| async move {
-            {
-                let mut last = inner.last_purge.lock().unwrap_or_else(|p| p.into_inner());
-                if *last != i64::MIN && now >= *last && now - *last < PURGE_EVERY_US {
-                    return Ok(0);
-                }
-                *last = now;
+            if !due(&inner.last_purge, now, PURGE_EVERY_US) {
+                return Ok(0);
             }
             let tenants = inner.tenants().await?;
             let purged = inner
@@ -1444,15 +1442,8 @@ impl StateStore for RedisStore {
     fn purge_calls(&self, now: i64) -> StoreFuture<'static, usize> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            {
-                let mut last = inner
-                    .last_call_purge
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if *last != i64::MIN && now >= *last && now - *last < PURGE_EVERY_US {
-                    return Ok(0);
-                }
-                *last = now;
+            if !due(&inner.last_call_purge, now, PURGE_EVERY_US) {
+                return Ok(0);
             }
             let tenants = inner.within(inner.tenants()).await?;
             // Each script within the store's timeout, not the whole round in one (a round visits
