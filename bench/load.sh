@@ -8,6 +8,10 @@
 #             reverse proxy a platform team would otherwise run
 #   callgate  $CALLGATE_BIN forwarding to the stub (callgate.toml.in), one tenant "bench" with
 #             acme's full policy but no [limits] and no [budget] (make_policies.py)
+# and, at saturation only, the floor of callgate's own stack:
+#   bare      $BARE_BIN (examples/bare_proxy.rs: callgate's runtime, HTTP server, upstream
+#             client and allocator forwarding every request, and nothing else); skipped with a
+#             note when it is not built (cargo build --release --example bare_proxy)
 #
 # What it measures:
 #   1. saturation: wrk -t2 -c32 -d$DURATION --latency, req/s, p50, p99, for each target
@@ -33,7 +37,7 @@
 #   CALLGATE_BIN=/path/to/callgate bash bench/load.sh
 #   QUICK=1 bash bench/load.sh                           # smoke run: 2 s runs, 200 tenants,
 #                                                        # 5000 in flight
-# Knobs (environment): CALLGATE_BIN, DURATION (10), LONG_DURATION (30), LAT_DURATION (5),
+# Knobs (environment): CALLGATE_BIN, BARE_BIN, DURATION (10), LONG_DURATION (30), LAT_DURATION (5),
 #   TENANTS (10000), INFLIGHT (100000), FILL_TIMEOUT (1200 s, cap on filling calls in flight),
 #   NGINX_WORKERS (auto), LEASE_GRACE (3600 s), KEEP=1 (keep the temp dir), QUICK=1.
 # Needs wrk, nginx and redis-server (Debian packages; installed with apt-get when missing and
@@ -68,6 +72,8 @@ MEM_LIMIT_MIB=${MEM_LIMIT_MIB:-$(awk '/^MemAvailable/ { printf "%d", $2 * 0.6 / 
 KEEP=${KEEP:-0}
 CALLGATE_BIN=${CALLGATE_BIN:-target/release/callgate}
 [[ "$CALLGATE_BIN" == /* ]] || CALLGATE_BIN="$ROOT/$CALLGATE_BIN"
+BARE_BIN=${BARE_BIN:-target/release/examples/bare_proxy}
+[[ "$BARE_BIN" == /* ]] || BARE_BIN="$ROOT/$BARE_BIN"
 
 BENCH_KEY="cg_bench_key_for_load_tests_only"
 WRK_TIMEOUT=10s                      # wrk's default 2 s would count slow answers as errors
@@ -240,7 +246,7 @@ sat() {
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup
 
-CG_PID="" STUB_PID="" PROXY_PID="" REDIS_PID="" TMP=""
+CG_PID="" STUB_PID="" PROXY_PID="" REDIS_PID="" BARE_PID="" TMP=""
 ODD=()
 # Extra environment for the next start_callgate (e.g. CALLGATE__STATE__BACKEND=redis).
 CG_ENV=()
@@ -264,6 +270,7 @@ cleanup() {
     stop_pid "$PROXY_PID"
     stop_pid "$STUB_PID"
     stop_pid "$REDIS_PID"
+    stop_pid "$BARE_PID"
     if [[ -n "$TMP" && -d "$TMP" ]]; then
         if [[ "$KEEP" == 1 ]]; then
             echo "kept $TMP"
@@ -377,7 +384,7 @@ done
 ((LONG_DURATION >= 3)) || die "LONG_DURATION must be at least 3 (first and last seconds are partial)"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/callgate-bench.XXXXXX")
-read -r STUB_PORT PROXY_PORT CG_PORT ADMIN_PORT REDIS_PORT <<<"$(free_ports 5)"
+read -r STUB_PORT PROXY_PORT CG_PORT ADMIN_PORT REDIS_PORT BARE_PORT <<<"$(free_ports 6)"
 ADMIN_TOKEN="bench-admin-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 STUB_URL="http://127.0.0.1:$STUB_PORT"
 PROXY_URL="http://127.0.0.1:$PROXY_PORT"
@@ -445,6 +452,25 @@ note "nginx proxy_pass"
 sat nginx-sat "$PROXY_URL" "$BENCH_KEY"
 N_RPS=$W_RPS N_P50=$W_P50 N_P99=$W_P99 N_BAD="$W_NON2XX/$W_ERRORS" N_CPU=$CPU_PROXY
 sleep 1
+note "bare proxy on callgate's stack ($BARE_BIN)"
+B_RPS="not built" B_P50="" B_P99="" B_BAD="" B_CPU="" B_RATIO="" B_SHARE=""
+if [[ -x "$BARE_BIN" ]]; then
+    "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$STUB_URL" >"$TMP/bare.log" 2>&1 &
+    BARE_PID=$!
+    wait_until "bare proxy on 127.0.0.1:$BARE_PORT" "$STARTUP_TIMEOUT" \
+        bash -c "exec 3<>/dev/tcp/127.0.0.1/$BARE_PORT"
+    b0=$(cpu_ticks "$BARE_PID")
+    run_wrk bare-sat 2 32 "$DURATION" "http://127.0.0.1:$BARE_PORT" "$BENCH_KEY"
+    B_CPU=$(calc "($(cpu_ticks "$BARE_PID") - $b0) / $CLK_TCK / ($W_REQS > 0 ? $W_REQS : 1) * 10000" 3)
+    B_RPS=$W_RPS B_P50=$W_P50 B_P99=$W_P99 B_BAD="$W_NON2XX/$W_ERRORS"
+    B_RATIO=$(calc "$B_RPS / $N_RPS" 2)
+    note "CPU s per 10 000 requests: bare proxy $B_CPU"
+    stop_pid "$BARE_PID"
+    BARE_PID=""
+    sleep 1
+else
+    note "not built: cargo build --release --example bare_proxy (or set BARE_BIN)"
+fi
 note "callgate"
 sat callgate-sat "$CG_URL" "$BENCH_KEY"
 C_RPS=$W_RPS C_P50=$W_P50 C_P99=$W_P99 C_BAD="$W_NON2XX/$W_ERRORS" C_CPU=$CPU_CG
@@ -610,6 +636,7 @@ RUN_TIME=$(($(date +%s) - RUN_START))
 # Summary
 
 HEADLINE=$(calc "$C_RPS / $N_RPS" 2)
+[[ -n "$B_RATIO" ]] && B_SHARE=$(calc "$C_RPS / $B_RPS" 2)
 cat <<EOF
 
 == Summary (Markdown)
@@ -629,6 +656,11 @@ cat <<EOF
 | run | $(date '+%F'), ${RUN_TIME}s in all; DURATION=$DURATION LONG_DURATION=$LONG_DURATION LAT_DURATION=$LAT_DURATION TENANTS=$TENANTS INFLIGHT=$INFLIGHT |
 
 **Headline: callgate / nginx proxy_pass at saturation = $HEADLINE** ($C_RPS vs $N_RPS req/s).
+
+The floor of callgate's stack (examples/bare_proxy.rs: the same runtime, HTTP server, upstream
+client and allocator, forwarding and nothing else) at saturation: $B_RPS req/s (${B_RATIO:-?} x nginx;
+callgate ${B_SHARE:-?} x it), p50 / p99 $B_P50 / $B_P99 ms, non-2xx / socket errors $B_BAD, CPU s per
+10 000 requests $B_CPU.
 
 ### One tenant, acme's full policy, no limits
 
