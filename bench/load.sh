@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/load.sh: load benchmark of callgate against plain nginx, on loopback only.
 #
-# Three targets get the same request (bench/calls.lua: POST /v1/calls with a tenant key, the
+# Four targets get the same request (bench/calls.lua: POST /v1/calls with a tenant key, the
 # README's body with an e-mail in metadata):
 #   stub      a private nginx answering POST /v1/calls with a queued call (nginx-stub.conf.in)
 #   nginx     a second private nginx, plain proxy_pass to the stub (nginx-proxy.conf.in): the
@@ -9,9 +9,8 @@
 #   callgate  $CALLGATE_BIN forwarding to the stub (callgate.toml.in), one tenant "bench" with
 #             acme's full policy but no [limits] and no [budget] (make_policies.py)
 # and, at saturation only, the floor of callgate's own stack:
-#   bare      $BARE_BIN (examples/bare_proxy.rs: callgate's runtime, HTTP server, upstream
-#             client and allocator forwarding every request, and nothing else); skipped with a
-#             note when it is not built (cargo build --release --example bare_proxy)
+#   bare      $BARE_BIN (examples/bare_proxy.rs); skipped with a note when it is not built
+#             (cargo build --release --example bare_proxy) or does not answer
 #
 # What it measures:
 #   1. saturation: wrk -t2 -c32 -d$DURATION --latency, req/s, p50, p99, for each target
@@ -20,7 +19,8 @@
 #      nginx and callgate
 #   3. one connection: wrk -t1 -c1 -d$LAT_DURATION --latency, p50/p99, callgate minus nginx
 #   4. CPU seconds per 10 000 requests (utime+stime, /proc/PID/stat) during the saturation run:
-#      callgate's own process, the proxy nginx's processes, the stub nginx's processes
+#      callgate's own process, the proxy nginx's processes, the stub nginx's processes (and the bare
+#      proxy's, in its own run)
 #   5. peak RSS (VmHWM) of callgate
 #   6. $TENANTS tenants: time of `callgate check`, time from `serve` to the first answer, RSS
 #      after start, saturation with one of the tenants
@@ -408,7 +408,7 @@ note "machine: $M_CPU, $M_NPROC CPUs, $M_MEM, $M_KERNEL; state on $M_FS"
 note "tools: nginx $M_NGINX (workers: $NGINX_WORKERS), $M_WRK"
 note "binary: $M_BIN; repo HEAD at start: $M_REV (not necessarily what the binary was built from)"
 note "knobs: DURATION=$DURATION LONG_DURATION=$LONG_DURATION LAT_DURATION=$LAT_DURATION TENANTS=$TENANTS INFLIGHT=$INFLIGHT QUICK=${QUICK:-0}"
-note "ports: stub $STUB_PORT, nginx proxy $PROXY_PORT, callgate $CG_PORT (admin $ADMIN_PORT); temp dir $TMP"
+note "ports: stub $STUB_PORT, nginx proxy $PROXY_PORT, callgate $CG_PORT (admin $ADMIN_PORT), bare proxy $BARE_PORT; temp dir $TMP"
 note "compiler busy: $M_BUSY"
 
 # ---------------------------------------------------------------------------------------------
@@ -452,13 +452,29 @@ note "nginx proxy_pass"
 sat nginx-sat "$PROXY_URL" "$BENCH_KEY"
 N_RPS=$W_RPS N_P50=$W_P50 N_P99=$W_P99 N_BAD="$W_NON2XX/$W_ERRORS" N_CPU=$CPU_PROXY
 sleep 1
-note "bare proxy on callgate's stack ($BARE_BIN)"
-B_RPS="not built" B_P50="" B_P99="" B_BAD="" B_CPU="" B_RATIO="" B_SHARE=""
+note "bare proxy, the floor of callgate's stack"
+B_RPS="" B_P50="" B_P99="" B_BAD="" B_CPU="" B_RATIO="" B_SHARE=""
+B_NOTE="not built (cargo build --release --example bare_proxy, or set BARE_BIN)"
+bare_up() {
+    for _ in $(seq 250); do
+        kill -0 "$BARE_PID" 2>/dev/null || return 1
+        answers_200 "http://127.0.0.1:$BARE_PORT/v1/calls" && return 0
+        sleep 0.02
+    done
+    return 1
+}
 if [[ -x "$BARE_BIN" ]]; then
+    note "$BARE_BIN ($(du -h "$BARE_BIN" | cut -f1), built $(date -r "$BARE_BIN" '+%F %T'))"
     "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$STUB_URL" >"$TMP/bare.log" 2>&1 &
     BARE_PID=$!
-    wait_until "bare proxy on 127.0.0.1:$BARE_PORT" "$STARTUP_TIMEOUT" \
-        bash -c "exec 3<>/dev/tcp/127.0.0.1/$BARE_PORT"
+fi
+if [[ -n "$BARE_PID" ]] && ! bare_up; then
+    B_NOTE="did not answer POST /v1/calls with 200: $(tail -3 "$TMP/bare.log" | tr '\n' ' ')"
+    ODD+=("bare proxy: $B_NOTE")
+    stop_pid "$BARE_PID"
+    BARE_PID=""
+fi
+if [[ -n "$BARE_PID" ]]; then
     b0=$(cpu_ticks "$BARE_PID")
     run_wrk bare-sat 2 32 "$DURATION" "http://127.0.0.1:$BARE_PORT" "$BENCH_KEY"
     B_CPU=$(calc "($(cpu_ticks "$BARE_PID") - $b0) / $CLK_TCK / ($W_REQS > 0 ? $W_REQS : 1) * 10000" 3)
@@ -469,7 +485,7 @@ if [[ -x "$BARE_BIN" ]]; then
     BARE_PID=""
     sleep 1
 else
-    note "not built: cargo build --release --example bare_proxy (or set BARE_BIN)"
+    note "skipped: $B_NOTE"
 fi
 note "callgate"
 sat callgate-sat "$CG_URL" "$BENCH_KEY"
@@ -636,7 +652,14 @@ RUN_TIME=$(($(date +%s) - RUN_START))
 # Summary
 
 HEADLINE=$(calc "$C_RPS / $N_RPS" 2)
-[[ -n "$B_RATIO" ]] && B_SHARE=$(calc "$C_RPS / $B_RPS" 2)
+if [[ -n "$B_RATIO" ]]; then
+    B_SHARE=$(calc "$C_RPS / $B_RPS" 2)
+    FLOOR="The floor of callgate's stack (examples/bare_proxy.rs) at saturation: $B_RPS req/s
+(**${B_RATIO}x nginx**; callgate ${B_SHARE}x it), p50 / p99 $B_P50 / $B_P99 ms, non-2xx / socket
+errors $B_BAD, CPU s per 10 000 requests $B_CPU."
+else
+    FLOOR="The floor of callgate's stack (examples/bare_proxy.rs): $B_NOTE."
+fi
 cat <<EOF
 
 == Summary (Markdown)
@@ -657,10 +680,7 @@ cat <<EOF
 
 **Headline: callgate / nginx proxy_pass at saturation = $HEADLINE** ($C_RPS vs $N_RPS req/s).
 
-The floor of callgate's stack (examples/bare_proxy.rs: the same runtime, HTTP server, upstream
-client and allocator, forwarding and nothing else) at saturation: $B_RPS req/s (${B_RATIO:-?} x nginx;
-callgate ${B_SHARE:-?} x it), p50 / p99 $B_P50 / $B_P99 ms, non-2xx / socket errors $B_BAD, CPU s per
-10 000 requests $B_CPU.
+$FLOOR
 
 ### One tenant, acme's full policy, no limits
 

@@ -1,14 +1,21 @@
-//! The floor of callgate's stack, for `bench/load.sh`: a reverse proxy on the same runtime
-//! (tokio, one request thread beside nothing else, as callgate with SQLite), the same HTTP server
-//! (hyper-util's auto builder, HTTP/1) and the same upstream client (hyper-util's pooled client,
-//! `TCP_NODELAY` both ways), with the same allocator, and nothing else: no policy, no state, no
-//! trace or metrics. It reads the body whole, swaps the `Authorization` header and forwards, as
-//! callgate does. What callgate spends beyond it is its own work.
+//! The floor of callgate's stack, for `bench/load.sh`: a reverse proxy built as callgate's
+//! request path is, and doing nothing else (no policy, no state, no writer or checkpoint thread,
+//! no trace, metrics or audit, no connection cap or head timeout):
+//! - the runtime: tokio with callgate's request threads (one per core but one, at least one, as
+//!   with SQLite);
+//! - the server: hyper-util's auto builder, with hyper's timer and idle timeout, `TCP_NODELAY`;
+//! - the upstream client: hyper-util's pooled client (32 idle connections, 90 s), `TCP_NODELAY`;
+//! - the allocator: jemalloc;
+//! - a request as callgate sends it: the body read whole, a new request with the account key,
+//!   `user-agent`, `accept`, `x-request-id` and `content-type`; the answer read whole and relayed
+//!   with its status and content type only.
 //!
-//! `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_URL`
+//! What callgate spends beyond it is its own work.
+//! `cargo build --release --example bare_proxy`, then `bare_proxy LISTEN_ADDR UPSTREAM_URL`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -32,8 +39,9 @@ fn main() {
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR: an address and port");
     let upstream: Uri = upstream.parse().expect("UPSTREAM_URL: a URL");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cores.saturating_sub(1).max(1))
         .enable_all()
         .build()
         .expect("runtime")
@@ -44,22 +52,28 @@ async fn serve(listen: SocketAddr, upstream: Uri) {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client: Upstream = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(32)
         .pool_timer(TokioTimer::new())
         .build(http);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60));
     let listener = TcpListener::bind(listen).await.expect("bind");
     let base = upstream.to_string().trim_end_matches('/').to_string();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (client, base) = (client.clone(), base.clone());
+        let (client, base, builder) = (client.clone(), base.clone(), builder.clone());
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req| forward(client.clone(), base.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .http1()
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -71,31 +85,39 @@ async fn forward(
     base: String,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("{base}{path}").parse::<Uri>() else {
+    let mut sent = Request::builder()
+        .method(parts.method)
+        .uri(format!("{base}{path}"))
+        .header(header::AUTHORIZATION, "Bearer upstream-key")
+        .header(header::USER_AGENT, "bare_proxy")
+        .header(header::ACCEPT, "application/json")
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(id) = parts.headers.get("x-request-id") {
+        sent = sent.header("x-request-id", id);
+    }
+    let Ok(sent) = sent.body(Full::new(body)) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
-    parts.uri = uri;
-    parts.headers.remove(header::HOST);
-    parts.headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_static("Bearer upstream-key"),
-    );
-    let Ok(answer) = client
-        .request(Request::from_parts(parts, Full::new(body)))
-        .await
-    else {
+    let Ok(answer) = client.request(sent).await else {
         return Ok(status(StatusCode::BAD_GATEWAY));
     };
     let (parts, body) = answer.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return Ok(status(StatusCode::BAD_GATEWAY));
     };
-    Ok(Response::from_parts(parts, Full::new(body)))
+    let mut out = Response::new(Full::new(body));
+    *out.status_mut() = parts.status;
+    let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    Ok(out)
 }
 
 fn status(code: StatusCode) -> Response<Full<Bytes>> {
