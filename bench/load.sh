@@ -455,8 +455,9 @@ sleep 1
 note "bare proxy, the floor of callgate's stack"
 B_RPS="" B_P50="" B_P99="" B_BAD="" B_CPU="" B_RATIO="" B_SHARE=""
 B_NOTE="not built (cargo build --release --example bare_proxy, or set BARE_BIN)"
-bare_up() {
-    for _ in $(seq 250); do
+bare_up() {  # within STARTUP_TIMEOUT, like the other targets
+    local deadline=$(($(date +%s) + STARTUP_TIMEOUT))
+    while (($(date +%s) < deadline)); do
         kill -0 "$BARE_PID" 2>/dev/null || return 1
         answers_200 "http://127.0.0.1:$BARE_PORT/v1/calls" && return 0
         sleep 0.02
