@@ -140,6 +140,12 @@ pub fn bind_state(
         .optional()?)
 }
 
+/// Run a transaction-control statement (`BEGIN`, `SAVEPOINT`, `RELEASE`, `ROLLBACK`) through
+/// the statement cache: parsed once, not once per operation.
+pub fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// Run `f`, which writes more than once, in a savepoint of its own inside the writer's
 /// transaction: its writes land together or not at all (for an operation that runs without the
 /// writer's savepoint, `Writes::OneStatement`, and writes twice only sometimes).
@@ -147,22 +153,21 @@ pub fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
-    control("SAVEPOINT inner")?;
+    control(conn, "SAVEPOINT inner")?;
     let done = f();
     if conn.is_autocommit() {
         // SQLite rolled the whole transaction back (a failing disk): the writer fails the batch.
         return done;
     }
     let ended = match &done {
-        Ok(_) => control("RELEASE inner"),
-        Err(_) => control("ROLLBACK TO inner").and_then(|()| control("RELEASE inner")),
+        Ok(_) => control(conn, "RELEASE inner"),
+        Err(_) => control(conn, "ROLLBACK TO inner").and_then(|()| control(conn, "RELEASE inner")),
     };
     if let Err(e) = ended {
         // The savepoint could not be ended as it should: undo the whole transaction rather
         // than commit writes whose operation failed (or answer a failure for writes that
         // stay). The writer then fails the batch, as for a failing disk.
-        let _ = control("ROLLBACK");
+        let _ = control(conn, "ROLLBACK");
         return Err(done.err().unwrap_or_else(|| e.into()));
     }
     done

@@ -72,7 +72,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::call_index::CallIndex;
-use super::schema;
+use super::{queries, schema};
 use crate::metrics::{STORE_BATCH, STORE_SYNC, STORE_WAIT};
 use crate::state::StoreError;
 use crate::state::accounting::Ledger;
@@ -772,8 +772,7 @@ fn run(
         // Every operation in the batch is lazy: the transaction may be held.
         let mut all_lazy = true;
         let outcome = (|| -> Result<(), rusqlite::Error> {
-            // Transaction control through cached statements: parsed once, not once per operation.
-            let control = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
+            let control = |sql: &str| queries::control(conn, sql);
             if hold_due.is_none() {
                 // IMMEDIATE: take the write lock first, waiting (busy timeout) for any other
                 // process that holds it. A deferred transaction whose first operation reads
