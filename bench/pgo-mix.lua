@@ -1,13 +1,15 @@
--- wrk script for bench/pgo-train.sh: the traffic a profile-guided build is trained on. Unlike
+-- wrk script for scripts/pgo-build.sh: the traffic a profile-guided build is trained on. Unlike
 -- bench/calls.lua (one request, the benchmark's), it cycles through a mix, so that the profile is
 -- of the gateway's work and not of one request:
---   - calls admitted: numbers in several US and Canadian areas, metadata with and without
---     personal data (an e-mail, a card number, a key the policy drops), with and without
---     `from_number`, `record`, `max_duration`;
+--   - calls admitted: numbers in six US and Canadian areas, metadata with and without personal
+--     data (an e-mail, a card number, a key the policy drops), with and without `from_number`,
+--     `record`, `max_duration`;
 --   - calls refused by policy: a premium-rate prefix, a number on the do-not-call list, a region
 --     not allowed, an agent not allowed, a caller id not allowed, an invalid number;
---   - requests refused before the policy: a schema violation, malformed JSON, a wrong key;
+--   - requests refused before the policy: two schema violations, malformed JSON, a wrong key;
 --   - reads: GET /v1/calls (the tenant's list) and GET /healthz.
+-- Of every 48 requests, 10 are refused (the nine refusals and the wrong key): pgo-build.sh
+-- checks that share. Each wrk thread cycles through the 48 on its own.
 --
 --   BENCH_KEY=<tenant key>   the bearer key of the benchmark tenant (required)
 
@@ -52,8 +54,8 @@ local refused = {
 local requests = {}
 
 function init(args)
-  -- Four admitted calls before each refusal, then the reads and a wrong key: 36 admitted calls,
-  -- 9 refusals and 3 other requests in every 48.
+  -- Four admitted calls before each refusal, then the two reads and the wrong key: 36 admitted
+  -- calls, 9 refusals, 2 reads and 1 wrong key (401) in every 48.
   local a = 1
   for _, body in ipairs(refused) do
     for _ = 1, 4 do
