@@ -15,12 +15,12 @@
 # The profile comes from this checkout's code, so the build is always in step with it. Code the
 # mix never runs (the Redis backend, limits and budgets, TLS, the relay) the compiler takes for
 # cold and optimises for size: it may be slower than in `cargo build --release`. The mix trains
-# the SQLite backend's call path. Two release builds: about 15 to 20 minutes on a 2-core machine. Measured on one (docs/benchmarks.md, "A profile-guided build"):
-# +12% to +14% requests per second at saturation and -13% to -16% CPU per request against
-# `cargo build --release`. Needs nginx, wrk, curl and python3 (as bench/load.sh) and rustup (or
-# LLVM_PROFDATA: an llvm-profdata of rustc's LLVM major version). It sets RUSTFLAGS, which
-# replaces any rustflags of a cargo config; it refuses CARGO_ENCODED_RUSTFLAGS, which would
-# replace its own.
+# the SQLite backend's call path. Two release builds: about 15 to 20 minutes on a 2-core
+# machine. Measured on one (docs/benchmarks.md, "A profile-guided build"): +12% to +14% requests
+# per second at saturation and -13% to -16% CPU per request against `cargo build --release`.
+# Needs nginx, wrk, curl and python3 (as bench/load.sh) and rustup (or LLVM_PROFDATA: an
+# llvm-profdata of rustc's LLVM major version). It sets RUSTFLAGS, which replaces any rustflags
+# of a cargo config; it refuses CARGO_ENCODED_RUSTFLAGS, which would replace its own.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$ROOT/target/pgo
