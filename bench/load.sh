@@ -148,15 +148,23 @@ guarded() {
     return "$rc"
 }
 
-# wait_until DESCRIPTION TIMEOUT_S COMMAND...: poll every 20 ms until COMMAND succeeds.
-wait_until() {
-    local what=$1 timeout=$2 deadline
-    shift 2
-    deadline=$(($(date +%s) + timeout))
+# poll_until TIMEOUT_S COMMAND...: poll every 20 ms until COMMAND succeeds; returns 1 after
+# TIMEOUT_S seconds, or at once when $POLL_PID (if set) has exited.
+poll_until() {
+    local deadline=$(($(date +%s) + $1))
+    shift
     until "$@" >/dev/null 2>&1; do
-        (($(date +%s) < deadline)) || die "$what: nothing after ${timeout}s"
+        [[ -z "${POLL_PID:-}" ]] || kill -0 "$POLL_PID" 2>/dev/null || return 1
+        (($(date +%s) < deadline)) || return 1
         sleep 0.02
     done
+}
+
+# wait_until DESCRIPTION TIMEOUT_S COMMAND...: poll_until, or stop the run.
+wait_until() {
+    local what=$1 timeout=$2
+    shift 2
+    poll_until "$timeout" "$@" || die "$what: nothing after ${timeout}s"
 }
 
 # http_status METHOD URL [KEY]: the status code of one request with the bench body.
@@ -455,14 +463,8 @@ sleep 1
 note "bare proxy, the floor of callgate's stack"
 B_RPS="" B_P50="" B_P99="" B_BAD="" B_CPU="" B_RATIO="" B_SHARE=""
 B_NOTE="not built (cargo build --release --example bare_proxy, or set BARE_BIN)"
-bare_up() {  # within STARTUP_TIMEOUT, like the other targets
-    local deadline=$(($(date +%s) + STARTUP_TIMEOUT))
-    while (($(date +%s) < deadline)); do
-        kill -0 "$BARE_PID" 2>/dev/null || return 1
-        answers_200 "http://127.0.0.1:$BARE_PORT/v1/calls" && return 0
-        sleep 0.02
-    done
-    return 1
+bare_up() {  # within STARTUP_TIMEOUT, like the other targets; gives up at once if it exited
+    POLL_PID=$BARE_PID poll_until "$STARTUP_TIMEOUT" answers_200 "http://127.0.0.1:$BARE_PORT/v1/calls"
 }
 if [[ -x "$BARE_BIN" ]]; then
     note "$BARE_BIN ($(du -h "$BARE_BIN" | cut -f1), built $(date -r "$BARE_BIN" '+%F %T'))"

@@ -8,8 +8,9 @@
 --     not allowed, an agent not allowed, a caller id not allowed, an invalid number;
 --   - requests refused before the policy: two schema violations, malformed JSON, a wrong key;
 --   - reads: GET /v1/calls (the tenant's list) and GET /healthz.
--- Of every 48 requests, 10 are refused (the nine refusals and the wrong key): pgo-build.sh
--- checks that share. Each wrk thread cycles through the 48 on its own.
+-- Of every 48 requests, 10 are refused (the nine refusals and the wrong key). The script prints
+-- that share when the run ends ("mix: 10 of 48 refused"), and pgo-build.sh checks wrk's count
+-- against it. Each wrk thread cycles through the 48 on its own.
 --
 --   BENCH_KEY=<tenant key>   the bearer key of the benchmark tenant (required)
 
@@ -53,6 +54,10 @@ local refused = {
 
 local requests = {}
 
+-- Per cycle: four admitted calls before each refusal, then two reads and the wrong key.
+local per_cycle = #refused * 5 + 3
+local refused_per_cycle = #refused + 1
+
 function init(args)
   -- Four admitted calls before each refusal, then the two reads and the wrong key: 36 admitted
   -- calls, 9 refusals, 2 reads and 1 wrong key (401) in every 48.
@@ -74,4 +79,8 @@ local n = 0
 function request()
   n = n % #requests + 1
   return requests[n]
+end
+
+function done(summary, latency, requests)
+  io.write(string.format("mix: %d of %d refused\n", refused_per_cycle, per_cycle))
 end

@@ -62,19 +62,21 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-pgo.XXXXXX")
     env LLVM_PROFILE_FILE="$OUT/profiles/callgate-%p-%m.profraw"
   wait_healthy 400
   train() { # train SECONDS THREADS CONNECTIONS: a run of the mix, checked
-    local out total bad
+    local out total bad mix
     out=$(BENCH_KEY=$BENCH_KEY wrk -t"$2" -c"$3" -d"$1s" -s "$ROOT/bench/pgo-mix.lua" "http://127.0.0.1:$CG")
     total=$(awk '/requests in/ {print $1}' <<<"$out")
     bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    echo "   wrk -t$2 -c$3 -d$1s: $total requests, ${bad:-0} refused"
-    # 10 of every 48 requests are refused (bench/pgo-mix.lua), exactly so in each wrk thread's
-    # cycle: a share off by more than a cycle per thread (and 0.5%) means the mix no longer does
-    # what it says (one kind of request answered otherwise moves it by 2%), and the profile would
-    # be of the wrong work.
-    awk -v t="${total:-0}" -v b="${bad:-0}" -v n="$2" \
-      'BEGIN {d = b - t * 10 / 48; if (d < 0) d = -d; exit !(t > 0 && d <= 10 * n + t * 0.005)}' || {
+    # The share the mix refuses, as bench/pgo-mix.lua states it: "mix: R of C refused".
+    mix=$(awk '/^mix:/ {print $2, $4}' <<<"$out")
+    [[ "$mix" =~ ^[0-9]+\ [0-9]+$ ]] || fail "bench/pgo-mix.lua did not state its mix"
+    echo "   wrk -t$2 -c$3 -d$1s: $total requests, ${bad:-0} refused (the mix: ${mix/ / of })"
+    # Exactly R of every C requests are refused in each wrk thread's cycle: a share off by more
+    # than a cycle per thread (and 0.5%) means the mix no longer does what it says (one kind of
+    # request answered otherwise moves it by 2%), and the profile would be of the wrong work.
+    awk -v t="${total:-0}" -v b="${bad:-0}" -v n="$2" -v r="${mix% *}" -v c="${mix#* }" \
+      'BEGIN {d = b - t * r / c; if (d < 0) d = -d; exit !(t > 0 && d <= r * n + t * 0.005)}' || {
       tail -20 "$d/log" >&2
-      fail "the mix was refused at an unexpected rate (${bad:-0} of ${total:-0}, not 10 in 48)"
+      fail "the mix was refused at an unexpected rate (${bad:-0} of ${total:-0}, not ${mix/ / in })"
     }
   }
   train "$TRAIN_SECS" 2 32
