@@ -122,7 +122,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            run_on(settings.worker_threads(cores()), serve(settings))
+            run_on_worker(settings.worker_threads(cores()), serve(settings))
         }
         Command::Simulator {
             listen,
@@ -184,6 +184,23 @@ fn run_on(workers: usize, future: impl std::future::Future<Output = ExitCode>) -
             ExitCode::FAILURE
         }
     }
+}
+
+/// Run `future` as a task on a runtime of `workers` threads, not on the main thread: the gateway
+/// starts (and reloads its policies) on a request thread. The phone library's and the redaction
+/// patterns' regexes keep a cache for the first thread that searches with them and share the
+/// others behind a lock; the policies' own numbers (checked as they load) are their first search,
+/// and the request thread should be the one that owns them.
+fn run_on_worker(
+    workers: usize,
+    future: impl std::future::Future<Output = ExitCode> + Send + 'static,
+) -> ExitCode {
+    run_on(workers, async move {
+        tokio::spawn(future).await.unwrap_or_else(|e| {
+            eprintln!("callgate: {e}");
+            ExitCode::FAILURE
+        })
+    })
 }
 
 async fn serve(settings: Settings) -> ExitCode {

@@ -6,7 +6,6 @@
 //! store at scrape time, for the tenants of the loaded policies. Tenant label values are tenant
 //! ids from the policy files only, never from a request.
 
-use std::collections::HashMap;
 use std::sync::{Once, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -178,11 +177,11 @@ struct RequestHandles {
     upstream: metrics::Histogram,
     /// `callgate_requests_total` by tenant, then by decision and code (tenant ids from the
     /// policy files, and codes from a fixed set: the same series the registry holds).
-    requests: RwLock<HashMap<String, CountersByOutcome>>,
+    requests: RwLock<foldhash::HashMap<String, CountersByOutcome>>,
 }
 
 /// A tenant's request counters by decision and code.
-type CountersByOutcome = HashMap<(&'static str, &'static str), metrics::Counter>;
+type CountersByOutcome = foldhash::HashMap<(&'static str, &'static str), metrics::Counter>;
 
 static REQUEST_HANDLES: OnceLock<RequestHandles> = OnceLock::new();
 

@@ -301,7 +301,7 @@ impl Upstream {
     ) -> Result<Response<Bytes>, GatewayError> {
         let mut builder = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri([self.base.as_str(), path].concat())
             .header(header::AUTHORIZATION, self.authorization.clone())
             .header(
                 header::USER_AGENT,

@@ -205,7 +205,7 @@ pub struct Policies {
     /// Some tenant caps calls across every tenant (`scope = "account"`): every tenant's calls
     /// are then recorded in that scope.
     pub account_attempts: bool,
-    by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    by_key: foldhash::HashMap<[u8; 32], Arc<Tenant>>,
     pub schema: jsonschema::Validator,
 }
 
@@ -251,7 +251,7 @@ impl Policies {
             }),
         };
         let mut tenants = BTreeMap::new();
-        let mut by_key: HashMap<[u8; 32], Arc<Tenant>> = HashMap::new();
+        let mut by_key: foldhash::HashMap<[u8; 32], Arc<Tenant>> = Default::default();
         let tenant_dir = dir.join("tenants");
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&tenant_dir) {
             Ok(entries) => entries

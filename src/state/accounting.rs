@@ -21,8 +21,6 @@
 //! assert_eq!(settlement_charge(Ending::Expired, pricing, 20), 20);
 //! ```
 
-use std::collections::HashMap;
-
 use super::{AdmitOutcome, AdmitRequest, BudgetTerms, Period, Usage};
 
 /// How a call is charged, as fixed at admission.
@@ -189,7 +187,7 @@ pub struct AdmitPlan {
 /// rebuilt from at start.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Ledger {
-    tenants: HashMap<Box<str>, TenantBook>,
+    tenants: foldhash::HashMap<Box<str>, TenantBook>,
     account_slots: i64,
 }
 

@@ -45,7 +45,7 @@ pub struct CallIndex {
 }
 
 /// Bound calls not yet merged (or in the merge that runs): upstream id → reservation id, row.
-type Recent = HashMap<Box<str>, (Box<str>, i64)>;
+type Recent = foldhash::HashMap<Box<str>, (Box<str>, i64)>;
 
 #[derive(Default)]
 struct State {
