@@ -375,7 +375,7 @@ impl AdminContext {
                 ))
             }
             (Method::POST, "/admin/reload") => {
-                let reloaded = self.reloader.reload_policies();
+                let reloaded = self.reloader.reload_policies().await;
                 let mut line = serde_json::Map::new();
                 line.insert("ok".into(), reloaded.is_ok().into());
                 self.audit.admin("reload", line);

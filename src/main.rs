@@ -187,19 +187,21 @@ fn run_on(workers: usize, future: impl std::future::Future<Output = ExitCode>) -
 }
 
 /// Run `future` as a task on a runtime of `workers` threads, not on the main thread: the gateway
-/// starts (and reloads its policies) on a request thread. The phone library's and the redaction
-/// patterns' regexes keep a cache for the first thread that searches with them and share the
-/// others behind a lock; the policies' own numbers (checked as they load) are their first search,
-/// and the request thread should be the one that owns them.
+/// starts on a request thread. The phone library's and the redaction patterns' regexes keep a
+/// cache for the first thread that searches with them and share the others behind a lock; the
+/// policies' own numbers (checked as they load) are their first search, and a request thread
+/// should be the one that owns them. With one request thread (the default with SQLite on two
+/// cores) that is every request's thread; with more, one of them. Reloads load on a blocking
+/// thread and leave the request threads as they are (`reload::Reloader::reload_policies`).
 fn run_on_worker(
     workers: usize,
     future: impl std::future::Future<Output = ExitCode> + Send + 'static,
 ) -> ExitCode {
     run_on(workers, async move {
-        tokio::spawn(future).await.unwrap_or_else(|e| {
-            eprintln!("callgate: {e}");
-            ExitCode::FAILURE
-        })
+        // A panic goes on as if `block_on` had run the future itself (exit code 101).
+        tokio::spawn(future)
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     })
 }
 
@@ -235,7 +237,7 @@ async fn wait_for_signals(gateway: &Gateway) {
             _ = tokio::signal::ctrl_c() => return,
             _ = term.recv() => return,
             _ = hup.recv() => {
-                match gateway.reload_policies() {
+                match gateway.reload_policies().await {
                     Ok(tenants) => tracing::info!(tenants, "policies reloaded"),
                     Err(errors) => {
                         for e in errors {

@@ -18,16 +18,14 @@ pub struct Reloader {
 
 impl Reloader {
     /// Reload the policies from disk; on any error the old policies stay in force.
-    pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        // A large do-not-call list takes a second to load: on a runtime worker, hand the
-        // worker's other tasks to another thread meanwhile, so traffic does not pause.
-        let load = || Policies::load(&self.policy_dir, &self.hash_key);
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let policies = match multi_thread {
-            true => tokio::task::block_in_place(load),
-            false => load(),
-        };
+    pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
+        // A large do-not-call list takes a second to load: on a blocking thread, so that traffic
+        // does not pause. (Not `block_in_place`: that hands the request thread's work to another
+        // thread for good, one that does not own the regexes' caches; see `main.rs`.)
+        let (dir, key) = (self.policy_dir.clone(), self.hash_key.clone());
+        let policies = tokio::task::spawn_blocking(move || Policies::load(&dir, &key))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         crate::metrics::reload(policies.is_ok());
         let policies = policies?;
         let count = policies.tenants.len();

@@ -391,8 +391,8 @@ impl Gateway {
     }
 
     /// Reload the policies from disk; on any error the old policies stay in force.
-    pub fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let reloaded = self.reloader.reload_policies();
+    pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
+        let reloaded = self.reloader.reload_policies().await;
         let mut line = serde_json::Map::new();
         line.insert("ok".into(), reloaded.is_ok().into());
         self.audit.admin("reload", line);

@@ -70,7 +70,7 @@ async fn decisions_settlements_and_admin_actions_are_chained_lines() {
         assert!(std::time::Instant::now() < deadline, "no settlement line");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    gw.gateway.reload_policies().unwrap();
+    gw.gateway.reload_policies().await.unwrap();
 
     let all = lines(&path);
     let decisions: Vec<&Value> = all.iter().filter(|l| l["type"] == "decision").collect();

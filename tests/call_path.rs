@@ -372,14 +372,14 @@ async fn a_policy_reload_takes_effect_and_a_bad_one_is_refused() {
         original.replace("allow = [\"agent_abc123\"]", "allow = [\"agent_support\"]"),
     )
     .unwrap();
-    assert_eq!(gw.gateway.reload_policies().unwrap(), 2);
+    assert_eq!(gw.gateway.reload_policies().await.unwrap(), 2);
     assert_eq!(
         gw.create_call(ACME_KEY, &seed()).await.code(),
         "agent_not_found"
     );
 
     std::fs::write(&acme, "id = \"acme\"\nthis is not toml").unwrap();
-    let errors = gw.gateway.reload_policies().unwrap_err();
+    let errors = gw.gateway.reload_policies().await.unwrap_err();
     assert!(
         errors[0].to_string().contains("acme.toml:2"),
         "{}",
