@@ -375,10 +375,19 @@ impl AdminContext {
                 ))
             }
             (Method::POST, "/admin/reload") => {
-                let reloaded = self.reloader.reload_policies().await;
-                let mut line = serde_json::Map::new();
-                line.insert("ok".into(), reloaded.is_ok().into());
-                self.audit.admin("reload", line);
+                // In a task of its own: a client that stops waiting (the load can take seconds)
+                // does not cut the reload's audit line and certificates short.
+                let (reloader, audit) = (self.reloader.clone(), self.audit.clone());
+                let (reloaded, certificates) = tokio::spawn(async move {
+                    let reloaded = reloader.reload_policies().await;
+                    let mut line = serde_json::Map::new();
+                    line.insert("ok".into(), reloaded.is_ok().into());
+                    audit.admin("reload", line);
+                    let certificates = reloaded.is_ok().then(|| reloader.reload_tls());
+                    (reloaded, certificates)
+                })
+                .await
+                .map_err(|e| GatewayError::Internal(format!("reload failed: {e}")))?;
                 let tenants = reloaded.map_err(|errors| GatewayError::InvalidRequest {
                     message: format!(
                         "policies not reloaded; the old ones stay in force: {}",
@@ -391,8 +400,8 @@ impl AdminContext {
                     param: None,
                 })?;
                 let certificates =
-                    self.reloader
-                        .reload_tls()
+                    certificates
+                        .unwrap_or(Ok(0))
                         .map_err(|e| GatewayError::InvalidRequest {
                             message: format!(
                                 "TLS not reloaded; the old certificates stay in use: {e}"

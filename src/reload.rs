@@ -21,16 +21,33 @@ impl Reloader {
     pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
         // A large do-not-call list takes a second to load: on a blocking thread, so that traffic
         // does not pause. (Not `block_in_place`: that hands the request thread's work to another
-        // thread for good, one that does not own the regexes' caches; see `main.rs`.)
-        let (dir, key) = (self.policy_dir.clone(), self.hash_key.clone());
-        let policies = tokio::task::spawn_blocking(move || Policies::load(&dir, &key))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        crate::metrics::reload(policies.is_ok());
-        let policies = policies?;
-        let count = policies.tenants.len();
-        self.policies.replace(policies);
-        Ok(count)
+        // thread for good, one that does not own the regexes' caches; see `main.rs`.) The reload
+        // runs to its end there, even if the caller stops waiting for it.
+        let (dir, key, live) = (
+            self.policy_dir.clone(),
+            self.hash_key.clone(),
+            self.policies.clone(),
+        );
+        let reload = move || {
+            let policies = Policies::load(&dir, &key);
+            crate::metrics::reload(policies.is_ok());
+            let policies = policies?;
+            let count = policies.tenants.len();
+            live.replace(policies);
+            Ok(count)
+        };
+        match tokio::task::spawn_blocking(reload).await {
+            Ok(reloaded) => reloaded,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only when the runtime is shutting down.
+                Err(_) => Err(vec![ConfigError::new(
+                    &self.policy_dir,
+                    None,
+                    "not reloaded: the gateway is shutting down",
+                )]),
+            },
+        }
     }
 
     /// Reload every listener's certificate for new connections (open ones carry on); on error
