@@ -198,7 +198,9 @@ fn run_on_worker(
     future: impl std::future::Future<Output = ExitCode> + Send + 'static,
 ) -> ExitCode {
     run_on(workers, async move {
-        // A panic goes on as if `block_on` had run the future itself (exit code 101).
+        // A panic goes on as if `block_on` had run the future itself (exit code 101). The task
+        // cannot be cancelled (nothing aborts it, and the runtime outlives `block_on`), so an
+        // error here is a panic.
         tokio::spawn(future)
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
