@@ -81,6 +81,6 @@ function request()
   return requests[n]
 end
 
-function done(summary, latency, requests)
+function done(summary, latency, _)
   io.write(string.format("mix: %d of %d refused\n", refused_per_cycle, per_cycle))
 end

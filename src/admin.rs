@@ -378,36 +378,31 @@ impl AdminContext {
                 // In a task of its own: a client that stops waiting (the load can take seconds)
                 // does not cut the reload's audit line and certificates short.
                 let (reloader, audit) = (self.reloader.clone(), self.audit.clone());
-                let (reloaded, certificates) = tokio::spawn(async move {
+                let reloaded = tokio::spawn(async move {
                     let reloaded = reloader.reload_policies().await;
                     let mut line = serde_json::Map::new();
                     line.insert("ok".into(), reloaded.is_ok().into());
                     audit.admin("reload", line);
-                    let certificates = reloaded.is_ok().then(|| reloader.reload_tls());
-                    (reloaded, certificates)
+                    Ok::<_, Vec<crate::config::ConfigError>>((reloaded?, reloader.reload_tls()))
                 })
                 .await
                 .map_err(|e| GatewayError::Internal(format!("reload failed: {e}")))?;
-                let tenants = reloaded.map_err(|errors| GatewayError::InvalidRequest {
-                    message: format!(
-                        "policies not reloaded; the old ones stay in force: {}",
-                        errors
-                            .iter()
-                            .map(|e| e.to_string())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
+                let (tenants, certificates) =
+                    reloaded.map_err(|errors| GatewayError::InvalidRequest {
+                        message: format!(
+                            "policies not reloaded; the old ones stay in force: {}",
+                            errors
+                                .iter()
+                                .map(|e| e.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
+                        param: None,
+                    })?;
+                let certificates = certificates.map_err(|e| GatewayError::InvalidRequest {
+                    message: format!("TLS not reloaded; the old certificates stay in use: {e}"),
                     param: None,
                 })?;
-                let certificates =
-                    certificates
-                        .unwrap_or(Ok(0))
-                        .map_err(|e| GatewayError::InvalidRequest {
-                            message: format!(
-                                "TLS not reloaded; the old certificates stay in use: {e}"
-                            ),
-                            param: None,
-                        })?;
                 Ok(json_response(
                     StatusCode::OK,
                     &json!({"tenants": tenants, "certificates": certificates}),

@@ -117,10 +117,11 @@ impl Service<CallRequest> for Forward {
                 .ok_or_else(|| GatewayError::Internal("forward ran before validate".into()))?;
             if let Some(reservation) = &req.reservation {
                 // The call's trace rides along, so that its events' handling links to it.
-                let trace = crate::telemetry::traceparent(&req.span);
-                let (query, trace) = match &trace {
-                    Some(tp) => ("?traceparent=", tp.as_str()),
-                    None => ("", ""),
+                let traceparent = crate::telemetry::traceparent(&req.span);
+                let query = if traceparent.is_some() {
+                    "?traceparent="
+                } else {
+                    ""
                 };
                 // Joined, not `format!`ed: the formatting machinery costs more than the copy.
                 call.webhook_url = Some(
@@ -129,7 +130,7 @@ impl Service<CallRequest> for Forward {
                         "/v1/relay/",
                         &reservation.token,
                         query,
-                        trace,
+                        traceparent.as_deref().unwrap_or_default(),
                     ]
                     .concat(),
                 );
