@@ -379,11 +379,8 @@ impl AdminContext {
                 // does not cut the reload's audit line and certificates short.
                 let (reloader, audit) = (self.reloader.clone(), self.audit.clone());
                 let reloaded = tokio::spawn(async move {
-                    let reloaded = reloader.reload_policies().await;
-                    let mut line = serde_json::Map::new();
-                    line.insert("ok".into(), reloaded.is_ok().into());
-                    audit.admin("reload", line);
-                    Ok::<_, Vec<crate::config::ConfigError>>((reloaded?, reloader.reload_tls()))
+                    let tenants = reloader.reload_audited(&audit).await?;
+                    Ok::<_, Vec<crate::config::ConfigError>>((tenants, reloader.reload_tls()))
                 })
                 .await
                 .map_err(|e| GatewayError::Internal(format!("reload failed: {e}")))?;

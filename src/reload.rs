@@ -50,6 +50,19 @@ impl Reloader {
         }
     }
 
+    /// [`Reloader::reload_policies`], then the audit trail's `reload` line (whether it took
+    /// effect): `SIGHUP` and `POST /admin/reload` alike.
+    pub async fn reload_audited(
+        &self,
+        audit: &crate::audit::Audit,
+    ) -> Result<usize, Vec<ConfigError>> {
+        let reloaded = self.reload_policies().await;
+        let mut line = serde_json::Map::new();
+        line.insert("ok".into(), reloaded.is_ok().into());
+        audit.admin("reload", line);
+        reloaded
+    }
+
     /// Reload every listener's certificate for new connections (open ones carry on); on error
     /// the old certificates stay. Returns how many were reloaded.
     pub fn reload_tls(&self) -> Result<usize, ConfigError> {

@@ -392,11 +392,7 @@ impl Gateway {
 
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        let reloaded = self.reloader.reload_policies().await;
-        let mut line = serde_json::Map::new();
-        line.insert("ok".into(), reloaded.is_ok().into());
-        self.audit.admin("reload", line);
-        reloaded
+        self.reloader.reload_audited(&self.audit).await
     }
 
     /// Reopen the audit file at its path (`SIGHUP`, after logrotate moved it).
