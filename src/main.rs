@@ -227,7 +227,10 @@ async fn serve(settings: Settings) -> ExitCode {
 #[cfg(unix)]
 async fn wait_for_signals(gateway: &Gateway) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
+    // Each stream is made once: a signal that arrives while a reload runs is kept and seen
+    // when it ends (a `ctrl_c()` made afresh each time round would miss it).
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
     ) else {
@@ -236,7 +239,7 @@ async fn wait_for_signals(gateway: &Gateway) {
     };
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
+            _ = int.recv() => return,
             _ = term.recv() => return,
             _ = hup.recv() => {
                 match gateway.reload_policies().await {

@@ -2,7 +2,7 @@
 //! `POST /admin/reload`). On any error the old ones stay in force.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::ConfigError;
 use crate::policy::{Policies, PolicyHandle};
@@ -14,6 +14,11 @@ pub struct Reloader {
     pub(crate) policy_dir: PathBuf,
     pub(crate) hash_key: Vec<u8>,
     pub(crate) tls: Vec<Arc<ReloadableTls>>,
+    /// Held by a reload from before it reads the files until its policies are in force, so
+    /// that reloads take effect in the order they read the files: without it, a reload that
+    /// read the files before an edit could finish after one that read them after it, and
+    /// put the older policies back.
+    pub(crate) in_order: Arc<Mutex<()>>,
 }
 
 impl Reloader {
@@ -23,12 +28,15 @@ impl Reloader {
         // does not pause. (Not `block_in_place`: that hands the request thread's work to another
         // thread for good, one that does not own the regexes' caches; see `main.rs`.) The reload
         // runs to its end there, even if the caller stops waiting for it.
-        let (dir, key, live) = (
+        let (dir, key, live, in_order) = (
             self.policy_dir.clone(),
             self.hash_key.clone(),
             self.policies.clone(),
+            self.in_order.clone(),
         );
         let reload = move || {
+            // A reload that panicked left nothing half-done behind the lock: it swaps last.
+            let _turn = in_order.lock().unwrap_or_else(|p| p.into_inner());
             let policies = Policies::load(&dir, &key);
             crate::metrics::reload(policies.is_ok());
             let policies = policies?;
@@ -74,5 +82,75 @@ impl Reloader {
             tls.reload()?;
         }
         Ok(self.tls.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    /// A reload waits for the one under way (here: the lock held, as a slow load would hold it)
+    /// and reads the files only when its turn comes, so the last reload's policies stay.
+    #[tokio::test]
+    async fn a_reload_waits_for_the_one_under_way_and_reads_the_files_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_dir = dir.path().join("policies");
+        copy_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+            &policy_dir,
+        );
+        let key = b"test-hash-key".to_vec();
+        let policies = PolicyHandle::new(Policies::load(&policy_dir, &key).unwrap());
+        let before = policies.current().tenants.len();
+        let reloader = Arc::new(Reloader {
+            policies: policies.clone(),
+            policy_dir: policy_dir.clone(),
+            hash_key: key,
+            tls: Vec::new(),
+            in_order: Arc::default(),
+        });
+
+        // A reload under way: a thread holds the turn until told to let go.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let in_order = reloader.in_order.clone();
+            move || {
+                let _turn = in_order.lock().unwrap();
+                held_tx.send(()).unwrap();
+                let _ = done_rx.recv();
+            }
+        });
+        held_rx.recv().unwrap();
+        let waiting = tokio::spawn({
+            let reloader = reloader.clone();
+            async move { reloader.reload_policies().await }
+        });
+        // The edit lands while the first reload holds its turn.
+        std::fs::remove_file(policy_dir.join("tenants/globex.toml")).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a reload ran while another held its turn"
+        );
+        assert_eq!(policies.current().tenants.len(), before);
+        drop(done_tx);
+        holder.join().unwrap();
+
+        assert_eq!(waiting.await.unwrap().unwrap(), before - 1);
+        assert_eq!(policies.current().tenants.len(), before - 1);
     }
 }

@@ -311,6 +311,7 @@ impl Gateway {
             policy_dir: settings.policies.dir.clone(),
             hash_key: hash_key.clone(),
             tls: tls_listeners,
+            in_order: Arc::default(),
         });
         if let Some((admin_listener, token, admin_tls)) = admin_pending {
             let service =

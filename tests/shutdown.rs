@@ -209,3 +209,113 @@ async fn sigterm_under_load_loses_nothing_and_exits_0() {
     let live = calls.iter().filter(|c| c.live).count() as i64;
     assert_eq!(usage.slots, live);
 }
+
+/// `SIGINT` while a `SIGHUP` reload runs is not lost: the gateway stops once the reload ends.
+/// The reload is held for certain: its new do-not-call list is a named pipe that the test
+/// fills only after the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_a_reload_stops_the_gateway_when_it_ends() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::spawn(
+        listener,
+        SimulatorSettings::default(),
+        ACCOUNT_KEY.to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let policies = copy_policies(dir.path());
+    let tenant = policies.join("tenants").join("t.toml");
+    std::fs::write(&tenant, tenant_file("t", "key-t", "")).unwrap();
+    let addr = free_addr();
+    let extra = format!(
+        "[state]\npath = \"{}\"\n",
+        dir.path().join("state.db").display()
+    );
+    let upstream = format!("url = \"{}\"\napi_key = \"{ACCOUNT_KEY}\"", sim.url());
+    let text = config_text(&upstream, &extra).replace(
+        &repo().join("policies").display().to_string(),
+        &policies.display().to_string(),
+    );
+    let config = dir.path().join("callgate.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("CALLGATE__SERVER__LISTEN", addr.to_string())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The tenant's new list is a pipe: the reload blocks reading it until the test writes.
+    let fifo = policies.join("lists").join("held.txt");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::write(
+        &tenant,
+        tenant_file(
+            "t",
+            "key-t",
+            "[destinations]\ndo_not_call = [\"lists/held.txt\"]\n",
+        ),
+    )
+    .unwrap();
+    let kill = |signal: &str| {
+        assert!(
+            Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    // Open the pipe's writing end without waiting: it fails until a reader has it open.
+    let open_writer = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+    };
+    kill("-HUP");
+    let writer = loop {
+        if let Ok(w) = open_writer() {
+            break w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload never opened the list"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The reload is reading the list now, and waits for it.
+    kill("-INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "stopped mid-reload");
+    // Let the reload end: one number per pass it reads the list in, until the gateway exits.
+    let mut writer = Some(writer);
+    let status = loop {
+        if let Some(mut w) = writer.take().or_else(|| open_writer().ok()) {
+            use std::io::Write;
+            let _ = w.write_all(b"+14155550000\n");
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGINT during the reload was lost: the gateway did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
