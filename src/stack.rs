@@ -25,7 +25,7 @@ use crate::policy::PolicyHandle;
 use crate::relay::Relay;
 use crate::stages::admission::AdmissionContext;
 use crate::stages::authenticate::Authenticate;
-use crate::stages::detach::DetachLayer;
+use crate::stages::detach::Detach;
 use crate::stages::fields::FieldPolicy;
 use crate::stages::forward::Forward;
 use crate::stages::idempotency::IdempotencyContext;
@@ -35,7 +35,7 @@ use crate::stages::record::Record;
 use crate::stages::redact::Redact;
 use crate::stages::trace::{RequestFacts, RequestSpan, TraceLayer};
 use crate::stages::validate::Validate;
-use crate::stages::{AsyncStageLayer, StageFuture, StageLayer};
+use crate::stages::{StageFuture, StageLayer, Then};
 use crate::upstream::Upstream;
 
 /// What the request path needs.
@@ -99,19 +99,29 @@ where
         // 7. Personal data never leaves the gateway; the tenant tag always does.
         .layer(StageLayer::new(Redact))
         // 8a. From here a slot may be taken: a client leaving must not cut the accounting short.
-        .layer(DetachLayer)
-        // 8. A retried request is answered once, and never places a second call.
-        .layer(AsyncStageLayer::new(ctx.idempotency.clone()))
-        // 9. Rate limit, then one atomic step: a slot and the worst-case cost, or nothing.
-        .layer(AsyncStageLayer::new(ctx.admission.clone()))
-        // 11. Bind slot and hold to the upstream's call id, or release them at once.
-        .layer(AsyncStageLayer::new(Record {
-            store: ctx.admission.store.clone(),
-            clock: ctx.clock.clone(),
-            grace: ctx.lease_grace,
-        }))
-        // 10. Swap in the account key, point events at the relay, call the upstream.
-        .service(Forward::new(ctx.upstream.clone(), &ctx.relay_base));
+        // The rest runs in a task of its own, as one future: the async stages are joined by
+        // `Then`, not tower layers.
+        .service(Detach::new(
+            // 8. A retried request is answered once, and never places a second call.
+            Then::new(
+                ctx.idempotency.clone(),
+                // 9. Rate limit, then one atomic step: a slot and the worst-case cost, or nothing.
+                Then::new(
+                    ctx.admission.clone(),
+                    // 11. Bind slot and hold to the upstream's call id, or release them at once.
+                    Then::new(
+                        Record {
+                            store: ctx.admission.store.clone(),
+                            clock: ctx.clock.clone(),
+                            grace: ctx.lease_grace,
+                        },
+                        // 10. Swap in the account key, point events at the relay, call the
+                        // upstream.
+                        Forward::new(ctx.upstream.clone(), &ctx.relay_base),
+                    ),
+                ),
+            ),
+        ));
 
     ServiceBuilder::new()
         // 1. Every request gets an id and a span; errors become the JSON envelope here only.

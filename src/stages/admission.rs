@@ -14,9 +14,8 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::Response;
-use tower::Service;
 
-use super::{AsyncStage, CallRequest, StageFuture, call_next};
+use super::{AsyncStage, CallRequest, Next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::policy::Tenant;
@@ -340,146 +339,143 @@ pub struct AdmissionContext {
 impl AsyncStage for AdmissionContext {
     const NAME: &'static str = "admission";
 
-    fn run<N>(self: Arc<Self>, mut req: CallRequest, next: N) -> StageFuture
-    where
-        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
-        N::Future: Send,
-    {
-        Box::pin(async move {
-            let ctx = self;
-            let facts = req.facts.clone();
-            let refuse = |span: &tracing::Span, rule: String, e: GatewayError| {
-                facts.note(span, "stage", "admission");
-                facts.note(span, "rule", rule);
-                e
+    async fn run<N: Next>(
+        self: Arc<Self>,
+        mut req: CallRequest,
+        next: N,
+    ) -> Result<Response<Body>, GatewayError> {
+        let ctx = self;
+        let facts = req.facts.clone();
+        let refuse = |span: &tracing::Span, rule: String, e: GatewayError| {
+            facts.note(span, "stage", "admission");
+            facts.note(span, "rule", rule);
+            e
+        };
+        let tenant = req.tenant()?.clone();
+        let call = req
+            .call
+            .as_ref()
+            .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
+        let destination = req
+            .destination
+            .clone()
+            .ok_or_else(|| GatewayError::Internal("admission ran before phone".into()))?;
+        let to = destination.e164.clone();
+        // Runtime opt-outs, suspended regions, consent: look-ups, so a refusal consumes
+        // nothing.
+        let now_us = ctx.clock.now().as_microsecond();
+        let suspended = ctx.suspensions.current().await?;
+        match read_checks(
+            &*ctx.store,
+            &tenant,
+            &destination,
+            &req.body,
+            &suspended,
+            now_us,
+        )
+        .await?
+        {
+            Ok(Some(consent_id)) => req.facts.note(&req.span, "consent_id", consent_id),
+            Ok(None) => {}
+            Err(r) => return Err(refuse(&req.span, r.rule, r.error)),
+        }
+        if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(refuse(
+                &req.span,
+                "limits.requests_per_minute".into(),
+                GatewayError::RateLimitExceeded {
+                    message: format!(
+                        "request rate limit of {} per minute exceeded",
+                        tenant.limits.requests_per_minute.unwrap_or(0)
+                    ),
+                    retry_after: Some(secs.max(1)),
+                },
+            ));
+        }
+        let max_duration = call.max_duration.unwrap_or(tenant.default_max_duration);
+        let region = destination.region.as_deref();
+        let budget = &tenant.budget;
+        let hold = budget.hold_for(max_duration, region);
+        let now = ctx.clock.now().as_microsecond();
+        let lease =
+            now + i64::from(max_duration) * 1_000_000 + ctx.pending_lease_extra.as_micros() as i64;
+        let reservation_id = crate::hexstr::uuid_v7();
+        // Attempt caps: each counted atomically, or refused with nothing counted; the ones
+        // counted are given back if a later cap or admission refuses.
+        let mut attempts = Vec::new();
+        let record_account = req.policies.account_attempts;
+        for (cap, names) in tenant.attempt_caps(&destination, record_account) {
+            let taken = ctx.store.take_attempt(&cap, &reservation_id, now).await;
+            let refusal = match taken {
+                Ok(AttemptOutcome::Taken) => {
+                    attempts.push(cap.scope);
+                    continue;
+                }
+                Ok(AttemptOutcome::Exceeded { retry_at, limit }) => {
+                    let r = attempt_refusal(&cap, &names[limit], limit, retry_at, now);
+                    refuse(&req.span, r.rule, r.error)
+                }
+                Err(e) => {
+                    // The take may have run before the store's answer was lost.
+                    attempts.push(cap.scope.clone());
+                    e.into()
+                }
             };
-            let tenant = req.tenant()?.clone();
-            let call = req
-                .call
-                .as_ref()
-                .ok_or_else(|| GatewayError::Internal("admission ran before validate".into()))?;
-            let destination = req
-                .destination
-                .clone()
-                .ok_or_else(|| GatewayError::Internal("admission ran before phone".into()))?;
-            let to = destination.e164.clone();
-            // Runtime opt-outs, suspended regions, consent: look-ups, so a refusal consumes
-            // nothing.
-            let now_us = ctx.clock.now().as_microsecond();
-            let suspended = ctx.suspensions.current().await?;
-            match read_checks(
-                &*ctx.store,
-                &tenant,
-                &destination,
-                &req.body,
-                &suspended,
-                now_us,
-            )
-            .await?
-            {
-                Ok(Some(consent_id)) => req.facts.note(&req.span, "consent_id", consent_id),
-                Ok(None) => {}
-                Err(r) => return Err(refuse(&req.span, r.rule, r.error)),
-            }
-            if let Err(wait) = ctx.rate_limits.check(&tenant).await? {
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                return Err(refuse(
-                    &req.span,
-                    "limits.requests_per_minute".into(),
-                    GatewayError::RateLimitExceeded {
-                        message: format!(
-                            "request rate limit of {} per minute exceeded",
-                            tenant.limits.requests_per_minute.unwrap_or(0)
-                        ),
-                        retry_after: Some(secs.max(1)),
-                    },
-                ));
-            }
-            let max_duration = call.max_duration.unwrap_or(tenant.default_max_duration);
-            let region = destination.region.as_deref();
-            let budget = &tenant.budget;
-            let hold = budget.hold_for(max_duration, region);
-            let now = ctx.clock.now().as_microsecond();
-            let lease = now
-                + i64::from(max_duration) * 1_000_000
-                + ctx.pending_lease_extra.as_micros() as i64;
-            let reservation_id = crate::hexstr::uuid_v7();
-            // Attempt caps: each counted atomically, or refused with nothing counted; the ones
-            // counted are given back if a later cap or admission refuses.
-            let mut attempts = Vec::new();
-            let record_account = req.policies.account_attempts;
-            for (cap, names) in tenant.attempt_caps(&destination, record_account) {
-                let taken = ctx.store.take_attempt(&cap, &reservation_id, now).await;
-                let refusal = match taken {
-                    Ok(AttemptOutcome::Taken) => {
-                        attempts.push(cap.scope);
-                        continue;
-                    }
-                    Ok(AttemptOutcome::Exceeded { retry_at, limit }) => {
-                        let r = attempt_refusal(&cap, &names[limit], limit, retry_at, now);
-                        refuse(&req.span, r.rule, r.error)
-                    }
-                    Err(e) => {
-                        // The take may have run before the store's answer was lost.
-                        attempts.push(cap.scope.clone());
-                        e.into()
-                    }
-                };
-                return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
-                return Err(refusal);
-            }
-            let (token, token_hash) = RelayToken::issue(&reservation_id);
-            let outcome = ctx
-                .store
-                .admit(AdmitRequest {
-                    reservation_id: reservation_id.clone(),
-                    tenant: tenant.id.clone(),
-                    token_hash,
-                    tenant_max_concurrent: tenant.limits.max_concurrent_calls,
-                    account_max_concurrent: ctx.account_max_concurrent,
-                    budget: budget.credits.map(|credits| BudgetTerms {
-                        credits,
-                        period: budget.period,
-                        timezone: budget.timezone.clone(),
-                    }),
-                    hold,
-                    price: budget.price_for(region),
-                    increment_secs: budget.increment_secs,
-                    max_duration,
-                    lease_expires_at: lease,
-                    now,
-                    tenant_webhook: call.webhook_url.clone(),
-                })
-                .await;
-            if !matches!(outcome, Ok(AdmitOutcome::Admitted)) {
-                return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
-            }
-            if let Some(r) = admit_refusal(&outcome?) {
-                return Err(refuse(&req.span, r.rule, r.error));
-            }
-            tracing::info!(
-                target: "audit",
-                tenant = %tenant.id,
-                reservation = %reservation_id,
-                hold,
-                max_duration,
-                "admitted"
-            );
-            req.facts.note(&req.span, "hold", hold);
-            req.reservation_guard = Some(ReservationGuard {
-                id: reservation_id.clone(),
-                store: Some(ctx.store.clone()),
-            });
-            req.reservation = Some(Reservation {
+            return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
+            return Err(refusal);
+        }
+        let (token, token_hash) = RelayToken::issue(&reservation_id);
+        let outcome = ctx
+            .store
+            .admit(AdmitRequest {
+                reservation_id: reservation_id.clone(),
                 tenant: tenant.id.clone(),
-                id: reservation_id,
-                token,
+                token_hash,
+                tenant_max_concurrent: tenant.limits.max_concurrent_calls,
+                account_max_concurrent: ctx.account_max_concurrent,
+                budget: budget.credits.map(|credits| BudgetTerms {
+                    credits,
+                    period: budget.period,
+                    timezone: budget.timezone.clone(),
+                }),
+                hold,
+                price: budget.price_for(region),
+                increment_secs: budget.increment_secs,
                 max_duration,
-                destination: to,
-                attempts,
-            });
-            call_next(next, req).await
-        })
+                lease_expires_at: lease,
+                now,
+                tenant_webhook: call.webhook_url.clone(),
+            })
+            .await;
+        if !matches!(outcome, Ok(AdmitOutcome::Admitted)) {
+            return_attempts(&*ctx.store, &attempts, &to, &reservation_id).await;
+        }
+        if let Some(r) = admit_refusal(&outcome?) {
+            return Err(refuse(&req.span, r.rule, r.error));
+        }
+        tracing::info!(
+            target: "audit",
+            tenant = %tenant.id,
+            reservation = %reservation_id,
+            hold,
+            max_duration,
+            "admitted"
+        );
+        req.facts.note(&req.span, "hold", hold);
+        req.reservation_guard = Some(ReservationGuard {
+            id: reservation_id.clone(),
+            store: Some(ctx.store.clone()),
+        });
+        req.reservation = Some(Reservation {
+            tenant: tenant.id.clone(),
+            id: reservation_id,
+            token,
+            max_duration,
+            destination: to,
+            attempts,
+        });
+        next.call(req).await
     }
 }
 

@@ -6,47 +6,41 @@
 use std::task::{Context, Poll};
 
 use http::Response;
-use tower::{Layer, Service};
+use tower::Service;
 use tracing::Instrument;
 
-use super::CallRequest;
+use super::{CallRequest, Next};
 use crate::error::{Body, GatewayError};
 
-/// Adds [`Detach`].
-#[derive(Debug, Clone, Default)]
-pub struct DetachLayer;
+/// See the module docs. `C`: the rest of the path, the async stages and forward.
+#[derive(Debug, Clone)]
+pub struct Detach<C> {
+    rest: C,
+}
 
-impl<S> Layer<S> for DetachLayer {
-    type Service = Detach<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Detach { inner }
+impl<C> Detach<C> {
+    pub fn new(rest: C) -> Self {
+        Detach { rest }
     }
 }
 
-/// See the module docs.
-#[derive(Debug, Clone)]
-pub struct Detach<S> {
-    inner: S,
-}
-
-impl<S> Service<CallRequest> for Detach<S>
+impl<C> Service<CallRequest> for Detach<C>
 where
-    S: Service<CallRequest, Response = Response<Body>, Error = GatewayError>,
-    S::Future: Send + 'static,
+    C: Next + Clone,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = crate::stages::StageFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: CallRequest) -> Self::Future {
         // The detached part runs in the request's span: its log lines (admitted, bound,
         // released) carry the request id and tenant.
         let span = req.span.clone();
-        let task = crate::tasks::spawn(self.inner.call(req).instrument(span));
+        let task = crate::tasks::spawn(self.rest.clone().call(req).instrument(span));
         Box::pin(async move {
             task.await
                 .map_err(|e| GatewayError::Internal(format!("request task failed: {e}")))?

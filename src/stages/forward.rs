@@ -7,11 +7,9 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Response};
-use tower::Service;
 
 use super::CallRequest;
 use crate::error::{Body, GatewayError};
@@ -97,18 +95,17 @@ impl Forward {
     }
 }
 
-impl Service<CallRequest> for Forward {
-    type Response = Response<Body>;
-    type Error = GatewayError;
-    type Future = crate::stages::StageFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: CallRequest) -> Self::Future {
-        let upstream = self.upstream.clone();
-        let relay_base = self.relay_base.clone();
+impl super::Next for Forward {
+    fn call(
+        self,
+        mut req: CallRequest,
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send {
+        let Forward {
+            upstream,
+            relay_base,
+        } = self;
+        // Boxed: the upstream client's future is large, and every stage before this one would
+        // otherwise copy it each time it moves.
         Box::pin(async move {
             // Taken, not copied: nothing after this stage reads the request's call.
             let mut call = req

@@ -11,9 +11,8 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use tower::Service;
 
-use super::{AsyncStage, CallRequest, StageFuture, call_next};
+use super::{AsyncStage, CallRequest, Next};
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError};
 use crate::state::{IdempotencyBegin, IdempotencyClaim, StateStore, StoredResponse};
@@ -75,118 +74,116 @@ fn replay(stored: StoredResponse) -> Response<Body> {
 impl AsyncStage for IdempotencyContext {
     const NAME: &'static str = "idempotency";
 
-    fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
-    where
-        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
-        N::Future: Send,
-    {
-        Box::pin(async move {
-            let ctx = self;
-            let Some(key) = key_of(&req)? else {
-                return call_next(next, req).await;
-            };
-            let tenant = req.tenant()?.id.clone();
-            // The body as the tenant sent it, canonicalised (key order, whitespace).
-            let canonical = serde_json::from_slice::<serde_json::Value>(&req.body)
-                .map(|v| v.to_string().into_bytes())
-                .unwrap_or_else(|_| req.body.to_vec());
-            let body_hash = crate::hexstr::lower(Sha256::digest(&canonical));
-            let deadline = tokio::time::Instant::now() + ctx.wait;
-            let claim = loop {
-                let now = ctx.clock.now().as_microsecond();
-                let expires = now + ctx.ttl.as_micros() as i64;
-                match ctx
-                    .store
-                    .idempotency_begin(&tenant, &key, &body_hash, now, expires)
-                    .await?
-                {
-                    IdempotencyBegin::Proceed => {
-                        break IdempotencyClaim {
-                            body_hash,
-                            created_at: now,
-                            expires_at: expires,
-                        };
-                    }
-                    IdempotencyBegin::Replay(stored) => {
-                        req.span.record("decision", "replayed");
-                        return Ok(replay(stored));
-                    }
-                    IdempotencyBegin::Conflict => {
+    async fn run<N: Next>(
+        self: Arc<Self>,
+        req: CallRequest,
+        next: N,
+    ) -> Result<Response<Body>, GatewayError> {
+        let ctx = self;
+        let Some(key) = key_of(&req)? else {
+            return next.call(req).await;
+        };
+        let tenant = req.tenant()?.id.clone();
+        // The body as the tenant sent it, canonicalised (key order, whitespace).
+        let canonical = serde_json::from_slice::<serde_json::Value>(&req.body)
+            .map(|v| v.to_string().into_bytes())
+            .unwrap_or_else(|_| req.body.to_vec());
+        let body_hash = crate::hexstr::lower(Sha256::digest(&canonical));
+        let deadline = tokio::time::Instant::now() + ctx.wait;
+        let claim = loop {
+            let now = ctx.clock.now().as_microsecond();
+            let expires = now + ctx.ttl.as_micros() as i64;
+            match ctx
+                .store
+                .idempotency_begin(&tenant, &key, &body_hash, now, expires)
+                .await?
+            {
+                IdempotencyBegin::Proceed => {
+                    break IdempotencyClaim {
+                        body_hash,
+                        created_at: now,
+                        expires_at: expires,
+                    };
+                }
+                IdempotencyBegin::Replay(stored) => {
+                    req.span.record("decision", "replayed");
+                    return Ok(replay(stored));
+                }
+                IdempotencyBegin::Conflict => {
+                    req.facts.note(&req.span, "stage", "idempotency");
+                    return Err(GatewayError::IdempotencyConflict(
+                        "this Idempotency-Key was used with a different request body".into(),
+                    ));
+                }
+                IdempotencyBegin::InFlight => {
+                    if tokio::time::Instant::now() >= deadline {
                         req.facts.note(&req.span, "stage", "idempotency");
                         return Err(GatewayError::IdempotencyConflict(
-                            "this Idempotency-Key was used with a different request body".into(),
+                            "a request with this Idempotency-Key is still in progress".into(),
                         ));
                     }
-                    IdempotencyBegin::InFlight => {
-                        if tokio::time::Instant::now() >= deadline {
-                            req.facts.note(&req.span, "stage", "idempotency");
-                            return Err(GatewayError::IdempotencyConflict(
-                                "a request with this Idempotency-Key is still in progress".into(),
-                            ));
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-            };
-            let request_id = req.request_id.clone();
-            let result = call_next(next, req).await;
-            let response = match result {
-                Ok(response) if is_final(response.status()) => response,
-                Err(e @ (GatewayError::UpstreamTimeout | GatewayError::UpstreamLost)) => {
-                    // No answer came back: the upstream may have placed the call. The key keeps
-                    // this answer, so a retry is told the same rather than placing a second
-                    // call (the call, if placed, shows in `GET /v1/calls` once its events come).
-                    let (parts, body) = e.response(&request_id).into_parts();
-                    let bytes = body
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes())
-                        .unwrap_or_default();
-                    let stored = StoredResponse {
-                        status: parts.status.as_u16(),
-                        body: bytes.to_vec(),
-                        content_type: "application/json".into(),
-                    };
-                    keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
-                    return Err(e);
+            }
+        };
+        let request_id = req.request_id.clone();
+        let result = next.call(req).await;
+        let response = match result {
+            Ok(response) if is_final(response.status()) => response,
+            Err(e @ (GatewayError::UpstreamTimeout | GatewayError::UpstreamLost)) => {
+                // No answer came back: the upstream may have placed the call. The key keeps
+                // this answer, so a retry is told the same rather than placing a second
+                // call (the call, if placed, shows in `GET /v1/calls` once its events come).
+                let (parts, body) = e.response(&request_id).into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let stored = StoredResponse {
+                    status: parts.status.as_u16(),
+                    body: bytes.to_vec(),
+                    content_type: "application/json".into(),
+                };
+                keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
+                return Err(e);
+            }
+            other => {
+                // The client gets this answer whatever the store says; a key the store
+                // cannot give up now is given up in the background.
+                if ctx.store.idempotency_abandon(&tenant, &key).await.is_err() {
+                    let store = ctx.store.clone();
+                    let gave_up =
+                        "giving up an idempotency key failed; it stays in flight until its TTL";
+                    crate::tasks::spawn(
+                        crate::tasks::retry(First::AfterWait, gave_up, move || {
+                            store.idempotency_abandon(&tenant, &key)
+                        })
+                        .in_current_span(),
+                    );
                 }
-                other => {
-                    // The client gets this answer whatever the store says; a key the store
-                    // cannot give up now is given up in the background.
-                    if ctx.store.idempotency_abandon(&tenant, &key).await.is_err() {
-                        let store = ctx.store.clone();
-                        let gave_up =
-                            "giving up an idempotency key failed; it stays in flight until its TTL";
-                        crate::tasks::spawn(
-                            crate::tasks::retry(First::AfterWait, gave_up, move || {
-                                store.idempotency_abandon(&tenant, &key)
-                            })
-                            .in_current_span(),
-                        );
-                    }
-                    return other;
-                }
-            };
-            let (parts, body) = response.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            let content_type = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/json")
-                .to_string();
-            let stored = StoredResponse {
-                status: parts.status.as_u16(),
-                body: bytes.to_vec(),
-                content_type,
-            };
-            keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
-            Ok(Response::from_parts(parts, Body::from(bytes)))
-        })
+                return other;
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let stored = StoredResponse {
+            status: parts.status.as_u16(),
+            body: bytes.to_vec(),
+            content_type,
+        };
+        keep_answer(ctx.store.clone(), tenant, key, claim, stored).await;
+        Ok(Response::from_parts(parts, Body::from(bytes)))
     }
 }
 

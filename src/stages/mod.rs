@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::pin::Pin;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::error::{Body, GatewayError};
 use crate::policy::{Policies, Tenant};
@@ -214,92 +214,69 @@ where
 /// The future every call-path service returns.
 pub type StageFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
 
+/// The rest of the call path after an [`AsyncStage`]: called once, with the request.
+///
+/// The async stages and [`forward`] are joined by this trait rather than as tower layers: the
+/// chain is one type ([`Then`]), cloned once per request, and a stage calls the next one
+/// directly, without a service clone, a readiness poll or a `Oneshot` at each stage (see
+/// docs/benchmarks.md, "The async stages joined without tower").
+pub trait Next: Send + 'static {
+    fn call(
+        self,
+        req: CallRequest,
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send;
+}
+
 /// A stage that must await something (the state store, the upstream's answer) and may act on
-/// what the rest of the stack answers. `next` is the rest of the stack.
+/// what the rest of the path answers. `next` is the rest of the path.
 pub trait AsyncStage: Send + Sync + 'static {
     /// The stage's name in traces.
     const NAME: &'static str;
-    fn run<N>(self: Arc<Self>, req: CallRequest, next: N) -> StageFuture
-    where
-        N: Service<CallRequest, Response = Response<Body>, Error = GatewayError> + Send + 'static,
-        N::Future: Send;
+    fn run<N: Next>(
+        self: Arc<Self>,
+        req: CallRequest,
+        next: N,
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send;
 }
 
-/// Turns an [`AsyncStage`] into a tower layer.
+/// An [`AsyncStage`], then the rest of the path.
 #[derive(Debug)]
-pub struct AsyncStageLayer<S>(Arc<S>);
-
-impl<S> AsyncStageLayer<S> {
-    pub fn new(stage: S) -> Self {
-        AsyncStageLayer(Arc::new(stage))
-    }
-}
-
-impl<S> Clone for AsyncStageLayer<S> {
-    fn clone(&self) -> Self {
-        AsyncStageLayer(self.0.clone())
-    }
-}
-
-impl<S, I> Layer<I> for AsyncStageLayer<S> {
-    type Service = AsyncStageService<S, I>;
-    fn layer(&self, inner: I) -> Self::Service {
-        AsyncStageService {
-            stage: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-/// The service an [`AsyncStageLayer`] makes.
-#[derive(Debug)]
-pub struct AsyncStageService<S, I> {
+pub struct Then<S, N> {
     stage: Arc<S>,
-    inner: I,
+    next: N,
 }
 
-impl<S, I: Clone> Clone for AsyncStageService<S, I> {
-    fn clone(&self) -> Self {
-        AsyncStageService {
-            stage: self.stage.clone(),
-            inner: self.inner.clone(),
+impl<S, N> Then<S, N> {
+    pub fn new(stage: S, next: N) -> Self {
+        Then {
+            stage: Arc::new(stage),
+            next,
         }
     }
 }
 
-impl<S, I> Service<CallRequest> for AsyncStageService<S, I>
-where
-    S: AsyncStage,
-    I: Service<CallRequest, Response = Response<Body>, Error = GatewayError>
-        + Clone
-        + Send
-        + 'static,
-    I::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = GatewayError;
-    type Future = StageFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+impl<S, N: Clone> Clone for Then<S, N> {
+    fn clone(&self) -> Self {
+        Then {
+            stage: self.stage.clone(),
+            next: self.next.clone(),
+        }
     }
+}
 
-    fn call(&mut self, req: CallRequest) -> Self::Future {
-        // Hand the stage the service that was driven to readiness; keep a fresh clone.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+impl<S: AsyncStage, N: Next> Next for Then<S, N> {
+    fn call(
+        self,
+        req: CallRequest,
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send {
+        // A span per stage that ran (a child of the request's; debug level: traces only).
         let span = tracing::debug_span!(parent: &req.span, "stage", "otel.name" = S::NAME);
+        // Boxed, so that a stage's future holds the next one's as a pointer: unboxed, the chain
+        // is one future of several kilobytes, copied whole each time it moves (measured: more
+        // instructions per request than the boxes cost).
         Box::pin(tracing::Instrument::instrument(
-            self.stage.clone().run(req, inner),
+            self.stage.run(req, self.next),
             span,
         ))
     }
-}
-
-/// Call the rest of the stack from an [`AsyncStage`].
-pub async fn call_next<N>(next: N, req: CallRequest) -> Result<Response<Body>, GatewayError>
-where
-    N: Service<CallRequest, Response = Response<Body>, Error = GatewayError>,
-{
-    next.oneshot(req).await
 }
