@@ -209,6 +209,9 @@ fn run_on_worker(
 
 async fn serve(settings: Settings) -> ExitCode {
     let telemetry = callgate::telemetry::init(&settings.log, &settings.telemetry);
+    // Before the gateway listens: from then on a signal is handled, not the default (a SIGTERM
+    // or a log rotation's SIGHUP while it starts would otherwise end it without draining).
+    let signals = signals();
     let gateway = match Gateway::start(settings).await {
         Ok(g) => g,
         Err(e) => {
@@ -217,28 +220,39 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signals(&gateway).await;
+    wait_for_signals(&gateway, signals).await;
     gateway.shutdown().await;
     tracing::info!("stopped");
     telemetry.shutdown().await;
     ExitCode::SUCCESS
 }
 
+/// `SIGINT`, `SIGTERM` and `SIGHUP`, each a stream made once: a signal that comes while a
+/// reload runs is kept and seen when it ends (a `ctrl_c()` made afresh each time round would
+/// miss it). `None` if they cannot be had: then `SIGINT` alone stops the gateway.
 #[cfg(unix)]
-async fn wait_for_signals(gateway: &Gateway) {
+type Signals = Option<[tokio::signal::unix::Signal; 3]>;
+
+#[cfg(unix)]
+fn signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    // Each stream is made once: a signal that arrives while a reload runs is kept and seen
-    // when it ends (a `ctrl_c()` made afresh each time round would miss it).
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    Some([
+        signal(SignalKind::interrupt()).ok()?,
+        signal(SignalKind::terminate()).ok()?,
+        signal(SignalKind::hangup()).ok()?,
+    ])
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(gateway: &Gateway, signals: Signals) {
+    let Some([mut int, mut term, mut hup]) = signals else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
     loop {
         tokio::select! {
+            // A stop pending beside a reload stops, rather than reloading first.
+            biased;
             _ = int.recv() => return,
             _ = term.recv() => return,
             _ = hup.recv() => {
@@ -264,7 +278,13 @@ async fn wait_for_signals(gateway: &Gateway) {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_gateway: &Gateway) {
+type Signals = ();
+
+#[cfg(not(unix))]
+fn signals() -> Signals {}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_gateway: &Gateway, _signals: Signals) {
     let _ = tokio::signal::ctrl_c().await;
 }
 

@@ -24,6 +24,22 @@ pub struct Reloader {
 impl Reloader {
     /// Reload the policies from disk; on any error the old policies stay in force.
     pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
+        self.reload(None).await
+    }
+
+    /// [`Reloader::reload_policies`], and the audit trail's `reload` line (whether it took
+    /// effect): `SIGHUP` and `POST /admin/reload` alike.
+    pub async fn reload_audited(
+        &self,
+        audit: &Arc<crate::audit::Audit>,
+    ) -> Result<usize, Vec<ConfigError>> {
+        self.reload(Some(audit.clone())).await
+    }
+
+    async fn reload(
+        &self,
+        audit: Option<Arc<crate::audit::Audit>>,
+    ) -> Result<usize, Vec<ConfigError>> {
         // A large do-not-call list takes a second to load: on a blocking thread, so that traffic
         // does not pause. (Not `block_in_place`: that hands the request thread's work to another
         // thread for good, one that does not own the regexes' caches; see `main.rs`.) The reload
@@ -39,10 +55,19 @@ impl Reloader {
             let _turn = in_order.lock().unwrap_or_else(|p| p.into_inner());
             let policies = Policies::load(&dir, &key);
             crate::metrics::reload(policies.is_ok());
-            let policies = policies?;
-            let count = policies.tenants.len();
-            live.replace(policies);
-            Ok(count)
+            let reloaded = policies.map(|policies| {
+                let count = policies.tenants.len();
+                live.replace(policies);
+                count
+            });
+            // In its turn too, so that the trail's reload lines are in the order they took
+            // effect.
+            if let Some(audit) = audit {
+                let mut line = serde_json::Map::new();
+                line.insert("ok".into(), reloaded.is_ok().into());
+                audit.admin("reload", line);
+            }
+            reloaded
         };
         match tokio::task::spawn_blocking(reload).await {
             Ok(reloaded) => reloaded,
@@ -56,19 +81,6 @@ impl Reloader {
                 )]),
             },
         }
-    }
-
-    /// [`Reloader::reload_policies`], then the audit trail's `reload` line (whether it took
-    /// effect): `SIGHUP` and `POST /admin/reload` alike.
-    pub async fn reload_audited(
-        &self,
-        audit: &crate::audit::Audit,
-    ) -> Result<usize, Vec<ConfigError>> {
-        let reloaded = self.reload_policies().await;
-        let mut line = serde_json::Map::new();
-        line.insert("ok".into(), reloaded.is_ok().into());
-        audit.admin("reload", line);
-        reloaded
     }
 
     /// Reload every listener's certificate for new connections (open ones carry on); on error

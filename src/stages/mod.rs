@@ -3,7 +3,10 @@
 //! Stages 1 and 2 work on the raw HTTP request; from stage 3 on, the request is a [`CallRequest`]
 //! and most stages are synchronous checks that either pass it on (possibly rewritten) or refuse it.
 //! Such a check implements [`Stage`] and becomes a tower layer through [`StageLayer`]; a refusal
-//! short-circuits with a ready error, so nothing after it runs.
+//! short-circuits with a ready error, so nothing after it runs. From stage 8 on, the stages
+//! await the state store or the upstream and act on what the rest of the path answers: each
+//! implements [`AsyncStage`], and [`Then`] joins it to the rest ([`Next`]), which
+//! [`detach::Detach`] runs in a task of its own.
 
 pub mod admission;
 pub mod authenticate;

@@ -121,14 +121,19 @@ impl AsyncStage for Record {
                     Ok(bind) => {
                         // In the audit trail once it is durable (or refused).
                         crate::tasks::spawn(
-                                async move {
-                                    let bound = bind.await;
-                                    if let Err(e) = bound_or_refused(bound, &reservation, &call_id) {
-                                        tracing::error!(reservation = %reservation, call_id = %call_id, error = %e, "bind failed");
-                                    }
+                            async move {
+                                let bound = bind.await;
+                                if let Err(e) = bound_or_refused(bound, &reservation, &call_id) {
+                                    tracing::error!(
+                                        reservation = %reservation,
+                                        call_id = %call_id,
+                                        error = %e,
+                                        "bind failed"
+                                    );
                                 }
-                                .in_current_span(),
-                            );
+                            }
+                            .in_current_span(),
+                        );
                     }
                     Err(refused @ StoreError::Refused(_)) => {
                         let _ = bound_or_refused(Err(refused), &id, &call_id);
