@@ -5,26 +5,48 @@
 //! smuggling route), nesting no deeper than `server.max_json_depth`. A schema violation names the
 //! failing field by its JSON pointer.
 
+use std::cell::Cell;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::{CallRequest, CreateCall, Stage};
 use crate::error::GatewayError;
 
-/// A JSON value whose objects had no duplicate keys.
-struct Strict(Value);
+/// Reads a JSON value whose objects have no duplicate keys and whose objects and arrays nest no
+/// deeper than `max`; `depth` is the nesting of the value read (0 for the body itself). The
+/// depth is checked as the value is read, not in a pass of its own over the bytes.
+#[derive(Clone, Copy)]
+struct Strict<'a> {
+    depth: usize,
+    max: usize,
+    /// Set when the value was refused for its nesting (the error then says so plainly).
+    too_deep: &'a Cell<bool>,
+}
 
-impl<'de> serde::Deserialize<'de> for Strict {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(Strict)
+impl Strict<'_> {
+    /// The reader for the values of an object or array this one opens.
+    fn inner<E: de::Error>(self) -> Result<Self, E> {
+        if self.depth >= self.max {
+            self.too_deep.set(true);
+            return Err(E::custom("nested too deep"));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+            ..self
+        })
     }
 }
 
-struct StrictVisitor;
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
 
-impl<'de> Visitor<'de> for StrictVisitor {
+impl<'de> Visitor<'de> for Strict<'_> {
     type Value = Value;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
@@ -54,52 +76,26 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.inner()?;
         let mut items = Vec::new();
-        while let Some(Strict(v)) = seq.next_element()? {
+        while let Some(v) = seq.next_element_seed(inner)? {
             items.push(v);
         }
         Ok(Value::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.inner()?;
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             // The object itself tells a key seen before: no second set of keys, no copies.
             if object.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
-            let Strict(v) = map.next_value()?;
+            let v = map.next_value_seed(inner)?;
             object.insert(key, v);
         }
         Ok(Value::Object(object))
     }
-}
-
-/// The deepest nesting of objects and arrays in `bytes`, stopping early past `limit`.
-fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
 }
 
 /// Parse a body into a JSON value, strictly.
@@ -117,14 +113,19 @@ pub fn parse_strict(bytes: &[u8], max_depth: usize) -> Result<Value, GatewayErro
     if text.trim().is_empty() {
         return Err(invalid("body is empty; expected a JSON object".into()));
     }
-    if nesting_exceeds(bytes, max_depth) {
-        return Err(invalid(format!(
-            "JSON is nested deeper than {max_depth} levels"
-        )));
-    }
+    let too_deep = Cell::new(false);
+    let strict = Strict {
+        depth: 0,
+        max: max_depth,
+        too_deep: &too_deep,
+    };
     let mut de = serde_json::Deserializer::from_str(text);
-    let Strict(value) = serde::Deserialize::deserialize(&mut de)
-        .map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    let value = strict
+        .deserialize(&mut de)
+        .map_err(|e| match too_deep.get() {
+            true => invalid(format!("JSON is nested deeper than {max_depth} levels")),
+            false => invalid(format!("body is not valid JSON: {e}")),
+        })?;
     de.end()
         .map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
     Ok(value)
@@ -257,7 +258,26 @@ mod tests {
             parse_strict(deep.as_bytes(), 16)
                 .unwrap_err()
                 .to_string()
-                .contains("nested")
+                .contains("nested deeper than 16 levels")
+        );
+        // Sixteen levels are allowed, in objects as in arrays; the seventeenth is not.
+        let sixteen = "[".repeat(16) + &"]".repeat(16);
+        assert!(parse_strict(sixteen.as_bytes(), 16).is_ok());
+        let objects = |n: usize| "{\"a\":".repeat(n) + "1" + &"}".repeat(n);
+        assert!(parse_strict(objects(16).as_bytes(), 16).is_ok());
+        assert!(
+            parse_strict(objects(17).as_bytes(), 16)
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
+        );
+        // Too deep even where the rest of the body would not parse.
+        let broken = "[".repeat(17) + "oops";
+        assert!(
+            parse_strict(broken.as_bytes(), 16)
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
         );
         // Brackets inside strings do not count.
         let s = format!("{{\"a\": \"{}\"}}", "[".repeat(40));
