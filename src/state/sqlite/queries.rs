@@ -1,6 +1,8 @@
 //! Every statement the store runs, each prepared once per connection (`prepare_cached`).
 
-use rusqlite::{Connection, OptionalExtension, params};
+use std::cell::RefCell;
+
+use rusqlite::{Connection, OptionalExtension, Statement, params};
 use serde_json::Value;
 
 use crate::state::accounting::{Pricing, Spend};
@@ -71,14 +73,52 @@ pub fn reservation_of_token(conn: &Connection, hash: &str) -> Result<Option<Stri
     Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
 }
 
+/// The statements every call runs (its admission, its bind), prepared once, on first use, on
+/// the writer's connection and held there. Through the connection's statement cache each use
+/// hashed and copied the statement's text twice and cleared its bindings: about 700
+/// instructions a use, three uses a call (docs/benchmarks.md).
+pub struct Hot<'c> {
+    conn: &'c Connection,
+    insert_call: RefCell<Option<Statement<'c>>>,
+    bind_state: RefCell<Option<Statement<'c>>>,
+    bind_call: RefCell<Option<Statement<'c>>>,
+}
+
+impl<'c> Hot<'c> {
+    pub fn new(conn: &'c Connection) -> Self {
+        Hot {
+            conn,
+            insert_call: RefCell::default(),
+            bind_state: RefCell::default(),
+            bind_call: RefCell::default(),
+        }
+    }
+
+    /// Run `f` on the statement held in `slot`, prepared from `sql` the first time.
+    fn with<T>(
+        &self,
+        slot: &RefCell<Option<Statement<'c>>>,
+        sql: &str,
+        f: impl FnOnce(&mut Statement<'c>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let mut slot = slot.borrow_mut();
+        let stmt = match slot.take() {
+            Some(stmt) => slot.insert(stmt),
+            None => slot.insert(self.conn.prepare(sql)?),
+        };
+        f(stmt)
+    }
+}
+
 /// Record an admitted call: live, pending, holding its slot and hold.
-pub fn insert_call(conn: &Connection, req: &AdmitRequest) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
+pub fn insert_call(hot: &Hot, req: &AdmitRequest) -> Result<(), StoreError> {
+    hot.with(
+        &hot.insert_call,
         "INSERT INTO calls (reservation_id, tenant, token_hash, status, live, hold, price, increment_secs,
                             max_duration, lease_expires_at, created_at, updated_at, tenant_webhook)
          VALUES (?1, ?2, ?3, 'pending', 1, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
-    )?;
-    stmt.execute(params![
+        |stmt| {
+            stmt.execute(params![
         req.reservation_id,
         req.tenant,
         req.token_hash,
@@ -89,7 +129,9 @@ pub fn insert_call(conn: &Connection, req: &AdmitRequest) -> Result<(), StoreErr
         req.lease_expires_at,
         req.now,
         req.tenant_webhook
-    ])?;
+                ])
+        },
+    )?;
     Ok(())
 }
 
@@ -120,24 +162,24 @@ pub struct BindState {
 }
 
 /// What a bind needs of a reservation: its status, liveness, lease, row and upstream id.
-pub fn bind_state(
-    conn: &Connection,
-    reservation_id: &str,
-) -> Result<Option<BindState>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT status, live, lease_expires_at, rowid, call_id FROM calls WHERE reservation_id = ?1",
-    )?;
-    Ok(stmt
-        .query_row([reservation_id], |r| {
-            Ok(BindState {
-                status: r.get(0)?,
-                live: r.get::<_, i64>(1)? == 1,
-                lease_expires_at: r.get(2)?,
-                row: r.get(3)?,
-                call_id: r.get(4)?,
-            })
-        })
-        .optional()?)
+pub fn bind_state(hot: &Hot, reservation_id: &str) -> Result<Option<BindState>, StoreError> {
+    Ok(hot
+        .with(
+            &hot.bind_state,
+            "SELECT status, live, lease_expires_at, rowid, call_id FROM calls WHERE reservation_id = ?1",
+            |stmt| {
+                stmt.query_row([reservation_id], |r| {
+                    Ok(BindState {
+                        status: r.get(0)?,
+                        live: r.get::<_, i64>(1)? == 1,
+                        lease_expires_at: r.get(2)?,
+                        row: r.get(3)?,
+                        call_id: r.get(4)?,
+                    })
+                })
+                .optional()
+            },
+        )?)
 }
 
 /// Run a transaction-control statement (`BEGIN`, `SAVEPOINT`, `RELEASE`, `ROLLBACK`) through
@@ -176,7 +218,7 @@ pub fn in_savepoint<T>(
 /// Bind a reservation to the upstream's call; `row` is its row, as [`bind_state`] read it in
 /// the same transaction (found by rowid: no second look-up of the reservation id's index).
 pub fn bind_call(
-    conn: &Connection,
+    hot: &Hot,
     row: i64,
     call_id: &str,
     object: &str,
@@ -184,11 +226,12 @@ pub fn bind_call(
     lease_expires_at: i64,
     now: i64,
 ) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
+    hot.with(
+        &hot.bind_call,
         "UPDATE calls SET call_id = ?2, object = ?3, status = ?4, lease_expires_at = ?5, updated_at = ?6
          WHERE rowid = ?1",
+        |stmt| stmt.execute(params![row, call_id, object, status, lease_expires_at, now]),
     )?;
-    stmt.execute(params![row, call_id, object, status, lease_expires_at, now])?;
     Ok(())
 }
 

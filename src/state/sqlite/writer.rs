@@ -108,9 +108,23 @@ pub enum Urgency {
     Wait,
 }
 
+/// What an operation runs on: the writer's connection (a `Db` derefs to it), and the statements
+/// every call runs, held prepared ([`queries::Hot`]).
+pub struct Db<'c> {
+    conn: &'c Connection,
+    pub hot: queries::Hot<'c>,
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A queued operation: it runs, then says when to answer (`None`: it failed, undo its writes).
-type Job = Box<dyn FnOnce(&Connection, &mut Ledger) -> (Option<When>, Reply) + Send>;
+type Job = Box<dyn FnOnce(&Db<'_>, &mut Ledger) -> (Option<When>, Reply) + Send>;
 /// What an operation writes, which says whether it needs a savepoint of its own in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writes {
@@ -282,7 +296,7 @@ impl Writer {
     pub fn run<R: Send + 'static>(
         &self,
         urgency: Urgency,
-        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+        f: impl FnOnce(&Db<'_>, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
         self.run_as(urgency, Writes::Several, f)
     }
@@ -292,7 +306,7 @@ impl Writer {
         &self,
         urgency: Urgency,
         writes: Writes,
-        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+        f: impl FnOnce(&Db<'_>, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
         let queued = self.submit_as(urgency, writes, f);
         async move { queued.await?.await }
@@ -303,7 +317,7 @@ impl Writer {
     pub fn submit<R: Send + 'static>(
         &self,
         urgency: Urgency,
-        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+        f: impl FnOnce(&Db<'_>, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
         self.submit_as(urgency, Writes::Several, f)
     }
@@ -313,7 +327,7 @@ impl Writer {
         &self,
         urgency: Urgency,
         writes: Writes,
-        f: impl FnOnce(&Connection, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
+        f: impl FnOnce(&Db<'_>, &mut Ledger) -> Result<(R, When), StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<Answer<R>, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, ledger| match f(conn, ledger) {
@@ -685,6 +699,10 @@ fn run(
         metrics::histogram!(STORE_WAIT),
         metrics::histogram!(STORE_BATCH),
     );
+    let db = Db {
+        conn,
+        hot: queries::Hot::new(conn),
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Replies of lazy operations committed but not yet synced.
     let mut unsynced: Vec<Reply> = Vec::new();
@@ -790,7 +808,7 @@ fn run(
                 // Locked per operation, so that readers of the counters never wait out a commit.
                 let mut counters = ledger.lock().unwrap_or_else(|p| p.into_inner());
                 let additions = index.additions();
-                let (when, reply) = job(conn, &mut counters);
+                let (when, reply) = job(&db, &mut counters);
                 if when.is_none() {
                     if single {
                         // Alone in its transaction: undone with the transaction (unless SQLite
