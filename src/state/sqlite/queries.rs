@@ -1,8 +1,9 @@
-//! Every statement the store runs, each prepared once per connection (`prepare_cached`).
+//! Every statement the store runs, each prepared once per connection: through the statement
+//! cache (`prepare_cached`), or, for those every call runs on the writer, held ([`Hot`]).
 
 use std::cell::RefCell;
 
-use rusqlite::{Connection, OptionalExtension, Statement, params};
+use rusqlite::{Connection, OptionalExtension, PrepFlags, Statement, params};
 use serde_json::Value;
 
 use crate::state::accounting::{Pricing, Spend};
@@ -75,8 +76,8 @@ pub fn reservation_of_token(conn: &Connection, hash: &str) -> Result<Option<Stri
 
 /// The statements every call runs (its admission, its bind), prepared once, on first use, on
 /// the writer's connection and held there. Through the connection's statement cache each use
-/// hashed and copied the statement's text twice and cleared its bindings: about 700
-/// instructions a use, three uses a call (docs/benchmarks.md).
+/// hashed the statement's text twice, copied it into a new key and cleared its bindings: about
+/// 1 100 instructions a use, three uses a call (docs/benchmarks.md).
 pub struct Hot<'c> {
     conn: &'c Connection,
     insert_call: RefCell<Option<Statement<'c>>>,
@@ -94,6 +95,11 @@ impl<'c> Hot<'c> {
         }
     }
 
+    /// The connection the statements are prepared on.
+    pub fn conn(&self) -> &'c Connection {
+        self.conn
+    }
+
     /// Run `f` on the statement held in `slot`, prepared from `sql` the first time.
     fn with<T>(
         &self,
@@ -104,7 +110,12 @@ impl<'c> Hot<'c> {
         let mut slot = slot.borrow_mut();
         let stmt = match slot.take() {
             Some(stmt) => slot.insert(stmt),
-            None => slot.insert(self.conn.prepare(sql)?),
+            // Long-lived, as the cache marks its statements: SQLite keeps it out of the
+            // connection's small fast-allocation pool.
+            None => slot.insert(
+                self.conn
+                    .prepare_with_flags(sql, PrepFlags::SQLITE_PREPARE_PERSISTENT)?,
+            ),
         };
         f(stmt)
     }
@@ -119,17 +130,17 @@ pub fn insert_call(hot: &Hot, req: &AdmitRequest) -> Result<(), StoreError> {
          VALUES (?1, ?2, ?3, 'pending', 1, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
         |stmt| {
             stmt.execute(params![
-        req.reservation_id,
-        req.tenant,
-        req.token_hash,
-        req.hold,
-        req.price,
-        req.increment_secs,
-        req.max_duration,
-        req.lease_expires_at,
-        req.now,
-        req.tenant_webhook
-                ])
+                req.reservation_id,
+                req.tenant,
+                req.token_hash,
+                req.hold,
+                req.price,
+                req.increment_secs,
+                req.max_duration,
+                req.lease_expires_at,
+                req.now,
+                req.tenant_webhook
+            ])
         },
     )?;
     Ok(())

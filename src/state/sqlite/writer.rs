@@ -111,14 +111,13 @@ pub enum Urgency {
 /// What an operation runs on: the writer's connection (a `Db` derefs to it), and the statements
 /// every call runs, held prepared ([`queries::Hot`]).
 pub struct Db<'c> {
-    conn: &'c Connection,
     pub hot: queries::Hot<'c>,
 }
 
 impl std::ops::Deref for Db<'_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        self.conn
+        self.hot.conn()
     }
 }
 
@@ -700,7 +699,6 @@ fn run(
         metrics::histogram!(STORE_BATCH),
     );
     let db = Db {
-        conn,
         hot: queries::Hot::new(conn),
     };
     let mut batch = Vec::with_capacity(MAX_BATCH);
