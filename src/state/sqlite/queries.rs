@@ -74,7 +74,8 @@ pub fn reservation_of_token(conn: &Connection, hash: &str) -> Result<Option<Stri
     Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
 }
 
-/// The statements every call runs (its admission, its bind), prepared once, on first use, on
+/// The statements every call runs (its admission, its bind, its batch's `BEGIN` and `COMMIT`),
+/// prepared once, on first use, on
 /// the writer's connection and held there. Through the connection's statement cache each use
 /// hashed the statement's text twice, copied it into a new key and cleared its bindings: about
 /// 1 100 instructions a use, three uses a call (docs/benchmarks.md).
@@ -83,6 +84,8 @@ pub struct Hot<'c> {
     insert_call: RefCell<Option<Statement<'c>>>,
     bind_state: RefCell<Option<Statement<'c>>>,
     bind_call: RefCell<Option<Statement<'c>>>,
+    begin: RefCell<Option<Statement<'c>>>,
+    commit: RefCell<Option<Statement<'c>>>,
 }
 
 impl<'c> Hot<'c> {
@@ -92,7 +95,21 @@ impl<'c> Hot<'c> {
             insert_call: RefCell::default(),
             bind_state: RefCell::default(),
             bind_call: RefCell::default(),
+            begin: RefCell::default(),
+            commit: RefCell::default(),
         }
+    }
+
+    /// Open the writer's transaction. IMMEDIATE: the write lock first (see the writer).
+    pub fn begin(&self) -> rusqlite::Result<()> {
+        self.with(&self.begin, "BEGIN IMMEDIATE", |stmt| stmt.execute([]))
+            .map(|_| ())
+    }
+
+    /// Commit the writer's transaction.
+    pub fn commit(&self) -> rusqlite::Result<()> {
+        self.with(&self.commit, "COMMIT", |stmt| stmt.execute([]))
+            .map(|_| ())
     }
 
     /// The connection the statements are prepared on.

@@ -733,7 +733,7 @@ fn run(
                         holding.store(false, Ordering::SeqCst);
                         if let Some(held) = held.take()
                             && commit_held(
-                                conn,
+                                &db,
                                 &ledger,
                                 index,
                                 &committed,
@@ -794,7 +794,7 @@ fn run(
                 // process that holds it. A deferred transaction whose first operation reads
                 // could not wait for it later: SQLite answers "database is locked" at once to a
                 // reader that wants to write.
-                control("BEGIN IMMEDIATE")?;
+                db.hot.begin()?;
             }
             for (_, queued_at, job, writes) in batch.drain(..) {
                 // An operation that writes with one statement needs no savepoint: SQLite backs
@@ -877,7 +877,7 @@ fn run(
                 index,
                 "the transaction was rolled back",
             )),
-            Ok(()) => commit(conn, &ledger, index),
+            Ok(()) => commit(&db, &ledger, index),
             Err(e) => {
                 // Jobs not reached are dropped with their replies: their callers see `Closed`.
                 batch.clear();
@@ -917,7 +917,7 @@ fn run(
     holding.store(false, Ordering::SeqCst);
     if let Some(held) = held.take()
         && commit_held(
-            conn,
+            &db,
             &ledger,
             index,
             &committed,
@@ -988,7 +988,7 @@ fn raise_hold(holding: &AtomicBool, wanted: &AtomicU64, committed: u64) -> bool 
 /// and `true` says a sync is due now; without a log, or if the commit failed, they are answered.
 #[allow(clippy::too_many_arguments)]
 fn commit_held(
-    conn: &Connection,
+    db: &Db<'_>,
     ledger: &Mutex<Ledger>,
     index: &CallIndex,
     committed: &watch::Sender<u64>,
@@ -997,7 +997,7 @@ fn commit_held(
     held: Held,
     unsynced: &mut Vec<Reply>,
 ) -> bool {
-    let result = commit(conn, ledger, index);
+    let result = commit(db, ledger, index);
     committed.send_replace(held.last);
     batches.record(held.operations as f64);
     match (log, result) {
@@ -1013,11 +1013,8 @@ fn commit_held(
 }
 
 /// Commit the open transaction; if that fails (a failing disk), roll it back.
-fn commit(conn: &Connection, ledger: &Mutex<Ledger>, index: &CallIndex) -> Result<(), StoreError> {
-    conn.prepare_cached("COMMIT")
-        .and_then(|mut commit| commit.execute([]))
-        .map(|_| ())
-        .map_err(|e| roll_back(conn, ledger, index, e))
+fn commit(db: &Db<'_>, ledger: &Mutex<Ledger>, index: &CallIndex) -> Result<(), StoreError> {
+    db.hot.commit().map_err(|e| roll_back(db, ledger, index, e))
 }
 
 /// The batch could not be committed (`why`): roll back what is left of its transaction, rebuild
