@@ -192,7 +192,7 @@ fn run_on(workers: usize, future: impl std::future::Future<Output = ExitCode>) -
 /// policies' own numbers (checked as they load) are their first search, and a request thread
 /// should be the one that owns them. With one request thread (the default with SQLite on two
 /// cores) that is every request's thread; with more, one of them. Reloads load on a blocking
-/// thread and leave the request threads as they are (`reload::Reloader::reload_policies`).
+/// thread and leave the request threads as they are (`reload::Reloader::reload_audited`).
 fn run_on_worker(
     workers: usize,
     future: impl std::future::Future<Output = ExitCode> + Send + 'static,

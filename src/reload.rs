@@ -22,33 +22,23 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Reload the policies from disk; on any error the old policies stay in force.
-    pub async fn reload_policies(&self) -> Result<usize, Vec<ConfigError>> {
-        self.reload(None).await
-    }
-
-    /// [`Reloader::reload_policies`], and the audit trail's `reload` line (whether it took
-    /// effect): `SIGHUP` and `POST /admin/reload` alike.
+    /// Reload the policies from disk, and write the audit trail's `reload` line (whether it
+    /// took effect): `SIGHUP` and `POST /admin/reload` alike. On any error the old policies
+    /// stay in force.
     pub async fn reload_audited(
         &self,
         audit: &Arc<crate::audit::Audit>,
-    ) -> Result<usize, Vec<ConfigError>> {
-        self.reload(Some(audit.clone())).await
-    }
-
-    async fn reload(
-        &self,
-        audit: Option<Arc<crate::audit::Audit>>,
     ) -> Result<usize, Vec<ConfigError>> {
         // A large do-not-call list takes a second to load: on a blocking thread, so that traffic
         // does not pause. (Not `block_in_place`: that hands the request thread's work to another
         // thread for good, one that does not own the regexes' caches; see `main.rs`.) The reload
         // runs to its end there, even if the caller stops waiting for it.
-        let (dir, key, live, in_order) = (
+        let (dir, key, live, in_order, audit) = (
             self.policy_dir.clone(),
             self.hash_key.clone(),
             self.policies.clone(),
             self.in_order.clone(),
+            audit.clone(),
         );
         let reload = move || {
             // A reload that panicked left nothing half-done behind the lock: it swaps last.
@@ -62,11 +52,9 @@ impl Reloader {
             });
             // In its turn too, so that the trail's reload lines are in the order they took
             // effect.
-            if let Some(audit) = audit {
-                let mut line = serde_json::Map::new();
-                line.insert("ok".into(), reloaded.is_ok().into());
-                audit.admin("reload", line);
-            }
+            let mut line = serde_json::Map::new();
+            line.insert("ok".into(), reloaded.is_ok().into());
+            audit.admin("reload", line);
             reloaded
         };
         match tokio::task::spawn_blocking(reload).await {
@@ -149,7 +137,11 @@ mod tests {
         held_rx.recv().unwrap();
         let waiting = tokio::spawn({
             let reloader = reloader.clone();
-            async move { reloader.reload_policies().await }
+            async move {
+                reloader
+                    .reload_audited(&Arc::new(crate::audit::Audit::off()))
+                    .await
+            }
         });
         // The edit lands while the first reload holds its turn.
         std::fs::remove_file(policy_dir.join("tenants/globex.toml")).unwrap();

@@ -345,7 +345,7 @@ impl StateStore for SqliteStore {
                         ledger.apply_admit(&req, plan);
                         return Ok((outcome, When::Now));
                     }
-                    queries::insert_call(&conn.hot, &req)?;
+                    queries::insert_call(conn, &req)?;
                     if plan.spend_changed {
                         queries::store_spend(conn, &req.tenant, &plan.spend)?;
                     }
@@ -377,7 +377,7 @@ impl StateStore for SqliteStore {
         let queued = self
             .writer
             .submit_as(Urgency::Wait, Writes::OneStatement, move |conn, _| {
-                let Some(current) = queries::bind_state(&conn.hot, &reservation_id)? else {
+                let Some(current) = queries::bind_state(conn, &reservation_id)? else {
                     return Err(StoreError::Backend(format!(
                         "no reservation {reservation_id} to bind"
                     )));
@@ -396,7 +396,7 @@ impl StateStore for SqliteStore {
                     lease_expires_at,
                 );
                 let bind = || {
-                    queries::bind_call(&conn.hot, current.row, &call_id, &object, status, lease, now)?;
+                    queries::bind_call(conn, current.row, &call_id, &object, status, lease, now)?;
                     index.add(conn, &call_id, &reservation_id, current.row)
                 };
                 if index.covers(current.row) {

@@ -1,5 +1,5 @@
 //! Every statement the store runs, each prepared once per connection: through the statement
-//! cache (`prepare_cached`), or, for those every call runs on the writer, held ([`Hot`]).
+//! cache (`prepare_cached`), or, for those every call runs on the writer, held ([`Db`]).
 
 use std::cell::RefCell;
 
@@ -74,12 +74,12 @@ pub fn reservation_of_token(conn: &Connection, hash: &str) -> Result<Option<Stri
     Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
 }
 
-/// The statements every call runs (its admission, its bind, its batch's `BEGIN` and `COMMIT`),
-/// prepared once, on first use, on
-/// the writer's connection and held there. Through the connection's statement cache each use
-/// hashed the statement's text twice, copied it into a new key and cleared its bindings: about
-/// 1 100 instructions a use, three uses a call (docs/benchmarks.md).
-pub struct Hot<'c> {
+/// The writer's connection (a `Db` derefs to it), with the statements every call runs (its
+/// admission, its bind, its batch's `BEGIN` and `COMMIT`) prepared once, on first use, and held.
+/// Through the connection's statement cache each use hashed the statement's text twice, copied
+/// it into a new key and cleared its bindings: about 1 100 instructions a use, three uses a call
+/// (docs/benchmarks.md).
+pub struct Db<'c> {
     conn: &'c Connection,
     insert_call: RefCell<Option<Statement<'c>>>,
     bind_state: RefCell<Option<Statement<'c>>>,
@@ -88,9 +88,9 @@ pub struct Hot<'c> {
     commit: RefCell<Option<Statement<'c>>>,
 }
 
-impl<'c> Hot<'c> {
+impl<'c> Db<'c> {
     pub fn new(conn: &'c Connection) -> Self {
-        Hot {
+        Db {
             conn,
             insert_call: RefCell::default(),
             bind_state: RefCell::default(),
@@ -110,11 +110,6 @@ impl<'c> Hot<'c> {
     pub fn commit(&self) -> rusqlite::Result<()> {
         self.with(&self.commit, "COMMIT", |stmt| stmt.execute([]))
             .map(|_| ())
-    }
-
-    /// The connection the statements are prepared on.
-    pub fn conn(&self) -> &'c Connection {
-        self.conn
     }
 
     /// Run `f` on the statement held in `slot`, prepared from `sql` the first time.
@@ -138,10 +133,17 @@ impl<'c> Hot<'c> {
     }
 }
 
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
 /// Record an admitted call: live, pending, holding its slot and hold.
-pub fn insert_call(hot: &Hot, req: &AdmitRequest) -> Result<(), StoreError> {
-    hot.with(
-        &hot.insert_call,
+pub fn insert_call(db: &Db, req: &AdmitRequest) -> Result<(), StoreError> {
+    db.with(
+        &db.insert_call,
         "INSERT INTO calls (reservation_id, tenant, token_hash, status, live, hold, price, increment_secs,
                             max_duration, lease_expires_at, created_at, updated_at, tenant_webhook)
          VALUES (?1, ?2, ?3, 'pending', 1, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
@@ -190,10 +192,10 @@ pub struct BindState {
 }
 
 /// What a bind needs of a reservation: its status, liveness, lease, row and upstream id.
-pub fn bind_state(hot: &Hot, reservation_id: &str) -> Result<Option<BindState>, StoreError> {
-    Ok(hot
+pub fn bind_state(db: &Db, reservation_id: &str) -> Result<Option<BindState>, StoreError> {
+    Ok(db
         .with(
-            &hot.bind_state,
+            &db.bind_state,
             "SELECT status, live, lease_expires_at, rowid, call_id FROM calls WHERE reservation_id = ?1",
             |stmt| {
                 stmt.query_row([reservation_id], |r| {
@@ -246,7 +248,7 @@ pub fn in_savepoint<T>(
 /// Bind a reservation to the upstream's call; `row` is its row, as [`bind_state`] read it in
 /// the same transaction (found by rowid: no second look-up of the reservation id's index).
 pub fn bind_call(
-    hot: &Hot,
+    db: &Db,
     row: i64,
     call_id: &str,
     object: &str,
@@ -254,8 +256,8 @@ pub fn bind_call(
     lease_expires_at: i64,
     now: i64,
 ) -> Result<(), StoreError> {
-    hot.with(
-        &hot.bind_call,
+    db.with(
+        &db.bind_call,
         "UPDATE calls SET call_id = ?2, object = ?3, status = ?4, lease_expires_at = ?5, updated_at = ?6
          WHERE rowid = ?1",
         |stmt| stmt.execute(params![row, call_id, object, status, lease_expires_at, now]),

@@ -72,6 +72,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::call_index::CallIndex;
+use super::queries::Db;
 use super::{queries, schema};
 use crate::metrics::{STORE_BATCH, STORE_SYNC, STORE_WAIT};
 use crate::state::StoreError;
@@ -106,19 +107,6 @@ pub enum Urgency {
     Shed,
     /// Finishing work: waits for room.
     Wait,
-}
-
-/// What an operation runs on: the writer's connection (a `Db` derefs to it), and the statements
-/// every call runs, held prepared ([`queries::Hot`]).
-pub struct Db<'c> {
-    pub hot: queries::Hot<'c>,
-}
-
-impl std::ops::Deref for Db<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        self.hot.conn()
-    }
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -698,9 +686,7 @@ fn run(
         metrics::histogram!(STORE_WAIT),
         metrics::histogram!(STORE_BATCH),
     );
-    let db = Db {
-        hot: queries::Hot::new(conn),
-    };
+    let db = Db::new(conn);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Replies of lazy operations committed but not yet synced.
     let mut unsynced: Vec<Reply> = Vec::new();
@@ -794,7 +780,7 @@ fn run(
                 // process that holds it. A deferred transaction whose first operation reads
                 // could not wait for it later: SQLite answers "database is locked" at once to a
                 // reader that wants to write.
-                db.hot.begin()?;
+                db.begin()?;
             }
             for (_, queued_at, job, writes) in batch.drain(..) {
                 // An operation that writes with one statement needs no savepoint: SQLite backs
@@ -1014,7 +1000,7 @@ fn commit_held(
 
 /// Commit the open transaction; if that fails (a failing disk), roll it back.
 fn commit(db: &Db<'_>, ledger: &Mutex<Ledger>, index: &CallIndex) -> Result<(), StoreError> {
-    db.hot.commit().map_err(|e| roll_back(db, ledger, index, e))
+    db.commit().map_err(|e| roll_back(db, ledger, index, e))
 }
 
 /// The batch could not be committed (`why`): roll back what is left of its transaction, rebuild
