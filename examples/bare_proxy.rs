@@ -11,7 +11,14 @@
 //!   with its status and content type only.
 //!
 //! What callgate spends beyond it is its own work.
-//! `cargo build --release --example bare_proxy`, then `bare_proxy LISTEN_ADDR UPSTREAM_URL`.
+//! `cargo build --release --example bare_proxy`, then `bare_proxy LISTEN_ADDR UPSTREAM_URL [WORK]`.
+//!
+//! `WORK` (default 0), `REQ` or `REQ+SIDE` in microseconds, makes each request also spend that
+//! much CPU before it is forwarded (each thread's own clock, `CLOCK_THREAD_CPUTIME_ID`: time it
+//! is preempted does not count): `REQ` on the request thread, as callgate's policy stages do, and
+//! `SIDE` on a thread of its own that the request waits for, as callgate's admission waits for
+//! its store's writer thread. `bench/budget.sh` uses it to measure how much work per request a
+//! proxy on this stack may do and still reach a given share of nginx's rate on this machine.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,21 +41,75 @@ type Upstream = Client<HttpConnector, Full<Bytes>>;
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_URL");
+        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_URL [REQ_US[+SIDE_US]]");
         std::process::exit(2);
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR: an address and port");
     let upstream: Uri = upstream.parse().expect("UPSTREAM_URL: a URL");
+    let work = Work::new(&args.next().unwrap_or_default());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores.saturating_sub(1).max(1))
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(serve(listen, upstream));
+        .block_on(serve(listen, upstream, work));
 }
 
-async fn serve(listen: SocketAddr, upstream: Uri) {
+/// What each request spends before it is forwarded.
+#[derive(Clone)]
+struct Work {
+    /// On the request thread.
+    request: Duration,
+    /// On the side thread, and its queue (none without side work).
+    side: Option<(
+        Duration,
+        std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    )>,
+}
+
+impl Work {
+    /// From `REQ` or `REQ+SIDE`, microseconds (empty: none).
+    fn new(spec: &str) -> Work {
+        let us = |s: &str| {
+            let us: f64 = s
+                .parse()
+                .expect("WORK: REQ_US or REQ_US+SIDE_US, e.g. 6.5+5.5");
+            Duration::from_nanos((us * 1000.0) as u64)
+        };
+        let (request, side) = match spec.split_once('+') {
+            Some((r, s)) => (us(r), us(s)),
+            None if spec.is_empty() => (Duration::ZERO, Duration::ZERO),
+            None => (us(spec), Duration::ZERO),
+        };
+        let side = (!side.is_zero()).then(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+            std::thread::Builder::new()
+                .name("bare-side".into())
+                .spawn(move || {
+                    while let Ok(done) = rx.recv() {
+                        spend(side);
+                        let _ = done.send(());
+                    }
+                })
+                .expect("side thread");
+            (side, tx)
+        });
+        Work { request, side }
+    }
+
+    async fn run(&self) {
+        spend(self.request);
+        if let Some((_, queue)) = &self.side {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if queue.send(done).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, upstream: Uri, work: Work) {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client: Upstream = Client::builder(TokioExecutor::new())
@@ -70,9 +131,15 @@ async fn serve(listen: SocketAddr, upstream: Uri) {
         };
         let _ = stream.set_nodelay(true);
         let (client, base, builder) = (client.clone(), base.clone(), builder.clone());
+        let work = work.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req| forward(client.clone(), base.clone(), req));
+            let service = hyper::service::service_fn(move |req| {
+                let (client, base, work) = (client.clone(), base.clone(), work.clone());
+                async move {
+                    work.run().await;
+                    forward(client, base, req).await
+                }
+            });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -118,6 +185,31 @@ async fn forward(
         content_type.unwrap_or(HeaderValue::from_static("application/json")),
     );
     Ok(out)
+}
+
+/// Spend `work` of this thread's CPU time (nothing for zero).
+fn spend(work: Duration) {
+    if work.is_zero() {
+        return;
+    }
+    let start = thread_cpu();
+    let mut x = 0u64;
+    while thread_cpu().saturating_sub(start) < work {
+        for i in 0..64u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to write; the clock id is a constant.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 fn status(code: StatusCode) -> Response<Full<Bytes>> {
