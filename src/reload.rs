@@ -19,6 +19,10 @@ pub struct Reloader {
     /// read the files before an edit could finish after one that read them after it, and
     /// put the older policies back.
     pub(crate) in_order: Arc<Mutex<()>>,
+    /// Held by a certificate reload from before it reads the files until they are in force, for
+    /// the same reason (its own: a certificate reload reads a few small files on the caller's
+    /// thread, and must not wait for a policy load).
+    pub(crate) tls_in_order: Mutex<()>,
 }
 
 impl Reloader {
@@ -74,12 +78,16 @@ impl Reloader {
     /// Reload every listener's certificate for new connections (open ones carry on); on error
     /// the old certificates stay. Returns how many were reloaded.
     pub fn reload_tls(&self) -> Result<usize, ConfigError> {
-        // Read them all before swapping any, so a bad file changes nothing.
-        for tls in &self.tls {
-            tls.check()?;
-        }
-        for tls in &self.tls {
-            tls.reload()?;
+        let _turn = self.tls_in_order.lock().unwrap_or_else(|p| p.into_inner());
+        // Every listener's files read, once, before any is swapped: a bad file (or one being
+        // rewritten meanwhile) changes nothing.
+        let fresh = self
+            .tls
+            .iter()
+            .map(|tls| tls.read())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (tls, config) in self.tls.iter().zip(fresh) {
+            tls.put(config);
         }
         Ok(self.tls.len())
     }
@@ -121,6 +129,7 @@ mod tests {
             hash_key: key,
             tls: Vec::new(),
             in_order: Arc::default(),
+            tls_in_order: Mutex::default(),
         });
 
         // A reload under way: a thread holds the turn until told to let go.

@@ -312,6 +312,7 @@ impl Gateway {
             hash_key: hash_key.clone(),
             tls: tls_listeners,
             in_order: Arc::default(),
+            tls_in_order: std::sync::Mutex::default(),
         });
         if let Some((admin_listener, token, admin_tls)) = admin_pending {
             let service =

@@ -99,16 +99,14 @@ impl ReloadableTls {
         })
     }
 
-    /// Whether the files currently make a valid configuration.
-    pub fn check(&self) -> Result<(), ConfigError> {
-        server_config(&self.cert_file, &self.key_file).map(|_| ())
+    /// The configuration the files make now (the certificate in force is unchanged).
+    pub fn read(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+        server_config(&self.cert_file, &self.key_file)
     }
 
-    /// Read the files again; on error the old certificate stays in use.
-    pub fn reload(&self) -> Result<(), ConfigError> {
-        let fresh = server_config(&self.cert_file, &self.key_file)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+    /// Put `config` (from [`ReloadableTls::read`]) in force for new connections.
+    pub fn put(&self, config: Arc<ServerConfig>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     /// An acceptor with the certificate in force now.

@@ -334,6 +334,56 @@ async fn the_admin_listener_has_its_own_certificate() {
     assert!(gw.gateway.reload_tls().unwrap());
 }
 
+/// A certificate reload covers every listener or none: with the admin listener's new files
+/// broken, the tenant listener keeps its certificate too, though its own new files are good.
+#[tokio::test]
+async fn a_bad_certificate_for_one_listener_reloads_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = TestCa::new("first CA").write(dir.path(), "one");
+    let (ca2, cert2, key2) = TestCa::new("second CA").write(dir.path(), "two");
+    let (admin_ca, admin_cert, admin_key) = TestCa::new("admin CA").write(dir.path(), "admin");
+    let cert = dir.path().join("listener-cert.pem");
+    let key = dir.path().join("listener-key.pem");
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"adm\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n",
+        admin_cert.display(),
+        admin_key.display()
+    );
+    let text = config_text(&simulator_upstream(), &extra).replace(
+        "[server]\n",
+        &format!(
+            "[server]\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let gw = TestGateway::start_with_config(&text).await;
+    let (port, admin_port) = (gw.addr().port(), gw.gateway.admin_addr().unwrap().port());
+    assert_eq!(health(&https_client(&ca1), port).await, Ok(StatusCode::OK));
+
+    // The tenant listener's files rotated to a good certificate, the admin's broken.
+    std::fs::copy(&cert2, &cert).unwrap();
+    std::fs::copy(&key2, &key).unwrap();
+    std::fs::write(&admin_cert, "not a certificate").unwrap();
+    assert!(gw.gateway.reload_tls().is_err());
+    assert_eq!(health(&https_client(&ca1), port).await, Ok(StatusCode::OK));
+    assert!(health(&https_client(&ca2), port).await.is_err());
+    // (Any answer: the admin listener's TLS is what is checked.)
+    assert!(health(&https_client(&admin_ca), admin_port).await.is_ok());
+
+    // Once the admin's files are good again, one reload swaps both.
+    let (admin_ca2, admin_cert2, admin_key2) =
+        TestCa::new("second admin CA").write(dir.path(), "admin2");
+    std::fs::copy(&admin_cert2, &admin_cert).unwrap();
+    std::fs::copy(&admin_key2, &admin_key).unwrap();
+    assert!(gw.gateway.reload_tls().unwrap());
+    assert_eq!(health(&https_client(&ca2), port).await, Ok(StatusCode::OK));
+    assert!(health(&https_client(&admin_ca2), admin_port).await.is_ok());
+    assert!(health(&https_client(&admin_ca), admin_port).await.is_err());
+}
+
 /// The keep-alive idle timeout is its own setting, longer than the header read timeout: a
 /// pooled connection reused after an idle wait longer than the header timeout is served (the
 /// race that lost call events), while a client dribbling a request head is still cut off.
