@@ -5,10 +5,11 @@
 # nothing) made to spend CPU on each request: WORK is REQ or REQ+SIDE microseconds, REQ on the
 # request thread (as callgate's policy stages) and SIDE on a thread of its own that the request
 # waits for (as callgate's admission waits for its store's writer thread). Default: 0 5 10 20 40.
-# Each round measures nginx, then the bare proxy at each WORK (wrk -t2 -c32 -d${DUR:-8}s, the
-# benchmark's request); ROUNDS (3) rounds, interleaved.
+# Each round measures nginx, the bare proxy at each WORK (in an order that turns from round to
+# round) and nginx again (wrk -t2 -c32 -d${DUR:-8}s, the benchmark's request); ROUNDS (3) rounds.
 # Prints req/s per round, the mean, the ratio to nginx's mean in the same rounds, and the bare
-# proxy's CPU per request (to check that the work added is what was asked).
+# proxy's CPU per request (the work asked for, plus what reading its clock, the cache it
+# displaces and a side thread's hand-offs cost).
 # Build first: cargo build --release --example bare_proxy (or set BARE_BIN).
 # Needs wrk, nginx, curl, python3.
 set -euo pipefail
@@ -46,18 +47,25 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 declare -A SUM CPU
 NG=0
 for round in $(seq "$ROUNDS"); do
+  # nginx at the start and at the end of each round, and the amounts of work in an order that
+  # turns each round, so that no amount is always measured furthest from nginx's figures.
   read -r r _ <<<"$(rate "$PROXY")"; NG=$((NG + r)); line="round $round: nginx $r"
-  for w in "${WORK[@]}"; do
+  k=$(( (round - 1) % ${#WORK[@]} ))
+  for w in "${WORK[@]:k}" "${WORK[@]:0:k}"; do
     "$BARE_BIN" "127.0.0.1:$BARE" "http://127.0.0.1:$STUB" "$w" > "$T/bare.log" 2>&1 & B=$!
+    PIDS+=("$B")
     answers "$BARE"
     t0=$(ticks "$B"); read -r r n <<<"$(rate "$BARE")"; t1=$(ticks "$B")
     kill "$B"; wait "$B" 2>/dev/null || true
+    [ "${n:-0}" -gt 0 ] || { echo "wrk completed no request through the bare proxy ($w); see $T/bare.log" >&2; exit 1; }
     SUM[$w]=$(( ${SUM[$w]:-0} + r ))
     CPU[$w]=$(awk -v a="${CPU[$w]:-0}" -v t="$((t1 - t0))" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN {print a + t / hz / n * 1e6}')
     line="$line, bare+${w}us $r"
   done
+  read -r r _ <<<"$(rate "$PROXY")"; NG=$((NG + r)); line="$line, nginx $r"
   echo "$line"
 done
+NG=$((NG / 2))  # two nginx runs a round: NG / ROUNDS is their mean
 echo
 echo "| work per request (us: request thread + side thread) | bare proxy req/s (mean of $ROUNDS) | ratio to nginx | bare proxy CPU per request (us) |"
 echo "|---|---|---|---|"

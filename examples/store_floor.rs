@@ -1,5 +1,6 @@
 //! What a durable record of a call costs in SQLite on this machine, in CPU per call (user and
-//! system time of the whole process, `getrusage`), for `bench/budget.sh` and docs/benchmarks.md:
+//! system time of the whole process, `getrusage`), for docs/benchmarks.md ("The budget for 0.5x
+//! measured, and the floor of a durable record"):
 //!
 //! - `floor 1 row`: the least any SQLite store could do for an admission that is on disk before
 //!   the call is forwarded: one row per call (a version 7 UUID key and 150 bytes, in a
@@ -37,6 +38,9 @@ fn main() {
     let calls: u64 = args.next().map_or(100_000, |n| n.parse().expect("CALLS"));
     let batch: u64 = args.next().map_or(16, |n| n.parse().expect("BATCH"));
     let only = args.next().unwrap_or_default();
+    assert!(batch > 0, "BATCH: at least 1");
+    // Whole batches (and as many calls for each of callgate's store's tasks).
+    let calls = (calls / batch).max(1) * batch;
     let tmp = tempfile::tempdir_in(&dir).expect("a temporary directory in DIR");
     println!(
         "{calls} calls, {batch} to a transaction (callgate's store: {batch} tasks), in {}",
@@ -128,7 +132,11 @@ fn floor(path: &std::path::Path, calls: u64, batch: u64, bind: bool) {
         .expect("the log");
     let (admission, bound) = (vec![7u8; 150], vec![9u8; 60]);
     let mut pending: Vec<String> = Vec::new();
-    for start in (0..calls).step_by(batch as usize) {
+    // One more transaction at the end for the last batch's binds.
+    let starts = (0..calls)
+        .step_by(batch as usize)
+        .chain(bind.then_some(calls));
+    for start in starts {
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
         let mut insert = conn
             .prepare_cached("INSERT INTO calls (id, row) VALUES (?1, ?2)")

@@ -79,8 +79,9 @@ impl Reloader {
     /// the old certificates stay. Returns how many were reloaded.
     pub fn reload_tls(&self) -> Result<usize, ConfigError> {
         let _turn = self.tls_in_order.lock().unwrap_or_else(|p| p.into_inner());
-        // Every listener's files read, once, before any is swapped: a bad file (or one being
-        // rewritten meanwhile) changes nothing.
+        // Every listener's files read, once, before any is swapped: a file that does not make a
+        // certificate and key (a bad one, or one caught while it is rewritten) changes nothing,
+        // for any listener.
         let fresh = self
             .tls
             .iter()

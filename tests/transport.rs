@@ -336,6 +336,9 @@ async fn the_admin_listener_has_its_own_certificate() {
 
 /// A certificate reload covers every listener or none: with the admin listener's new files
 /// broken, the tenant listener keeps its certificate too, though its own new files are good.
+/// (Each listener's files are also read once, not checked and then read again, so that a file
+/// rewritten between the two cannot swap some listeners and not others; that race is not
+/// reproduced here.)
 #[tokio::test]
 async fn a_bad_certificate_for_one_listener_reloads_none() {
     let dir = tempfile::tempdir().unwrap();
