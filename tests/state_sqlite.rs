@@ -55,11 +55,15 @@ mod merging_every_two_binds {
     });
 }
 
-/// What `call_ids` holds, and the bound `up_to`, read from the file beside the store.
+/// What `call_keys` holds (the upstream id and reservation of each entry's row), and the bound
+/// `up_to`, read from the file beside the store.
 fn merged(path: &std::path::Path) -> (Vec<(String, String)>, i64) {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn
-        .prepare("SELECT call_id, reservation_id FROM call_ids ORDER BY call_id")
+        .prepare(
+            "SELECT c.call_id, c.reservation_id FROM call_keys k JOIN calls c ON c.rowid = k.row
+             ORDER BY c.call_id",
+        )
         .unwrap();
     let entries = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -67,12 +71,12 @@ fn merged(path: &std::path::Path) -> (Vec<(String, String)>, i64) {
         .collect::<Result<_, _>>()
         .unwrap();
     let up_to = conn
-        .query_row("SELECT up_to FROM call_ids_merged", [], |r| r.get(0))
+        .query_row("SELECT up_to FROM call_keys_merged", [], |r| r.get(0))
         .unwrap();
     (entries, up_to)
 }
 
-/// Upstream ids are found whether their bind is still in memory or merged into `call_ids`, and
+/// Upstream ids are found whether their bind is still in memory or merged into `call_keys`, and
 /// after a late bind (its row below what a merge covers, so it goes straight into the table);
 /// they stay unique either way; a restart, and a file as a crash in the middle of a merge leaves
 /// it (some chunks in, `up_to` not moved), find them all.
@@ -161,9 +165,8 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     // `up_to` not moved (both as the chunks' commits leave them).
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "UPDATE call_ids_merged SET up_to = 10;
-         DELETE FROM call_ids WHERE call_id IN
-             (SELECT c.call_id FROM calls c WHERE c.rowid > 10 AND c.rowid % 2 = 0);",
+        "UPDATE call_keys_merged SET up_to = 10;
+         DELETE FROM call_keys WHERE row > 10 AND row % 2 = 0;",
     )
     .unwrap();
     drop(conn);
@@ -183,7 +186,7 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     store.check_consistency(NOW).await.unwrap();
 }
 
-/// A late bind writes its row and its `call_ids` entry: both or neither, also inside a batch
+/// A late bind writes its row and its `call_keys` entry: both or neither, also inside a batch
 /// (here a held transaction), where the bind has no savepoint from the writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_bind_that_fails_leaves_its_row_unbound() {
@@ -216,7 +219,8 @@ async fn a_late_bind_that_fails_leaves_its_row_unbound() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(
-            "CREATE TRIGGER refuse BEFORE INSERT ON call_ids WHEN NEW.call_id = 'call-bad'
+            "CREATE TRIGGER refuse BEFORE INSERT ON call_keys
+             WHEN (SELECT call_id FROM calls WHERE rowid = NEW.row) = 'call-bad'
              BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
         )
         .unwrap();
@@ -652,7 +656,7 @@ async fn a_snapshot_of_an_older_file_reads_the_tables_it_has() {
 
 /// `VACUUM` may renumber the calls' rows: the row `up_to` names is then no longer the one it was,
 /// and binds not yet merged could fall below it. The store notices (the row's reservation is kept
-/// beside `up_to`) and copies every upstream id into `call_ids` again.
+/// beside `up_to`) and indexes every upstream id in `call_keys` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_ids_survive_rows_renumbered() {
     let dir = tempfile::tempdir().unwrap();
@@ -704,8 +708,8 @@ async fn upstream_ids_survive_rows_renumbered() {
     .unwrap();
     let below: i64 = conn
         .query_row(
-            "SELECT COUNT(*) FROM calls WHERE rowid <= ?1 AND call_id IS NOT NULL
-             AND call_id NOT IN (SELECT call_id FROM call_ids)",
+            "SELECT COUNT(*) FROM calls c WHERE rowid <= ?1 AND call_id IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM call_keys k WHERE k.row = c.rowid)",
             [up_to],
             |r| r.get(0),
         )
@@ -722,12 +726,19 @@ async fn upstream_ids_survive_rows_renumbered() {
     assert_eq!(merged(&path).0.len(), ids.len());
 }
 
-/// A file a version from before upstream ids had a table of their own wrote to since has them in
-/// the partial index `calls_call_id` (which that version makes again), and `call_ids` as it was:
-/// stale where that version changed a binding. The table is made again from the calls, once, and
-/// the index dropped.
+/// Files of two older layouts: upstream ids in `call_ids`, keyed by the id as text (with a stale
+/// entry, as a version that changed a binding may leave it), and that table beside the partial
+/// index `calls_call_id` (which a version from before the table makes again when it writes to the
+/// file). Either is indexed in `call_keys` once, from the calls, and the old table and index are
+/// dropped.
 #[tokio::test]
-async fn a_file_with_the_partial_call_id_index_moves_its_ids_into_their_table() {
+async fn a_file_with_upstream_ids_as_text_moves_them_into_call_keys() {
+    for with_index in [false, true] {
+        moved_into_call_keys(with_index).await;
+    }
+}
+
+async fn moved_into_call_keys(with_index: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
@@ -748,11 +759,21 @@ async fn a_file_with_the_partial_call_id_index_moves_its_ids_into_their_table() 
             queued.await.unwrap();
         }
     }
+    // The older layout, as that version made it.
+    let index = if with_index {
+        "CREATE UNIQUE INDEX calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;"
+    } else {
+        ""
+    };
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "DELETE FROM call_ids; INSERT INTO call_ids VALUES ('call-r1', 'r3');
-         CREATE UNIQUE INDEX calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;",
-    )
+    conn.execute_batch(&format!(
+        "DROP TABLE call_keys; DROP TABLE call_keys_merged;
+         CREATE TABLE call_ids (call_id TEXT PRIMARY KEY, reservation_id TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO call_ids VALUES ('call-r1', 'r3');
+         CREATE TABLE call_ids_merged (up_to INTEGER NOT NULL, anchor TEXT);
+         INSERT INTO call_ids_merged VALUES (2, 'r2');
+         {index}"
+    ))
     .unwrap();
     drop(conn);
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
@@ -778,14 +799,20 @@ async fn a_file_with_the_partial_call_id_index_moves_its_ids_into_their_table() 
     // The last bound row: r3 is not bound.
     assert_eq!(up_to, 2);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let index: bool = conn
+    let old: i64 = conn
         .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'calls_call_id')",
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('calls_call_id', 'call_ids')",
             [],
             |r| r.get(0),
         )
         .unwrap();
-    assert!(!index);
+    assert_eq!(old, 0);
+    // The older version, started on the file again, would find no id merged: it reads every
+    // bound row back into memory.
+    let up_to: i64 = conn
+        .query_row("SELECT up_to FROM call_ids_merged", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(up_to, 0);
 }
 
 /// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which
@@ -847,7 +874,7 @@ async fn rebuilt_with_its_calls(legacy_tokens: bool) {
     );
     conn.execute_batch(&format!(
         "BEGIN; {old}; INSERT INTO calls_old SELECT * FROM calls; DROP TABLE calls;
-         DROP TABLE call_ids; DROP TABLE call_ids_merged;
+         DROP TABLE call_keys; DROP TABLE call_keys_merged;
          ALTER TABLE calls_old RENAME TO calls;
          CREATE INDEX calls_tenant ON calls(tenant, reservation_id);
          CREATE INDEX calls_lease ON calls(lease_expires_at) WHERE live = 1; COMMIT;"

@@ -7,7 +7,7 @@
 //! - [`schema`]: the layout, the connections, the counters rebuilt from the file at start.
 //! - [`queries`]: every statement, prepared once per connection.
 //! - [`call_index`]: calls by upstream id: the latest binds in memory, merged into the
-//!   `call_ids` table in sorted chunks, so that a bind writes no random index page.
+//!   `call_keys` table in sorted chunks, so that a bind writes no random index page.
 //! - Reads (a call, a tenant's calls, idempotency look-ups, quiet calls) run on read-only
 //!   connections of their own: they see the last commit and never wait behind one. Usage is read
 //!   from the counters.
@@ -91,7 +91,7 @@ impl Default for SqliteOptions {
 /// See the module docs.
 pub struct SqliteStore {
     writer: Writer,
-    /// Upstream ids: recent binds in memory, the rest in `call_ids`.
+    /// Upstream ids: recent binds in memory, the rest in `call_keys`.
     index: Arc<CallIndex>,
     readers: Arc<Readers>,
     /// The file predates relay tokens that name their reservation and has an index on token
@@ -370,7 +370,7 @@ impl StateStore for SqliteStore {
             status: answered,
         } = answered;
         // One write, the row's, and its upstream id in memory; a late bind (see `call_index`)
-        // writes an entry in `call_ids` too, in a savepoint of its own. So no savepoint for the
+        // writes an entry in `call_keys` too, in a savepoint of its own. So no savepoint for the
         // operation: a savepoint copies every page the bind touches that the batch had already
         // changed (the sub-journal), which is most of them.
         let index = self.index.clone();

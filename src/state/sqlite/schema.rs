@@ -7,7 +7,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::state::accounting::{Ledger, Spend};
 use crate::state::{Period, StoreError};
 
-/// The calls table's columns. `call_id` (the upstream's id) is found through `call_ids` and the
+/// The calls table's columns. `call_id` (the upstream's id) is found through `call_keys` and the
 /// bind index in memory ([`super::call_index`]), which also keep it unique; the table has no
 /// index on it (a column `UNIQUE` would index an admission's NULL, and the bind would move it).
 const CALLS_COLUMNS: &str = "(
@@ -38,17 +38,18 @@ const CALLS_COLUMN_NAMES: &str = "reservation_id, tenant, call_id, token_hash, s
 /// Tables and indexes, after `CREATE TABLE IF NOT EXISTS calls` [`CALLS_COLUMNS`]. Runtime
 /// opt-outs are keyed by number and scope (`*` for every tenant, else the tenant id); attempts by
 /// scope (a tenant id, or `#account`), number and reservation id. Calls are found by reservation
-/// id (primary key; relay tokens name it), upstream id (`call_ids`: reads, reconciliation),
+/// id (primary key; relay tokens name it), upstream id (`call_keys`: reads, reconciliation),
 /// tenant (listing) and lease end (the sweeper); nothing on the request path counts them: the live counters do.
 /// Every index costs a page write per commit, so there is none that is not needed (files made
 /// before 0.2 keep a unique index on `token_hash`: harmless).
 const SCHEMA: &str = "
 DROP INDEX IF EXISTS calls_live;
-CREATE TABLE IF NOT EXISTS call_ids (
-    call_id        TEXT PRIMARY KEY,
-    reservation_id TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS call_keys (
+    key INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    PRIMARY KEY (key, row)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS call_ids_merged (
+CREATE TABLE IF NOT EXISTS call_keys_merged (
     up_to  INTEGER NOT NULL,
     anchor TEXT
 );
