@@ -815,6 +815,66 @@ async fn moved_into_call_keys(with_index: bool) {
     assert_eq!(up_to, 0);
 }
 
+/// Going back one version and forward again: the older version, started on a file this one
+/// wrote, makes its `call_ids` and binds a call this version's `call_keys` does not hold, below
+/// the bound this version had merged to. This version, started again, sees `call_ids` and indexes
+/// every bound call afresh: the call bound meanwhile is found, and its id stays unique.
+#[tokio::test]
+async fn a_file_the_older_version_wrote_to_again_is_indexed_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    let options = SqliteOptions {
+        merge_upstream_ids_at: 1,
+        ..SqliteOptions::default()
+    };
+    {
+        let store = SqliteStore::open_with(&path, options.clone()).unwrap();
+        for id in ["r1", "r2", "r3"] {
+            assert_eq!(
+                store.admit(request("a", id, 1)).await.unwrap(),
+                AdmitOutcome::Admitted
+            );
+        }
+        for id in ["r1", "r3"] {
+            let call = format!("call-{id}");
+            let queued = store
+                .bind("a", id, &call, object(&call).into(), NOW + 1, NOW)
+                .await
+                .unwrap();
+            queued.await.unwrap();
+        }
+    }
+    let (_, up_to) = merged(&path);
+    assert_eq!(up_to, 3, "r3's row is merged");
+    // The older version's bind of r2 (row 2, below up_to): its row and its `call_ids` entry.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE call_ids (call_id TEXT PRIMARY KEY, reservation_id TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO call_ids VALUES ('call-r2', 'r2');
+         UPDATE calls SET call_id = 'call-r2', status = 'queued' WHERE reservation_id = 'r2';",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open_with(&path, options).unwrap();
+    for id in ["r1", "r2", "r3"] {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id), Some(id.to_string()), "{id}");
+    }
+    store.check_consistency(NOW).await.unwrap();
+    assert_eq!(
+        store.admit(request("a", "r4", 1)).await.unwrap(),
+        AdmitOutcome::Admitted
+    );
+    let twice = store
+        .bind("a", "r4", "call-r2", object("call-r2").into(), NOW + 1, NOW)
+        .await
+        .unwrap();
+    assert!(twice.await.is_err(), "call-r2 is bound to r2");
+    drop(store);
+    assert_eq!(merged(&path).0.len(), 3);
+}
+
 /// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which
 /// indexes every admission's NULL: the calls table is rebuilt once when the store opens, with
 /// every call as it was (and, in files from before relay tokens named their reservation, the
