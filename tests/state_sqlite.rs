@@ -162,10 +162,12 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     drop(store);
 
     // A crash in the middle of a merge: half the entries above `up_to`'s earlier value merged,
-    // `up_to` not moved (both as the chunks' commits leave them).
+    // `up_to` not moved, the bound the merge would set beside it (as the chunks' commits leave
+    // them; the rows were not renumbered, so the entries are used as they are).
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "UPDATE call_keys_merged SET up_to = 10;
+        "UPDATE call_keys_merged SET merging_up_to = up_to, merging_anchor = anchor,
+             up_to = 10, anchor = (SELECT reservation_id FROM calls WHERE rowid = 10);
          DELETE FROM call_keys WHERE row > 10 AND row % 2 = 0;",
     )
     .unwrap();
@@ -726,11 +728,11 @@ async fn upstream_ids_survive_rows_renumbered() {
     assert_eq!(merged(&path).0.len(), ids.len());
 }
 
-/// Files of two older layouts: upstream ids in `call_ids`, keyed by the id as text (with a stale
-/// entry, as a version that changed a binding may leave it), and that table beside the partial
-/// index `calls_call_id` (which a version from before the table makes again when it writes to the
-/// file). Either is indexed in `call_keys` once, from the calls, and the old table and index are
-/// dropped.
+/// Files of two older layouts: upstream ids in `call_ids`, keyed by the id as text, and that
+/// table beside the partial index `calls_call_id` (which a version from before the table makes
+/// again when it writes to the file). Either is indexed in `call_keys` once, from the calls (not
+/// from `call_ids`, which holds a stale entry here, as a version that changed a binding may leave
+/// it), and the old table, its bound and the index are dropped.
 #[tokio::test]
 async fn a_file_with_upstream_ids_as_text_moves_them_into_call_keys() {
     for with_index in [false, true] {
@@ -807,12 +809,16 @@ async fn moved_into_call_keys(with_index: bool) {
         )
         .unwrap();
     assert_eq!(old, 0);
-    // The older version, started on the file again, would find no id merged: it reads every
-    // bound row back into memory.
-    let up_to: i64 = conn
-        .query_row("SELECT up_to FROM call_ids_merged", [], |r| r.get(0))
+    // The older version's bound went with its table: that version, started on the file again,
+    // makes its `call_ids` afresh from the calls.
+    let bound: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'call_ids_merged'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
-    assert_eq!(up_to, 0);
+    assert_eq!(bound, 0);
 }
 
 /// Going back one version and forward again: the older version, started on a file this one
@@ -821,6 +827,13 @@ async fn moved_into_call_keys(with_index: bool) {
 /// every bound call afresh: the call bound meanwhile is found, and its id stays unique.
 #[tokio::test]
 async fn a_file_the_older_version_wrote_to_again_is_indexed_afresh() {
+    // The version before this one (`call_ids`), and the one before it (the partial index).
+    for with_table in [true, false] {
+        indexed_afresh(with_table).await;
+    }
+}
+
+async fn indexed_afresh(with_table: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
@@ -862,13 +875,19 @@ async fn a_file_the_older_version_wrote_to_again_is_indexed_afresh() {
     }
     let (_, up_to) = merged(&path);
     assert_eq!(up_to, 3, "r3's row is merged");
-    // The older version's bind of r2 (row 2, below up_to): its row and its `call_ids` entry.
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
+    // The older version's bind of r2 (row 2, below up_to): its row, and its `call_ids` entry or
+    // the partial index that version makes again.
+    let older = if with_table {
         "CREATE TABLE call_ids (call_id TEXT PRIMARY KEY, reservation_id TEXT NOT NULL) WITHOUT ROWID;
-         INSERT INTO call_ids VALUES ('call-r2', 'r2');
-         UPDATE calls SET call_id = 'call-r2', status = 'queued' WHERE reservation_id = 'r2';",
-    )
+         INSERT INTO call_ids VALUES ('call-r2', 'r2');"
+    } else {
+        "CREATE UNIQUE INDEX calls_call_id ON calls(call_id) WHERE call_id IS NOT NULL;"
+    };
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!(
+        "{older}
+         UPDATE calls SET call_id = 'call-r2', status = 'queued' WHERE reservation_id = 'r2';"
+    ))
     .unwrap();
     drop(conn);
     let store = SqliteStore::open_with(&path, options).unwrap();
@@ -888,6 +907,118 @@ async fn a_file_the_older_version_wrote_to_again_is_indexed_afresh() {
     assert!(twice.await.is_err(), "call-r2 is bound to r2");
     drop(store);
     assert_eq!(merged(&path).0.len(), 3);
+}
+
+/// A merge that stopped half-way (a crash) left entries above `up_to`, below the bound it would
+/// have set; a `VACUUM` then renumbered the rows above `up_to` only (released calls there closed
+/// up), so `up_to`'s own row is unchanged. The start notices by the merge's bound, kept beside
+/// `up_to` with its reservation, and indexes every upstream id afresh: no entry names a row that
+/// does not have its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_stopped_half_way_and_rows_renumbered_above_up_to_are_indexed_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let options = SqliteOptions {
+        merge_upstream_ids_at: 4,
+        ..SqliteOptions::default()
+    };
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    // Rows 1-12 bound, 13-15 released later, 16-30 bound.
+    let bound: Vec<String> = (0..12)
+        .map(|i| format!("a{i:02}"))
+        .chain((0..15).map(|i| format!("b{i:02}")))
+        .collect();
+    let gone = ["g0", "g1", "g2"];
+    {
+        let store = SqliteStore::open_with(&path, options.clone()).unwrap();
+        for id in bound[..12]
+            .iter()
+            .map(String::as_str)
+            .chain(gone)
+            .chain(bound[12..].iter().map(String::as_str))
+        {
+            assert_eq!(
+                store.admit(request("a", id, 1)).await.unwrap(),
+                AdmitOutcome::Admitted
+            );
+        }
+        for id in gone {
+            store.release(id).await.unwrap();
+        }
+        for id in &bound {
+            let call = format!("call-{id}");
+            let queued = store
+                .bind("a", id, &call, object(&call).into(), NOW + 1, NOW)
+                .await
+                .unwrap();
+            queued.await.unwrap();
+        }
+        // The writer merges a chunk after each batch it answers: admissions (unbound rows after
+        // row 30) until the binds are merged up to row 24 at least (the last three may stay in
+        // memory: fewer than a merge starts at), within a bound.
+        for i in 0..200 {
+            if merged(&path).1 >= 24 {
+                break;
+            }
+            assert_eq!(
+                store
+                    .admit(request("a", &format!("f{i}"), 1))
+                    .await
+                    .unwrap(),
+                AdmitOutcome::Admitted
+            );
+        }
+    }
+    let (_, up_to) = merged(&path);
+    assert!(up_to >= 24, "merged past the released rows: {up_to}");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "UPDATE call_keys_merged SET merging_up_to = up_to, merging_anchor = anchor,
+             up_to = 10, anchor = (SELECT reservation_id FROM calls WHERE rowid = 10);
+         DELETE FROM call_keys WHERE row > 10 AND row % 2 = 0;",
+    )
+    .unwrap();
+    let entries_above = |conn: &rusqlite::Connection| -> Vec<(i64, Option<String>)> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT k.row, c.call_id FROM call_keys k LEFT JOIN calls c ON c.rowid = k.row
+                 WHERE k.row > 10 ORDER BY k.row",
+            )
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let before = entries_above(&conn);
+    conn.execute_batch(
+        "BEGIN; CREATE TABLE t AS SELECT * FROM calls WHERE rowid > 10 ORDER BY rowid;
+         DELETE FROM calls WHERE rowid > 10;
+         INSERT INTO calls SELECT * FROM t ORDER BY rowid; DROP TABLE t; COMMIT;",
+    )
+    .unwrap();
+    // The rows above 10 closed up over the three released: entries left there name rows that
+    // hold other calls now, and `up_to`'s row is the same.
+    let after = entries_above(&conn);
+    assert!(
+        before.iter().zip(&after).any(|(b, a)| b.1 != a.1),
+        "{before:?} {after:?}"
+    );
+    let anchor_row: i64 = conn
+        .query_row(
+            "SELECT rowid FROM calls WHERE reservation_id = (SELECT anchor FROM call_keys_merged)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(anchor_row, 10);
+    drop(conn);
+    let store = SqliteStore::open_with(&path, options).unwrap();
+    for id in &bound {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id).as_ref(), Some(id), "{id}");
+    }
+    store.check_consistency(NOW).await.unwrap();
 }
 
 /// A file from before the upstream id's index was partial has `call_id TEXT UNIQUE`, which

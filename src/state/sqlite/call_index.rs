@@ -21,7 +21,9 @@
 //! What is durable: the calls row holds its upstream id from the bind's commit on. `call_keys`
 //! holds every bound call whose row is at or below `call_keys_merged.up_to` (a rowid, with the
 //! reservation of that row as its `anchor`: a `VACUUM` may renumber rows, and then `call_keys` is
-//! made afresh); the rows above it are read back into memory at start. A merge moves `up_to`
+//! made afresh); the rows above it are read back into memory at start. A running merge keeps the
+//! bound it will set beside it (`merging_up_to`, `merging_anchor`), since its entries lie above
+//! `up_to`: a start checks both rows. A merge moves `up_to`
 //! only in the transaction of its last chunk, and a bind of a row at or below the bound the
 //! running merge will set (a call whose upstream answered late) goes straight into `call_keys`,
 //! in the bind's transaction. So a crash at any point leaves every bound call in `call_keys` or
@@ -34,6 +36,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::state::StoreError;
@@ -236,7 +239,7 @@ impl CallIndex {
             entries.sort_unstable();
             entries
         });
-        let (chunk, merged, last) = {
+        let (chunk, merged, first, last) = {
             let mut state = self.lock();
             if let Some(entries) = starting {
                 let top = state.recent.values().max_by_key(|(_, row)| *row).cloned();
@@ -258,9 +261,10 @@ impl CallIndex {
                 .filter_map(|(key, call)| Some((*key, state.recent.get(call)?.1)))
                 .collect();
             let merged = end - state.merged;
-            let last = (end == state.merging.len())
-                .then(|| (state.covered_up_to, state.merging_anchor.clone()));
-            (chunk, merged, last)
+            let bound = (state.covered_up_to, state.merging_anchor.clone());
+            let first = (state.merged == 0).then(|| bound.clone());
+            let last = (end == state.merging.len()).then_some(bound);
+            (chunk, merged, first, last)
         };
         let written = (|| -> Result<(), StoreError> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
@@ -270,9 +274,20 @@ impl CallIndex {
                 insert.execute(params![key, row])?;
             }
             drop(insert);
+            // The bound this merge will set, with its first chunk: its entries lie at or below
+            // it, and a start checks that its row was not renumbered either (see `migrate`).
+            if let Some((up_to, anchor)) = &first {
+                conn.prepare_cached(
+                    "UPDATE call_keys_merged SET merging_up_to = ?1, merging_anchor = ?2",
+                )?
+                .execute(params![up_to, anchor.as_deref()])?;
+            }
             if let Some((up_to, anchor)) = &last {
-                conn.prepare_cached("UPDATE call_keys_merged SET up_to = ?1, anchor = ?2")?
-                    .execute(params![up_to, anchor.as_deref()])?;
+                conn.prepare_cached(
+                    "UPDATE call_keys_merged
+                     SET up_to = ?1, anchor = ?2, merging_up_to = NULL, merging_anchor = NULL",
+                )?
+                .execute(params![up_to, anchor.as_deref()])?;
             }
             conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(())
@@ -313,16 +328,21 @@ impl CallIndex {
 
 /// The key of an upstream id in `call_keys`: its XXH3 64-bit hash, a fixed function of its
 /// bytes (the file keeps it), as SQLite's signed integer.
-pub fn key(call_id: &str) -> i64 {
+fn key(call_id: &str) -> i64 {
     xxhash_rust::xxh3::xxh3_64(call_id.as_bytes()) as i64
 }
+
+/// [`key`] as an SQL function, while `migrate` indexes the calls.
+const KEY_FUNCTION: &str = "callgate_call_key";
 
 /// An entry of `call_keys` (a chunk merged again after a crash finds it there).
 const INSERT: &str = "INSERT OR IGNORE INTO call_keys (key, row) VALUES (?1, ?2)";
 
 /// The rows an upstream id's key names (in the primary key's order). No `ORDER BY`, and no join
-/// with the calls: with either, SQLite marks the key's parameter as one that may change the
-/// plan, and prepares the statement again at every run (a tenth of the writer's work, measured).
+/// with the calls: with either, SQLite's planner marks the key's parameter as one whose value may
+/// change the plan, and `sqlite3_clear_bindings`, which rusqlite's statement cache calls when a
+/// statement is put back, then expires the statement: it was prepared again at every use, and the
+/// writer's instructions per request doubled (docs/benchmarks.md, "Upstream ids keyed by hash").
 const ROWS: &str = "SELECT row FROM call_keys WHERE key = ?1";
 
 /// The reservation of a row, if it has the upstream id.
@@ -355,9 +375,9 @@ fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
 /// both makes again), or one whose rows were renumbered (`VACUUM` may renumber a table's rowids;
 /// the row `up_to` names is no longer its `anchor`): make `call_keys` afresh from the bound calls
 /// (an older version may have changed a binding), set `up_to` to the last bound row, drop the old
-/// table and index. One transaction. The older version's `call_ids_merged` is kept, at 0: that
-/// version, started on the file again, makes `call_ids` afresh with every bound call in memory,
-/// and this one, started after it, sees `call_ids` and makes `call_keys` afresh.
+/// table and index. One transaction. The older version's `call_ids_merged` is dropped with its
+/// table: that version, started on the file again, makes `call_ids` afresh from the calls, and
+/// this one, started after it, sees `call_ids` and makes `call_keys` afresh.
 pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let exists = |kind: &str, name: &str| -> Result<bool, StoreError> {
         Ok(conn.query_row(
@@ -368,9 +388,14 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     };
     let old_index = exists("index", "calls_call_id")?;
     let old_table = exists("table", "call_ids")?;
+    // Every entry is at or below `up_to`, or below the bound a merge that stopped half-way
+    // would have set: neither row may have been renumbered.
     let in_place: Option<bool> = conn
         .query_row(
-            "SELECT up_to = 0 OR (SELECT rowid FROM calls WHERE reservation_id = anchor) IS up_to
+            "SELECT (up_to = 0 OR (SELECT rowid FROM calls WHERE reservation_id = anchor) IS up_to)
+                 AND (merging_up_to IS NULL
+                      OR (SELECT rowid FROM calls WHERE reservation_id = merging_anchor)
+                         IS merging_up_to)
              FROM call_keys_merged",
             [],
             |r| r.get(0),
@@ -388,20 +413,25 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     }
     let started = std::time::Instant::now();
     let made = (|| -> Result<usize, StoreError> {
+        // In key order, from SQLite's sorter (which spills to a temporary file for a large
+        // file), so that the table is written leaf after leaf.
+        conn.create_scalar_function(
+            KEY_FUNCTION,
+            1,
+            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| Ok(key(&ctx.get::<String>(0)?)),
+        )?;
         conn.execute_batch("BEGIN IMMEDIATE; DELETE FROM call_keys;")?;
-        // Sorted before they are written, so that the table is written leaf after leaf.
-        let mut entries = conn
-            .prepare("SELECT call_id, rowid FROM calls WHERE call_id IS NOT NULL")?
-            .query_map([], |r| {
-                Ok((key(&r.get::<_, String>(0)?), r.get::<_, i64>(1)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        entries.sort_unstable();
-        let mut insert = conn.prepare(INSERT)?;
-        for (key, row) in &entries {
-            insert.execute(params![key, row])?;
-        }
-        drop(insert);
+        let made = conn.execute(
+            &format!(
+                "INSERT OR IGNORE INTO call_keys (key, row)
+                 SELECT {KEY_FUNCTION}(call_id), rowid FROM calls WHERE call_id IS NOT NULL
+                 ORDER BY 1, 2"
+            ),
+            [],
+        )?;
+        // The older version's own bound goes with its table: should that version be started
+        // on the file again, it finds none, and makes its `call_ids` afresh from the calls.
         conn.execute_batch(
             "DELETE FROM call_keys_merged;
              INSERT INTO call_keys_merged (up_to, anchor)
@@ -409,17 +439,14 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
              UPDATE call_keys_merged
                  SET anchor = (SELECT reservation_id FROM calls WHERE rowid = up_to);
              DROP INDEX IF EXISTS calls_call_id;
-             DROP TABLE IF EXISTS call_ids;",
+             DROP TABLE IF EXISTS call_ids;
+             DROP TABLE IF EXISTS call_ids_merged;
+             COMMIT;",
         )?;
-        // The older version's own bound, if it wrote one: none merged. Should that version open
-        // the file again, it reads every bound row back into memory and finds them all.
-        if exists("table", "call_ids_merged")? {
-            conn.execute_batch("UPDATE call_ids_merged SET up_to = 0, anchor = NULL")?;
-        }
-        conn.execute_batch("COMMIT")?;
-        Ok(entries.len())
-    })()
-    .inspect_err(|_| {
+        Ok(made)
+    })();
+    let _ = conn.remove_function(KEY_FUNCTION, 1);
+    let made = made.inspect_err(|_| {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -493,6 +520,14 @@ pub fn differences(conn: &Connection, index: &CallIndex) -> Result<Vec<String>, 
             "{unbound} of {total} entries in call_keys have no such bound row"
         ));
     }
+    let mut twice = conn.prepare(
+        "SELECT call_id, COUNT(*) FROM calls WHERE call_id IS NOT NULL
+         GROUP BY call_id HAVING COUNT(*) > 1",
+    )?;
+    for found in twice.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (call_id, rows) = found?;
+        out.push(format!("upstream id {call_id} is bound to {rows} calls"));
+    }
     for (call_id, reservation) in &recent {
         let row: Option<Option<String>> = conn
             .query_row(
@@ -517,9 +552,8 @@ mod tests {
     use super::*;
 
     /// A look-up finds the row its key names only if that row has the id; it runs its statements
-    /// as prepared, never prepared again: SQLite
-    /// does that at every run for a statement whose plan may depend on a parameter's value (an
-    /// `ORDER BY` after `key = ?`, a join with the calls and their partial index).
+    /// as prepared, never prepared again (see [`ROWS`]: with an `ORDER BY` after `key = ?`, or a
+    /// join with the calls, it was prepared again at every use).
     #[test]
     fn a_look_up_is_not_prepared_again() {
         let dir = tempfile::tempdir().unwrap();

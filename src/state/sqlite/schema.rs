@@ -50,8 +50,10 @@ CREATE TABLE IF NOT EXISTS call_keys (
     PRIMARY KEY (key, row)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS call_keys_merged (
-    up_to  INTEGER NOT NULL,
-    anchor TEXT
+    up_to          INTEGER NOT NULL,
+    anchor         TEXT,
+    merging_up_to  INTEGER,
+    merging_anchor TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, reservation_id);
 CREATE INDEX IF NOT EXISTS calls_lease ON calls(lease_expires_at) WHERE live = 1;
