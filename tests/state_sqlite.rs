@@ -164,6 +164,7 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     // A crash in the middle of a merge: half the entries above `up_to`'s earlier value merged,
     // `up_to` not moved, the bound the merge would set beside it (as the chunks' commits leave
     // them; the rows were not renumbered, so the entries are used as they are).
+    assert!(merged(&path).1 >= 10);
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "UPDATE call_keys_merged SET merging_up_to = up_to, merging_anchor = anchor,
@@ -174,6 +175,7 @@ async fn upstream_ids_are_found_in_memory_merged_bound_late_and_after_a_crash() 
     drop(conn);
     let store = SqliteStore::open_with(&path, options).unwrap();
     found(&store, &ids).await;
+    assert_eq!(merged(&path).1, 10, "not indexed afresh");
     store.check_consistency(NOW).await.unwrap();
     // New binds merge the rest in again.
     for i in 0..12 {
@@ -819,6 +821,61 @@ async fn moved_into_call_keys(with_index: bool) {
         )
         .unwrap();
     assert_eq!(bound, 0);
+}
+
+/// A merge whose first chunk cannot be written (here every entry is refused) is forgotten, as if
+/// it had not started: the file has no bound for it, so a bind of a row it would have covered
+/// stays in memory instead of going to `call_keys` unrecorded (where it would be refused here),
+/// and every bind is found after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_whose_first_chunk_fails_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let options = SqliteOptions {
+        merge_upstream_ids_at: 2,
+        ..SqliteOptions::default()
+    };
+    let object = |call: &str| serde_json::json!({"id": call, "status": "queued"});
+    let bind = |store: &SqliteStore, id: &str| {
+        let call = format!("call-{id}");
+        let bound = store.bind("a", id, &call, object(&call).into(), NOW + 1, NOW);
+        async move { bound.await?.await }
+    };
+    let store = SqliteStore::open_with(&path, options.clone()).unwrap();
+    for i in 0..6 {
+        assert_eq!(
+            store
+                .admit(request("a", &format!("r{i}"), 1))
+                .await
+                .unwrap(),
+            AdmitOutcome::Admitted
+        );
+    }
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON call_keys
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    // r5's and r4's rows (6 and 5) start a merge up to row 6, whose first chunk fails.
+    bind(&store, "r5").await.unwrap();
+    bind(&store, "r4").await.unwrap();
+    // Row 2 is below that bound: it is bound in memory, not refused by the table.
+    bind(&store, "r1").await.unwrap();
+    store.check_consistency(NOW).await.unwrap();
+    drop(store);
+    assert_eq!(merged(&path), (vec![], 0));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TRIGGER refuse;")
+        .unwrap();
+    let store = SqliteStore::open_with(&path, options).unwrap();
+    for id in ["r5", "r4", "r1"] {
+        let call = store.get_call("a", &format!("call-{id}")).await.unwrap();
+        assert_eq!(call.map(|c| c.reservation_id).as_deref(), Some(id), "{id}");
+    }
+    store.check_consistency(NOW).await.unwrap();
 }
 
 /// Going back one version and forward again: the older version, started on a file this one

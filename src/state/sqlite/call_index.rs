@@ -239,8 +239,13 @@ impl CallIndex {
             entries.sort_unstable();
             entries
         });
-        let (chunk, merged, first, last) = {
+        let (chunk, merged, first, last, before) = {
             let mut state = self.lock();
+            // What the merges covered before this one started: put back if its first chunk is
+            // not written (then nothing of it is in the file).
+            let before = starting
+                .is_some()
+                .then(|| (state.covered_up_to, state.merging_anchor.clone()));
             if let Some(entries) = starting {
                 let top = state.recent.values().max_by_key(|(_, row)| *row).cloned();
                 // From now on a bind of a row this merge covers goes straight to the table.
@@ -264,7 +269,7 @@ impl CallIndex {
             let bound = (state.covered_up_to, state.merging_anchor.clone());
             let first = (state.merged == 0).then(|| bound.clone());
             let last = (end == state.merging.len()).then_some(bound);
-            (chunk, merged, first, last)
+            (chunk, merged, first, last, before)
         };
         let written = (|| -> Result<(), StoreError> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
@@ -295,6 +300,16 @@ impl CallIndex {
         if let Err(e) = written {
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
+            }
+            // A merge whose first chunk is not written is forgotten, as if it had not started:
+            // the file does not have its bound, so a bind of a row it would cover stays in
+            // memory (and joins the next merge) rather than going to the table unrecorded.
+            if let Some((covered_up_to, anchor)) = before {
+                let mut state = self.lock();
+                state.covered_up_to = covered_up_to;
+                state.merging_anchor = anchor;
+                state.merging = Vec::new();
+                state.merged = 0;
             }
             return Err(e);
         }
@@ -373,7 +388,8 @@ fn merged_up_to(conn: &Connection) -> Result<i64, StoreError> {
 /// Make `call_keys` hold every bound call, once, for a file from before it (with `call_ids`, the
 /// table of upstream ids as text, or the older index `calls_call_id`, which a version from before
 /// both makes again), or one whose rows were renumbered (`VACUUM` may renumber a table's rowids;
-/// the row `up_to` names is no longer its `anchor`): make `call_keys` afresh from the bound calls
+/// the row `up_to` names is no longer its `anchor`, or the row `merging_up_to` names is no longer
+/// `merging_anchor`): make `call_keys` afresh from the bound calls
 /// (an older version may have changed a binding), set `up_to` to the last bound row, drop the old
 /// table and index. One transaction. The older version's `call_ids_merged` is dropped with its
 /// table: that version, started on the file again, makes `call_ids` afresh from the calls, and
@@ -388,7 +404,7 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
     };
     let old_index = exists("index", "calls_call_id")?;
     let old_table = exists("table", "call_ids")?;
-    // Every entry is at or below `up_to`, or below the bound a merge that stopped half-way
+    // Every entry is at or below `up_to`, or at or below the bound a merge that stopped half-way
     // would have set: neither row may have been renumbered.
     let in_place: Option<bool> = conn
         .query_row(
@@ -445,6 +461,8 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )?;
         Ok(made)
     })();
+    // Removing a function expires the connection's prepared statements: harmless here, since
+    // the store opens the file with this before it prepares any.
     let _ = conn.remove_function(KEY_FUNCTION, 1);
     let made = made.inspect_err(|_| {
         if !conn.is_autocommit() {
@@ -464,8 +482,9 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
 
 /// Where the index and the calls' rows disagree: a bound call neither in memory nor in
 /// `call_keys`, an entry of memory that its row does not have, an entry of `call_keys` whose row
-/// does not have that key, a bound row at or below `up_to` that `call_keys` does not hold (a
-/// restart would not find it).
+/// does not have that key or that lies above both `up_to` and the running merge's bound (a start
+/// would not check its row), a bound row at or below `up_to` that `call_keys` does not hold (a
+/// restart would not find it), an upstream id on two rows.
 pub fn differences(conn: &Connection, index: &CallIndex) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     let recent: HashMap<String, String> = index.in_memory().into_iter().collect();
@@ -518,6 +537,17 @@ pub fn differences(conn: &Connection, index: &CallIndex) -> Result<Vec<String>, 
     if unbound > 0 {
         out.push(format!(
             "{unbound} of {total} entries in call_keys have no such bound row"
+        ));
+    }
+    let above: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM call_keys, call_keys_merged m
+         WHERE row > MAX(m.up_to, COALESCE(m.merging_up_to, m.up_to))",
+        [],
+        |r| r.get(0),
+    )?;
+    if above > 0 {
+        out.push(format!(
+            "{above} entries in call_keys lie above up_to and the running merge's bound"
         ));
     }
     let mut twice = conn.prepare(
