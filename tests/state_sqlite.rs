@@ -76,6 +76,24 @@ fn merged(path: &std::path::Path) -> (Vec<(String, String)>, i64) {
     (entries, up_to)
 }
 
+/// The writer merges a chunk after each batch it answers: admit calls left unbound (`f0`, `f1`,
+/// ...) until the merges cover row `up_to`, within a bound (the caller asserts it).
+async fn admit_until_merged(store: &SqliteStore, path: &std::path::Path, up_to: i64) {
+    for i in 0..200 {
+        if merged(path).1 >= up_to {
+            return;
+        }
+        assert_eq!(
+            store
+                .admit(request("a", &format!("f{i}"), 1))
+                .await
+                .unwrap(),
+            AdmitOutcome::Admitted
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Upstream ids are found whether their bind is still in memory or merged into `call_keys`, and
 /// after a late bind (its row below what a merge covers, so it goes straight into the table);
 /// they stay unique either way; a restart, and a file as a crash in the middle of a merge leaves
@@ -914,21 +932,8 @@ async fn indexed_afresh(with_table: bool) {
                 .unwrap();
             queued.await.unwrap();
         }
-        // The writer merges after it has answered a batch: admissions (unbound rows after r3)
-        // until r3's row is merged, within a bound.
-        for i in 0..100 {
-            if merged(&path).1 == 3 {
-                break;
-            }
-            assert_eq!(
-                store
-                    .admit(request("a", &format!("f{i}"), 1))
-                    .await
-                    .unwrap(),
-                AdmitOutcome::Admitted
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Unbound rows after r3 until r3's row is merged.
+        admit_until_merged(&store, &path, 3).await;
     }
     let (_, up_to) = merged(&path);
     assert_eq!(up_to, 3, "r3's row is merged");
@@ -1010,21 +1015,9 @@ async fn a_merge_stopped_half_way_and_rows_renumbered_above_up_to_are_indexed_af
                 .unwrap();
             queued.await.unwrap();
         }
-        // The writer merges a chunk after each batch it answers: admissions (unbound rows after
-        // row 30) until the binds are merged up to row 24 at least (the last three may stay in
-        // memory: fewer than a merge starts at), within a bound.
-        for i in 0..200 {
-            if merged(&path).1 >= 24 {
-                break;
-            }
-            assert_eq!(
-                store
-                    .admit(request("a", &format!("f{i}"), 1))
-                    .await
-                    .unwrap(),
-                AdmitOutcome::Admitted
-            );
-        }
+        // Unbound rows after row 30 until the binds are merged up to row 24 at least (the last
+        // three may stay in memory: fewer than a merge starts at).
+        admit_until_merged(&store, &path, 24).await;
     }
     let (_, up_to) = merged(&path);
     assert!(up_to >= 24, "merged past the released rows: {up_to}");

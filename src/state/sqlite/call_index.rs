@@ -138,9 +138,10 @@ impl CallIndex {
             .prepare_cached(ROWS)?
             .query_map([key(call_id)], |r| r.get::<_, i64>(0))?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut bound = conn.prepare_cached(BOUND)?;
+        // Most look-ups (a bind's, of a new id) find no row: no second statement for them.
         for row in rows {
-            if let Some(found) = bound
+            if let Some(found) = conn
+                .prepare_cached(BOUND)?
                 .query_row(params![row, call_id], |r| r.get(0))
                 .optional()?
             {
