@@ -4,7 +4,9 @@
 # each on a fresh state file: the mean req/s, the first and last five full seconds and their
 # ratio, and the last full second over the first (the per-second counts of calls.lua). A long
 # run is where a cost that grows with the file shows; interleaving makes the comparison fair on
-# a noisy machine. Needs wrk, nginx, curl, python3 (see load.sh).
+# a noisy machine. SEED_A / SEED_B: a state file copied in before that arm starts (instead of a
+# fresh one), e.g. a file of millions of calls made by bench/bigfile.py. Needs wrk, nginx, curl,
+# python3 (see load.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 A=${1:?usage: bench/drift.sh BINARY_A BINARY_B [ROUNDS] [SECONDS]}
@@ -16,11 +18,13 @@ trap bench_cleanup EXIT
 pick_ports
 start_stub
 sleep 1
-run() { # run NAME BIN
+run() { # run NAME BIN [SEED]
   local d=$T/cg-$1-$RANDOM
   callgate_dir "$d"
+  # Copied and flushed before the start, so that the copy's writeback does not share the run.
+  if [ -n "${3:-}" ]; then cp "$3" "$d/state/callgate.db"; sync; fi
   start_callgate "$2" "$d"
-  wait_healthy 100
+  wait_healthy 1200
   local out
   out=$(BENCH_KEY=$BENCH_KEY BENCH_PER_SECOND=1 wrk -t2 -c32 -d"${SECS}s" -s "$BENCH/calls.lua" "http://127.0.0.1:$CG")
   local rps; rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
@@ -36,4 +40,4 @@ print(f"{name} rps={rps} first5={first} last5={last} last5/first5={last / first:
 ' "$1" "$rps"
   kill "$P"; wait "$P" 2>/dev/null || true
 }
-for _ in $(seq "$ROUNDS"); do run A "$A"; run B "$B"; done
+for _ in $(seq "$ROUNDS"); do run A "$A" "${SEED_A:-}"; run B "$B" "${SEED_B:-}"; rm -rf "$T"/cg-*; done

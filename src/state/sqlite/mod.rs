@@ -278,7 +278,7 @@ fn apply_event(
         // unless another call has it (an upstream fault): then the event still applies.
         if index.is_free(conn, call_id, &record.reservation_id)? {
             if let Some(row) = queries::set_call_id(conn, &record.reservation_id, call_id)? {
-                index.add(conn, call_id, &record.reservation_id, row)?;
+                index.add(conn, call_id, row)?;
             }
         } else {
             tracing::warn!(reservation = %record.reservation_id, call_id = %call_id,
@@ -397,7 +397,7 @@ impl StateStore for SqliteStore {
                 );
                 let bind = || {
                     queries::bind_call(conn, current.row, &call_id, &object, status, lease, now)?;
-                    index.add(conn, &call_id, &reservation_id, current.row)
+                    index.add(conn, &call_id, current.row)
                 };
                 if index.covers(current.row) {
                     queries::in_savepoint(conn, bind)?;
