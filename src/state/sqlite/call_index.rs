@@ -31,9 +31,9 @@
 //!
 //! Memory holds what `call_keys` would: an entry is the key and the row, 16 bytes in a sorted
 //! set (29 with the set's nodes, measured), not the id and the reservation as text (195 with
-//! their allocations and a hash map), so that [`MERGE_AT`] binds gather in the memory 16 384 took
-//! before (3.8 MiB against 3.1, and a merge's sorted copy of the ids besides) and a merge is
-//! eight times as dense. The set is in key order: a merge takes its chunks
+//! their allocations and a hash map), so that [`MERGE_AT`] binds gather in about the memory
+//! 16 384 took before (3.7 MiB against 3.0, and a merge's sorted copy of the ids besides) and a
+//! merge is eight times as dense. The set is in key order: a merge takes its chunks
 //! from it as they are, with no sorted copy. A look-up there, as in `call_keys`, reads the rows
 //! its key names; readers take a hit only if the row they read has that upstream id (a bind still
 //! in the writer's open transaction is not found, as before); entries leave memory only after the
@@ -49,8 +49,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::state::StoreError;
 
 /// Binds gathered in memory before a merge starts (eight seconds or more of binds at saturation;
-/// about 4 MiB of memory, and what a start reads back from the end of the calls at most: 93 000
-/// rows read back, the gateway answered 0.135 s after it was started, as with 6 400). A
+/// about 4 MiB of memory). A start reads back the bound rows above `up_to`: about this many, and
+/// after a crash in a merge, the merge's and the binds since (93 000 rows read back, the gateway
+/// answered 0.135 s after it was started, as with 6 400). A
 /// merge writes each leaf of `call_keys` it lands on once, so the more binds it holds, the fewer
 /// leaves a bind costs once the table is large. On a file of 5 million calls (`call_keys` of
 /// 24 000 leaves), against a fresh file, the writer wrote 0.7 more pages a call and read 1.8 more
@@ -76,6 +77,10 @@ type Recent = BTreeSet<(i64, i64)>;
 #[derive(Default)]
 struct State {
     recent: Recent,
+    /// The last row added to `recent` (or read back): the last row it holds whenever it holds
+    /// any, since a merge takes the entries at or below its bound, and no entry is added at or
+    /// below it while it runs. A merge starts with it as its bound.
+    max_row: i64,
     /// A merge runs: it merges the entries of `recent` at or below `covered_up_to` (which were all
     /// of them when it started: a later bind of a row it covers goes to the table), in key order,
     /// and has merged those up to this one (`None`: none yet).
@@ -112,6 +117,7 @@ impl CallIndex {
         match read {
             Ok((recent, up_to)) => {
                 *state = State {
+                    max_row: recent.iter().map(|&(_, row)| row).max().unwrap_or(0),
                     recent,
                     covered_up_to: up_to,
                     additions,
@@ -139,31 +145,22 @@ impl CallIndex {
     /// The reservation `call_id` is bound to, in memory or in `call_keys` (as `conn` sees it).
     pub fn find(&self, conn: &Connection, call_id: &str) -> Result<Option<String>, StoreError> {
         let key = key(call_id);
-        // The rows its key names in memory (none allocated for none), then in the table: two
-        // plain look-ups (see `ROWS`).
-        let mut rows: Vec<i64> = self
+        // The rows its key names in memory (none allocated for none), then, if none of them has
+        // the id, in the table: two plain look-ups (see `ROWS`).
+        let held: Vec<i64> = self
             .lock()
             .recent
             .range((key, i64::MIN)..=(key, i64::MAX))
             .map(|&(_, row)| row)
             .collect();
-        for row in conn
+        if let Some(found) = bound_in(conn, held, call_id)? {
+            return Ok(Some(found));
+        }
+        let rows = conn
             .prepare_cached(ROWS)?
             .query_map([key], |r| r.get::<_, i64>(0))?
-        {
-            rows.push(row?);
-        }
-        // Most look-ups (a bind's, of a new id) find no row: no second statement for them.
-        for row in rows {
-            if let Some(found) = conn
-                .prepare_cached(BOUND)?
-                .query_row(params![row, call_id], |r| r.get(0))
-                .optional()?
-            {
-                return Ok(Some(found));
-            }
-        }
-        Ok(None)
+            .collect::<Result<Vec<_>, _>>()?;
+        bound_in(conn, rows, call_id)
     }
 
     /// Whether `call_id` is free for `reservation_id`: no other reservation has it.
@@ -214,6 +211,7 @@ impl CallIndex {
             return Ok(());
         }
         state.recent.insert((key(call_id), rowid));
+        state.max_row = state.max_row.max(rowid);
         state.additions += 1;
         Ok(())
     }
@@ -236,11 +234,8 @@ impl CallIndex {
         // writer merges).
         let top = {
             let state = self.lock();
-            if state.merging.is_none() && state.recent.len() >= self.merge_at {
-                state.recent.iter().map(|&(_, row)| row).max()
-            } else {
-                None
-            }
+            (state.merging.is_none() && state.recent.len() >= self.merge_at)
+                .then_some(state.max_row)
         };
         let starting = match top {
             Some(row) => {
@@ -369,6 +364,25 @@ const ROWS: &str = "SELECT row FROM call_keys WHERE key = ?1";
 
 /// The reservation of a row, if it has the upstream id.
 const BOUND: &str = "SELECT reservation_id FROM calls WHERE rowid = ?1 AND call_id = ?2";
+
+/// The reservation of the first of `rows` that has the upstream id `call_id`. Most look-ups (a
+/// bind's, of a new id) have no row to read: no second statement for them.
+fn bound_in(
+    conn: &Connection,
+    rows: Vec<i64>,
+    call_id: &str,
+) -> Result<Option<String>, StoreError> {
+    for row in rows {
+        if let Some(found) = conn
+            .prepare_cached(BOUND)?
+            .query_row(params![row, call_id], |r| r.get(0))
+            .optional()?
+        {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
 
 /// The bound rows above `up_to`, and `up_to`.
 fn read_back(conn: &Connection) -> Result<(Recent, i64), StoreError> {
@@ -660,6 +674,21 @@ mod tests {
         index.merge_step(&conn).unwrap();
         assert_eq!(call_keys(&conn).len(), 1, "one chunk a step");
         assert!(index.covers(5) && !index.covers(6));
+        // Its first chunk wrote the bound it will set.
+        let merging: (i64, String) = conn
+            .query_row(
+                "SELECT merging_up_to, merging_anchor FROM call_keys_merged",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((merging.0, merging.1.as_str()), (5, "r5"));
+        // The merge's walk in key order passes row 6's entry (above its bound) on its way.
+        let first_key = [1, 2, 3, 5]
+            .map(|i| key(&format!("call-{i}")))
+            .into_iter()
+            .min();
+        assert!(Some(key("call-6")) > first_key);
         // While it runs: row 6 is above its bound (memory), row 4 below it (the table).
         bind(&conn, &index, 6);
         bind(&conn, &index, 4);
@@ -696,8 +725,63 @@ mod tests {
         assert_eq!(reloaded.in_memory(), vec![(key("call-6"), 6)]);
     }
 
+    /// A chunk that cannot be written (the file locked by another connection) is tried again at
+    /// the next step; a reload in the middle of a merge (as after a rollback) forgets the merge,
+    /// and the next one takes every bound row above `up_to` again: the entries the first wrote
+    /// are found in the table and kept once.
+    #[test]
+    fn a_chunk_not_written_is_tried_again_and_a_reload_starts_the_merge_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = super::super::schema::open_writer(&path).unwrap();
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        for i in 1..=5 {
+            admitted(&conn, i);
+        }
+        let index = CallIndex::load(&conn, 4).unwrap();
+        for i in 1..=4 {
+            bind(&conn, &index, i);
+        }
+        index.merge_step(&conn).unwrap();
+        assert_eq!(call_keys(&conn).len(), 1);
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(index.merge_step(&conn).is_err());
+        assert_eq!(call_keys(&conn).len(), 1);
+        assert_eq!(index.in_memory().len(), 3);
+        assert!(index.covers(4), "a later chunk that fails keeps the merge");
+        other.execute_batch("ROLLBACK").unwrap();
+        index.merge_step(&conn).unwrap();
+        assert_eq!(call_keys(&conn).len(), 2);
+        // `up_to` is still 0: memory is read back as all four bound rows.
+        index.reload(&conn).unwrap();
+        assert_eq!(index.in_memory().len(), 4);
+        assert!(!index.covers(1));
+        bind(&conn, &index, 5);
+        while index.wants_merge() {
+            index.merge_step(&conn).unwrap();
+        }
+        assert_eq!(call_keys(&conn).len(), 5);
+        assert!(index.in_memory().is_empty());
+        let up_to: (i64, String, Option<i64>) = conn
+            .query_row(
+                "SELECT up_to, anchor, merging_up_to FROM call_keys_merged",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((up_to.0, up_to.1.as_str(), up_to.2), (5, "r5", None));
+        for i in 1..=5 {
+            assert_eq!(
+                index.find(&conn, &format!("call-{i}")).unwrap(),
+                Some(format!("r{i}"))
+            );
+        }
+        assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
+    }
+
     /// Memory holds keys, not ids: an entry whose key is the id's but whose row has another id
-    /// (as two ids of one hash would have) is passed over, and the consistency check names an
+    /// (as two ids of one hash would have) finds nothing, and the consistency check names an
     /// entry whose row does not have its key.
     #[test]
     fn an_entry_in_memory_counts_only_if_its_row_has_the_id() {
