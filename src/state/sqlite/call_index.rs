@@ -77,7 +77,7 @@ type Recent = BTreeSet<(i64, i64)>;
 #[derive(Default)]
 struct State {
     recent: Recent,
-    /// The last row added to `recent` (or read back): the last row it holds whenever it holds
+    /// The largest row added to `recent` (or read back): the largest it holds whenever it holds
     /// any, since a merge takes the entries at or below its bound, and no entry is added at or
     /// below it while it runs. A merge starts with it as its bound.
     max_row: i64,
@@ -229,7 +229,7 @@ impl CallIndex {
         if self.lock().stale {
             self.reload(conn)?;
         }
-        // A merge starts with the last row memory holds as its bound (and that row's reservation
+        // A merge starts with the largest row memory holds as its bound (and that row's reservation
         // as the bound's anchor, read from the file: every entry of memory is committed when the
         // writer merges).
         let top = {
