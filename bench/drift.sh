@@ -5,7 +5,7 @@
 # ratio, and the last full second over the first (the per-second counts of calls.lua). A long
 # run is where a cost that grows with the file shows; interleaving makes the comparison fair on
 # a noisy machine. SEED_A / SEED_B: a state file copied in before that arm starts (instead of a
-# fresh one), e.g. a file of millions of calls made by bench/bigfile.py. Needs wrk, nginx, curl,
+# fresh one), e.g. a file of millions of calls made by bench/bigfile.sh. Needs wrk, nginx, curl,
 # python3 (see load.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -10,7 +10,7 @@
 #   - from callgate's own histograms (scraped from /metrics at the end): the share of requests,
 #     upstream requests, store waits and log syncs within each bucket, and the group commit's size.
 # Knobs: CONNS (32), DUR (8), FILL (seconds at saturation first, to leave calls in flight),
-#   SEED (a state file to start on instead of a fresh one, e.g. one made by bench/bigfile.py),
+#   SEED (a state file to start on instead of a fresh one, e.g. one made by bench/bigfile.sh),
 #   PERF=1 (perf record -g of callgate for 4 s, the file's path printed), KEEP=1 (keep the temp dir).
 # Needs wrk, nginx, curl, python3 (and perf for PERF=1).
 set -euo pipefail
