@@ -21,8 +21,7 @@ sleep 1
 run() { # run NAME BIN [SEED]
   local d=$T/cg-$1-$RANDOM
   callgate_dir "$d"
-  # Copied and flushed before the start, so that the copy's writeback does not share the run.
-  if [ -n "${3:-}" ]; then cp "$3" "$d/state/callgate.db"; sync; fi
+  seed_state "$d" "${3:-}"
   start_callgate "$2" "$d"
   wait_healthy 1200
   local out

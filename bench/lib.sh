@@ -42,6 +42,12 @@ callgate_dir() {
       -e "s|@LEASE_GRACE@|3600|g" "$BENCH/callgate.toml.in" > "$d/config.toml"
 }
 
+# seed_state DIR FILE: start DIR's callgate on a copy of the state file FILE (none: a fresh one),
+# flushed to disk first so that the copy's writeback does not share the measured run.
+seed_state() {
+  if [ -n "${2:-}" ]; then cp "$2" "$1/state/callgate.db"; sync; fi
+}
+
 # Wait (at most TRIES x 0.05 s, default 200) until callgate on $CG answers /healthz.
 wait_healthy() {
   for _ in $(seq "${1:-200}"); do

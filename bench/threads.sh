@@ -20,8 +20,7 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-threads.XXXXXX")
 . "$ROOT/bench/lib.sh"
 trap bench_cleanup EXIT
 prepare
-# Copied and flushed before the start, so that the copy's writeback does not share the run.
-if [ -n "${SEED:-}" ]; then cp "$SEED" "$d/state/callgate.db"; sync; fi
+seed_state "$d" "${SEED:-}"
 start_callgate "$BIN" "$d"
 wait_healthy 1200
 if [ "$FILL" != 0 ]; then load -t2 -c32 -d"${FILL}s" | grep -E "requests in"; sleep 1; fi
