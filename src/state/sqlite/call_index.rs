@@ -43,6 +43,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::ops::Bound;
 use std::sync::Mutex;
 
+use fastbloom::BloomFilter;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -62,19 +63,28 @@ pub const MERGE_AT: usize = 128 * 1024;
 /// Entries merged per transaction.
 pub const MERGE_CHUNK: usize = 512;
 
+/// The fewest keys the filter of upstream ids ([`KeyFilter`]) is sized for: 262 144, about
+/// 310 KiB at one false positive in a hundred. A file with more calls sizes it by them.
+pub const FILTER_MIN_KEYS: usize = 1 << 18;
+
+/// Entries of `call_keys` the filter reads in one step of its fill (a few milliseconds of the
+/// writer's time between batches).
+const FILL_CHUNK: i64 = 8192;
+
 /// See the module docs.
 pub struct CallIndex {
     state: Mutex<State>,
     /// [`MERGE_AT`], and the chunk: [`MERGE_CHUNK`], or less for a smaller `merge_at` (tests).
     merge_at: usize,
     chunk: usize,
+    /// [`FILL_CHUNK`] (less in tests).
+    fill_chunk: i64,
 }
 
 /// Bound calls not yet merged (or in the merge that runs): the upstream id's [`key`] and the
 /// call's row, as `call_keys` has them, in key order.
 type Recent = BTreeSet<(i64, i64)>;
 
-#[derive(Default)]
 struct State {
     recent: Recent,
     /// The largest row added to `recent` (or read back): the largest it holds whenever it holds
@@ -94,16 +104,115 @@ struct State {
     /// A reload failed: what memory holds may include binds that were rolled back. Nothing is
     /// merged until a reload succeeds.
     stale: bool,
+    /// Every key of `call_keys` and of memory, once filled: a look-up of a key it does not hold
+    /// reads nothing from the table.
+    filter: KeyFilter,
+    /// Look-ups that read `call_keys` (for tests).
+    #[cfg(test)]
+    table_lookups: u64,
+}
+
+/// A Bloom filter of upstream ids' keys: those of `call_keys` and of memory, and, once a key is
+/// in it, for good (a key rolled back or renumbered away stays: a false positive, one look-up in
+/// the table). A bind's look-up that its id is free is of a new id almost always: with the filter
+/// filled it reads no page of the table, which otherwise is a random leaf of a b-tree as large
+/// as the calls (1.1 pages read per call on a file of five million, from the disk once the file
+/// outgrows the memory the kernel gives it).
+///
+/// It is filled by the writer, [`FILL_CHUNK`] entries of `call_keys` a step in key order,
+/// between batches; until then look-ups read the table. A key the table learns meanwhile is put
+/// in it as it is learnt ([`CallIndex::add`]: memory, or a late bind's entry; a merge moves keys
+/// from memory to the table), so the fill, which started after the filter was made, misses none.
+/// Past the keys it was sized for it is made again, twice as large, and filled again.
+struct KeyFilter {
+    bloom: BloomFilter,
+    /// Keys it is sized for.
+    capacity: usize,
+    /// Keys put in it (read and added; a key put in twice counts twice).
+    inserted: usize,
+    /// The fill: `None` once it has read all of `call_keys`; else the last entry read
+    /// (`Some(None)`: none yet).
+    fill: Option<Option<(i64, i64)>>,
+}
+
+impl KeyFilter {
+    /// An empty filter for `capacity` keys, to be filled from the table.
+    fn new(capacity: usize) -> KeyFilter {
+        let capacity = capacity.max(1);
+        KeyFilter {
+            bloom: BloomFilter::with_false_pos(0.01).expected_items(capacity),
+            capacity,
+            inserted: 0,
+            fill: Some(None),
+        }
+    }
+
+    fn insert(&mut self, key: i64) {
+        self.bloom.insert_hash(key as u64);
+        self.inserted += 1;
+    }
+
+    /// Whether the table may hold `key`: always, until the fill has read all of it.
+    fn may_hold(&self, key: i64) -> bool {
+        self.fill.is_some() || self.bloom.contains_hash(key as u64)
+    }
+}
+
+impl State {
+    fn new(filter: KeyFilter) -> State {
+        State {
+            recent: Recent::new(),
+            max_row: 0,
+            merging: None,
+            covered_up_to: 0,
+            merging_anchor: None,
+            additions: 0,
+            stale: false,
+            filter,
+            #[cfg(test)]
+            table_lookups: 0,
+        }
+    }
+
+    /// Put a key being bound in the filter; past its capacity, make it again twice as large,
+    /// with what memory holds, to be filled from the table again.
+    fn learn(&mut self, key: i64) {
+        if self.filter.inserted >= self.filter.capacity {
+            let mut larger = KeyFilter::new(self.filter.capacity.saturating_mul(2));
+            for &(key, _) in &self.recent {
+                larger.insert(key);
+            }
+            self.filter = larger;
+        }
+        self.filter.insert(key);
+    }
 }
 
 impl CallIndex {
     /// The index as the file has it (the writer's connection, at start or after a rollback).
     pub fn load(conn: &Connection, merge_at: usize) -> Result<CallIndex, StoreError> {
+        CallIndex::load_sized(conn, merge_at, FILTER_MIN_KEYS)
+    }
+
+    /// [`CallIndex::load`], with the filter sized for at least `filter_min` keys: more if the file
+    /// has more calls (its largest rowid, a bound on its bound calls), with a quarter to spare.
+    fn load_sized(
+        conn: &Connection,
+        merge_at: usize,
+        filter_min: usize,
+    ) -> Result<CallIndex, StoreError> {
         let merge_at = merge_at.max(1);
+        let rows: i64 = conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM calls", [], |r| {
+            r.get(0)
+        })?;
+        let rows = usize::try_from(rows).unwrap_or(0);
         let index = CallIndex {
-            state: Mutex::default(),
+            state: Mutex::new(State::new(KeyFilter::new(
+                filter_min.max(rows.saturating_add(rows / 4)),
+            ))),
             merge_at,
             chunk: MERGE_CHUNK.min(merge_at.div_ceil(4)),
+            fill_chunk: FILL_CHUNK,
         };
         index.reload(conn)?;
         Ok(index)
@@ -113,16 +222,19 @@ impl CallIndex {
     pub fn reload(&self, conn: &Connection) -> Result<(), StoreError> {
         let read = read_back(conn);
         let mut state = self.lock();
-        let additions = state.additions;
         match read {
             Ok((recent, up_to)) => {
-                *state = State {
-                    max_row: recent.iter().map(|&(_, row)| row).max().unwrap_or(0),
-                    recent,
-                    covered_up_to: up_to,
-                    additions,
-                    ..State::default()
-                };
+                // The filter keeps what it holds (a key rolled back stays in it, harmlessly), and
+                // learns what memory holds now.
+                for &(key, _) in &recent {
+                    state.filter.insert(key);
+                }
+                state.max_row = recent.iter().map(|&(_, row)| row).max().unwrap_or(0);
+                state.recent = recent;
+                state.merging = None;
+                state.covered_up_to = up_to;
+                state.merging_anchor = None;
+                state.stale = false;
                 Ok(())
             }
             Err(e) => {
@@ -146,15 +258,26 @@ impl CallIndex {
     pub fn find(&self, conn: &Connection, call_id: &str) -> Result<Option<String>, StoreError> {
         let key = key(call_id);
         // The rows its key names in memory (none allocated for none), then, if none of them has
-        // the id, in the table: two plain look-ups (see `ROWS`).
-        let held: Vec<i64> = self
-            .lock()
-            .recent
-            .range((key, i64::MIN)..=(key, i64::MAX))
-            .map(|&(_, row)| row)
-            .collect();
+        // the id, in the table, unless the filter says it has none: two plain look-ups (see
+        // `ROWS`).
+        let (held, in_table) = {
+            let state = self.lock();
+            let held: Vec<i64> = state
+                .recent
+                .range((key, i64::MIN)..=(key, i64::MAX))
+                .map(|&(_, row)| row)
+                .collect();
+            (held, state.filter.may_hold(key))
+        };
         if let Some(found) = bound_in(conn, held, call_id)? {
             return Ok(Some(found));
+        }
+        if !in_table {
+            return Ok(None);
+        }
+        #[cfg(test)]
+        {
+            self.lock().table_lookups += 1;
         }
         let rows = conn
             .prepare_cached(ROWS)?
@@ -203,17 +326,62 @@ impl CallIndex {
     /// [`CallIndex::covers`]: then it is a second write of the operation, which needs a
     /// savepoint).
     pub fn add(&self, conn: &Connection, call_id: &str, rowid: i64) -> Result<(), StoreError> {
+        let key = key(call_id);
         let mut state = self.lock();
+        state.learn(key);
         if rowid <= state.covered_up_to {
             drop(state);
-            conn.prepare_cached(INSERT)?
-                .execute(params![key(call_id), rowid])?;
+            conn.prepare_cached(INSERT)?.execute(params![key, rowid])?;
             return Ok(());
         }
-        state.recent.insert((key(call_id), rowid));
+        state.recent.insert((key, rowid));
         state.max_row = state.max_row.max(rowid);
         state.additions += 1;
         Ok(())
+    }
+
+    /// Whether the filter has entries of `call_keys` left to read.
+    pub fn wants_fill(&self) -> bool {
+        self.lock().filter.fill.is_some()
+    }
+
+    /// One step of the filter's fill: the next [`FILL_CHUNK`] entries of `call_keys`, in key
+    /// order (the writer calls this between batches, with no transaction open).
+    pub fn fill_step(&self, conn: &Connection) -> Result<(), StoreError> {
+        let Some(after) = self.lock().filter.fill else {
+            return Ok(());
+        };
+        // After the entry read last (the smallest key with no row before it: rows are positive).
+        let (key, row) = after.unwrap_or((i64::MIN, i64::MIN));
+        let entries = conn
+            .prepare_cached(
+                "SELECT key, row FROM call_keys WHERE (key, row) > (?1, ?2)
+                 ORDER BY key, row LIMIT ?3",
+            )?
+            .query_map(params![key, row, self.fill_chunk], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<Vec<(i64, i64)>, _>>()?;
+        let mut state = self.lock();
+        let filter = &mut state.filter;
+        if filter.fill != Some(after) {
+            // Made again meanwhile: its fill starts over.
+            return Ok(());
+        }
+        for &(key, _) in &entries {
+            filter.insert(key);
+        }
+        filter.fill = match entries.last() {
+            Some(&last) if entries.len() as i64 == self.fill_chunk => Some(Some(last)),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// Look-ups that read `call_keys` so far (those the filter did not answer).
+    #[cfg(test)]
+    fn table_lookups(&self) -> u64 {
+        self.lock().table_lookups
     }
 
     /// Whether a merge has work: one is running, or enough binds have gathered.
@@ -569,6 +737,29 @@ pub fn differences(conn: &Connection, index: &CallIndex) -> Result<Vec<String>, 
         let (call_id, rows) = found?;
         out.push(format!("upstream id {call_id} is bound to {rows} calls"));
     }
+    // A filled filter holds every key of the table and of memory.
+    let filter_misses = {
+        let state = index.lock();
+        match state.filter.fill {
+            Some(_) => 0,
+            None => {
+                let mut keys = conn.prepare("SELECT key FROM call_keys")?;
+                let table = keys
+                    .query_map([], |r| r.get::<_, i64>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                table
+                    .iter()
+                    .chain(recent.iter().map(|(key, _)| key))
+                    .filter(|&&key| !state.filter.may_hold(key))
+                    .count()
+            }
+        }
+    };
+    if filter_misses > 0 {
+        out.push(format!(
+            "the filter of upstream ids misses {filter_misses} keys of call_keys and memory"
+        ));
+    }
     for &(k, row) in &recent {
         let bound: Option<Option<String>> = conn
             .query_row("SELECT call_id FROM calls WHERE rowid = ?1", [row], |r| {
@@ -777,6 +968,122 @@ mod tests {
                 Some(format!("r{i}"))
             );
         }
+        assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
+    }
+
+    /// Bind rows `rows` and merge them all into `call_keys`.
+    fn bound_and_merged(conn: &Connection, rows: impl IntoIterator<Item = i64>) {
+        let index = CallIndex::load(conn, 1).unwrap();
+        for i in rows {
+            bind(conn, &index, i);
+        }
+        while index.wants_merge() {
+            index.merge_step(conn).unwrap();
+        }
+        assert!(index.in_memory().is_empty());
+    }
+
+    fn fill(index: &CallIndex, conn: &Connection) -> usize {
+        let mut steps = 0;
+        while index.wants_fill() {
+            index.fill_step(conn).unwrap();
+            steps += 1;
+        }
+        steps
+    }
+
+    /// Until the filter is filled every look-up that memory does not answer reads the table;
+    /// once filled, a look-up of an id no call has (a bind's, almost always) reads nothing, and
+    /// every id the table or memory has is still found.
+    #[test]
+    fn a_filled_filter_answers_for_new_ids_without_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::schema::open_writer(&dir.path().join("state.db")).unwrap();
+        for i in 1..=6 {
+            admitted(&conn, i);
+        }
+        bound_and_merged(&conn, 1..=4);
+        // A start: four entries in the table, none in memory.
+        let index = CallIndex::load(&conn, MERGE_AT).unwrap();
+        bind(&conn, &index, 5);
+        assert!(index.wants_fill());
+        assert_eq!(index.find(&conn, "call-new").unwrap(), None);
+        assert_eq!(index.table_lookups(), 1, "not filled: the table is read");
+        assert_eq!(fill(&index, &conn), 1);
+        for i in 1..=5 {
+            assert_eq!(
+                index.find(&conn, &format!("call-{i}")).unwrap(),
+                Some(format!("r{i}"))
+            );
+        }
+        let before = index.table_lookups();
+        for id in ["call-new", "call-6", "call-7", "another"] {
+            assert!(index.is_free(&conn, id, "r6").unwrap());
+        }
+        assert_eq!(index.table_lookups(), before, "new ids read no table");
+        assert!(!index.is_free(&conn, "call-1", "r6").unwrap());
+        assert!(!index.is_free(&conn, "call-5", "r6").unwrap());
+        assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
+    }
+
+    /// The fill reads the table a chunk a step while binds go on: a key the table learns behind
+    /// the fill's position (a late bind's entry) or memory learns is in the filter all the same.
+    /// Past the keys it was sized for, the filter is made again twice as large and filled again,
+    /// and finds everything.
+    #[test]
+    fn the_fill_misses_no_key_learnt_while_it_runs_and_a_full_filter_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::schema::open_writer(&dir.path().join("state.db")).unwrap();
+        for i in 1..=12 {
+            admitted(&conn, i);
+        }
+        // Row 10's upstream answers late: the merges cover it (up_to 11) before it is bound.
+        bound_and_merged(&conn, (1..=9).chain([11]));
+        let mut index = CallIndex::load_sized(&conn, MERGE_AT, 4).unwrap();
+        index.fill_chunk = 3;
+        assert_eq!(index.lock().filter.capacity, 15, "sized by the file's rows");
+        // Row 10 is bound once the fill has passed where its key goes (or read all the table).
+        let passed = |index: &CallIndex| match index.lock().filter.fill {
+            None => true,
+            Some(None) => false,
+            Some(Some((at, _))) => at > key("call-10"),
+        };
+        while !passed(&index) {
+            index.fill_step(&conn).unwrap();
+        }
+        bind(&conn, &index, 10);
+        assert!(index.covers(10), "a late bind: its entry goes to the table");
+        bind(&conn, &index, 12);
+        fill(&index, &conn);
+        let lookups = index.table_lookups();
+        for i in 1..=12 {
+            assert!(
+                !index.is_free(&conn, &format!("call-{i}"), "r99").unwrap(),
+                "call-{i}"
+            );
+        }
+        assert_eq!(index.table_lookups(), lookups + 11, "the ids the table has");
+        assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
+        // Bind past its capacity: made again (unfilled: the table is read), then filled.
+        for i in 13..=40 {
+            admitted(&conn, i);
+            bind(&conn, &index, i);
+        }
+        assert!(index.lock().filter.capacity >= 30);
+        assert!(index.wants_fill(), "made again: to be filled again");
+        let lookups = index.table_lookups();
+        assert!(index.is_free(&conn, "call-new", "r99").unwrap());
+        assert_eq!(index.table_lookups(), lookups + 1);
+        fill(&index, &conn);
+        for i in 1..=40 {
+            assert!(
+                !index.is_free(&conn, &format!("call-{i}"), "r99").unwrap(),
+                "call-{i}"
+            );
+        }
+        let lookups = index.table_lookups();
+        assert!(index.is_free(&conn, "call-new", "r99").unwrap());
+        assert_eq!(index.table_lookups(), lookups);
         assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
     }
 
