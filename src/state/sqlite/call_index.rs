@@ -119,8 +119,9 @@ struct State {
 /// as the calls (1.1 pages read per call on a file of five million, from the disk once the file
 /// outgrows the memory the kernel gives it).
 ///
-/// It is filled by the writer, [`FILL_CHUNK`] entries of `call_keys` a step in key order,
-/// between batches; until then look-ups read the table. A key the table learns meanwhile is put
+/// It is filled on a read-only connection, off the writer's thread (`SqliteStore` runs the
+/// fill), [`FILL_CHUNK`] entries of `call_keys` a step in key order; until then look-ups read the
+/// table. A key the table learns meanwhile is put
 /// in it as it is learnt ([`CallIndex::add`]: memory, or a late bind's entry; a merge moves keys
 /// from memory to the table), so the fill, which started after the filter was made, misses none.
 /// Past the keys it was sized for it is made again, twice as large, and filled again.
@@ -133,17 +134,26 @@ struct KeyFilter {
     /// The fill: `None` once it has read all of `call_keys`; else the last entry read
     /// (`Some(None)`: none yet).
     fill: Option<Option<(i64, i64)>>,
+    /// Counts the times it was made again: a step of the fill that read the table before the
+    /// filter it fills was made (with a view of the file from before) is not applied to it.
+    generation: u64,
+    /// When it was made, and the entries its fill has read (for the log).
+    made: std::time::Instant,
+    read: usize,
 }
 
 impl KeyFilter {
     /// An empty filter for `capacity` keys, to be filled from the table.
-    fn new(capacity: usize) -> KeyFilter {
+    fn new(capacity: usize, generation: u64) -> KeyFilter {
         let capacity = capacity.max(1);
         KeyFilter {
             bloom: BloomFilter::with_false_pos(0.01).expected_items(capacity),
             capacity,
             inserted: 0,
             fill: Some(None),
+            generation,
+            made: std::time::Instant::now(),
+            read: 0,
         }
     }
 
@@ -156,6 +166,13 @@ impl KeyFilter {
     fn may_hold(&self, key: i64) -> bool {
         self.fill.is_some() || self.bloom.contains_hash(key as u64)
     }
+}
+
+/// A chunk of `call_keys` read for the fill of the filter of this generation, from this position.
+struct FillChunk {
+    generation: u64,
+    after: Option<(i64, i64)>,
+    entries: Vec<(i64, i64)>,
 }
 
 impl State {
@@ -178,7 +195,10 @@ impl State {
     /// with what memory holds, to be filled from the table again.
     fn learn(&mut self, key: i64) {
         if self.filter.inserted >= self.filter.capacity {
-            let mut larger = KeyFilter::new(self.filter.capacity.saturating_mul(2));
+            let mut larger = KeyFilter::new(
+                self.filter.capacity.saturating_mul(2),
+                self.filter.generation + 1,
+            );
             for &(key, _) in &self.recent {
                 larger.insert(key);
             }
@@ -209,6 +229,7 @@ impl CallIndex {
         let index = CallIndex {
             state: Mutex::new(State::new(KeyFilter::new(
                 filter_min.max(rows.saturating_add(rows / 4)),
+                0,
             ))),
             merge_at,
             chunk: MERGE_CHUNK.min(merge_at.div_ceil(4)),
@@ -346,10 +367,23 @@ impl CallIndex {
     }
 
     /// One step of the filter's fill: the next [`FILL_CHUNK`] entries of `call_keys`, in key
-    /// order (the writer calls this between batches, with no transaction open).
+    /// order, as `conn` sees the file (a read-only connection, or the writer's with no
+    /// transaction open: it must see every entry committed before the filter was made).
     pub fn fill_step(&self, conn: &Connection) -> Result<(), StoreError> {
-        let Some(after) = self.lock().filter.fill else {
-            return Ok(());
+        let read = self.fill_read(conn)?;
+        self.fill_apply(read);
+        Ok(())
+    }
+
+    /// The next chunk of the fill as `conn` sees it, with the filter and the position it was
+    /// read for (`None`: nothing left to read).
+    fn fill_read(&self, conn: &Connection) -> Result<Option<FillChunk>, StoreError> {
+        let (generation, after) = {
+            let state = self.lock();
+            match state.filter.fill {
+                Some(after) => (state.filter.generation, after),
+                None => return Ok(None),
+            }
         };
         // After the entry read last (the smallest key with no row before it: rows are positive).
         let (key, row) = after.unwrap_or((i64::MIN, i64::MIN));
@@ -362,20 +396,47 @@ impl CallIndex {
                 Ok((r.get(0)?, r.get(1)?))
             })?
             .collect::<Result<Vec<(i64, i64)>, _>>()?;
+        Ok(Some(FillChunk {
+            generation,
+            after,
+            entries,
+        }))
+    }
+
+    /// Put a chunk read by [`CallIndex::fill_read`] in the filter, unless the filter was made
+    /// again since, or another step applied it; returns whether it was put in.
+    fn fill_apply(&self, read: Option<FillChunk>) -> bool {
+        let Some(FillChunk {
+            generation,
+            after,
+            entries,
+        }) = read
+        else {
+            return false;
+        };
         let mut state = self.lock();
         let filter = &mut state.filter;
-        if filter.fill != Some(after) {
-            // Made again meanwhile: its fill starts over.
-            return Ok(());
+        if filter.generation != generation || filter.fill != Some(after) {
+            // Made again meanwhile: its fill starts over, with a view of the file from after.
+            return false;
         }
         for &(key, _) in &entries {
             filter.insert(key);
         }
+        filter.read += entries.len();
         filter.fill = match entries.last() {
             Some(&last) if entries.len() as i64 == self.fill_chunk => Some(Some(last)),
             _ => None,
         };
-        Ok(())
+        if filter.fill.is_none() && filter.read > 0 {
+            tracing::info!(
+                upstream_ids = filter.read,
+                capacity = filter.capacity,
+                elapsed_ms = filter.made.elapsed().as_millis() as u64,
+                "state file: upstream ids' filter filled"
+            );
+        }
+        true
     }
 
     /// Look-ups that read `call_keys` so far (those the filter did not answer).
@@ -1058,7 +1119,9 @@ mod tests {
         let lookups = index.table_lookups();
         for i in 1..=12 {
             assert!(
-                !index.is_free(&conn, &format!("call-{i}"), "r99").unwrap(),
+                !index
+                    .is_free(&conn, &format!("call-{i}"), "r-other")
+                    .unwrap(),
                 "call-{i}"
             );
         }
@@ -1071,18 +1134,31 @@ mod tests {
         }
         assert!(index.lock().filter.capacity >= 30);
         assert!(index.wants_fill(), "made again: to be filled again");
+        // A chunk read for the filter before it was made again is not put in it: that view of
+        // the file may lack entries the table learnt before the new filter was made.
+        let generation = index.lock().filter.generation;
+        let stale = index.fill_read(&conn).unwrap();
+        for i in 41..=100 {
+            admitted(&conn, i);
+            bind(&conn, &index, i);
+        }
+        assert!(index.lock().filter.generation > generation);
+        assert!(!index.fill_apply(stale));
+        assert_eq!(index.lock().filter.fill, Some(None));
         let lookups = index.table_lookups();
-        assert!(index.is_free(&conn, "call-new", "r99").unwrap());
+        assert!(index.is_free(&conn, "call-new", "r-other").unwrap());
         assert_eq!(index.table_lookups(), lookups + 1);
         fill(&index, &conn);
-        for i in 1..=40 {
+        for i in 1..=100 {
             assert!(
-                !index.is_free(&conn, &format!("call-{i}"), "r99").unwrap(),
+                !index
+                    .is_free(&conn, &format!("call-{i}"), "r-other")
+                    .unwrap(),
                 "call-{i}"
             );
         }
         let lookups = index.table_lookups();
-        assert!(index.is_free(&conn, "call-new", "r99").unwrap());
+        assert!(index.is_free(&conn, "call-new", "r-other").unwrap());
         assert_eq!(index.table_lookups(), lookups);
         assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
     }

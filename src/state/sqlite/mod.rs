@@ -186,16 +186,22 @@ impl SqliteStore {
             options.lazy_sync,
             index.clone(),
         )?;
+        let readers = Arc::new(Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            gate: RwLock::new(false),
+        });
+        // Without a runtime (tools that only read the file) the filter stays unfilled: every
+        // look-up reads the table, as before it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(fill_filter(Arc::downgrade(&index), readers.clone()));
+        }
         Ok(SqliteStore {
             writer,
             index,
             legacy_tokens,
             opt_outs: Arc::new(RwLock::new(opt_outs)),
-            readers: Arc::new(Readers {
-                path: path.to_path_buf(),
-                idle: Mutex::new(Vec::new()),
-                gate: RwLock::new(false),
-            }),
+            readers,
         })
     }
 
@@ -209,6 +215,31 @@ impl SqliteStore {
             }
             Ok(((), When::Committed))
         }))
+    }
+}
+
+/// Fill the filter of upstream ids (see `call_index`) from `call_keys` on a read-only connection,
+/// a chunk a step, off the writer's thread (on a file of five million calls the fill takes
+/// seconds, which the writer's batches would have waited for); again whenever the filter is made
+/// again, larger. It ends when the store closes.
+async fn fill_filter(index: std::sync::Weak<CallIndex>, readers: Arc<Readers>) {
+    loop {
+        let Some(index) = index.upgrade() else {
+            return;
+        };
+        if !index.wants_fill() {
+            drop(index);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
+        match readers.read(move |conn| index.fill_step(conn)).await {
+            Ok(()) => {}
+            Err(StoreError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "state store: cannot read upstream ids into their filter; tried again in a second");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -331,11 +331,16 @@ pub fn has_token_index(conn: &Connection) -> Result<bool, StoreError> {
     Ok(false)
 }
 
+/// Each tenant's live calls, read through the partial index of live calls. Left to itself, the
+/// planner walks `calls_tenant` for the grouping, every call the file ever had: 1.9 s at start on
+/// a file of five million settled calls, against 0.1 ms (docs/benchmarks.md, "A filter of
+/// upstream ids").
+const LIVE_BY_TENANT: &str = "SELECT tenant, COUNT(*), COALESCE(SUM(hold), 0)
+     FROM calls INDEXED BY calls_lease WHERE live = 1 GROUP BY tenant";
+
 /// The live counters as the file has them: each tenant's live calls, and its stored spend.
 pub fn load_ledger(conn: &Connection) -> Result<Ledger, StoreError> {
-    let mut live = conn.prepare_cached(
-        "SELECT tenant, COUNT(*), COALESCE(SUM(hold), 0) FROM calls WHERE live = 1 GROUP BY tenant",
-    )?;
+    let mut live = conn.prepare_cached(LIVE_BY_TENANT)?;
     let live: Vec<(String, i64, i64)> = live
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
@@ -351,4 +356,48 @@ pub fn load_ledger(conn: &Connection) -> Result<Ledger, StoreError> {
         })?
         .collect::<Result<_, _>>()?;
     Ok(Ledger::rebuild(live, spends))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start's count of live calls reads the live calls only, whatever the file holds.
+    #[test]
+    fn the_live_calls_are_counted_from_their_own_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("state.db")).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {LIVE_BY_TENANT}"))
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX calls_lease")),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("calls_tenant")),
+            "{plan:?}"
+        );
+        conn.execute_batch(
+            "INSERT INTO calls (reservation_id, tenant, token_hash, status, live, hold, price,
+                 increment_secs, max_duration, lease_expires_at, created_at, updated_at)
+             VALUES ('r1', 'a', 'h1', 'queued', 1, 5, 0, 1, 60, 0, 0, 0),
+                    ('r2', 'a', 'h2', 'completed', 0, 0, 0, 1, 60, 0, 0, 0),
+                    ('r3', 'b', 'h3', 'queued', 1, 7, 0, 1, 60, 0, 0, 0)",
+        )
+        .unwrap();
+        let live: Vec<(String, i64, i64)> = conn
+            .prepare(LIVE_BY_TENANT)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(live, vec![("a".to_string(), 1, 5), ("b".to_string(), 1, 7)]);
+    }
 }

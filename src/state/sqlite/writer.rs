@@ -924,21 +924,13 @@ fn run(
 }
 
 /// Once a batch is answered (or a held one committed): the next chunk of upstream ids, in a
-/// transaction of its own, synced with the next commit, and the next step of the filter's fill,
-/// which only reads (see `call_index`).
+/// transaction of its own, synced with the next commit (see `call_index`).
 fn merge_upstream_ids(conn: &Connection, index: &CallIndex) {
-    if !conn.is_autocommit() {
-        return;
-    }
-    if index.wants_merge()
+    if conn.is_autocommit()
+        && index.wants_merge()
         && let Err(e) = index.merge_step(conn)
     {
         tracing::warn!(error = %e, "state store: cannot merge upstream ids; tried again after the next batch");
-    }
-    if index.wants_fill()
-        && let Err(e) = index.fill_step(conn)
-    {
-        tracing::warn!(error = %e, "state store: cannot read upstream ids into their filter; tried again after the next batch");
     }
 }
 
