@@ -9,6 +9,7 @@
 #   - context switches per request of each thread (/proc/PID/task/*/status);
 #   - from callgate's own histograms (scraped from /metrics at the end): the share of requests,
 #     upstream requests, store waits and log syncs within each bucket, and the group commit's size.
+# It prints first how long callgate took to answer /healthz after it was started, and its RSS then.
 # Knobs: CONNS (32), DUR (8), FILL (seconds at saturation first, to leave calls in flight),
 #   SEED (a state file to start on instead of a fresh one, e.g. one made by bench/bigfile.sh),
 #   PERF=1 (perf record -g of callgate for 4 s, the file's path printed), KEEP=1 (keep the temp dir).
@@ -21,8 +22,10 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/callgate-threads.XXXXXX")
 trap bench_cleanup EXIT
 prepare
 seed_state "$d" "${SEED:-}"
+started=$(date +%s.%N)
 start_callgate "$BIN" "$d"
 wait_healthy 1200
+echo "first answer after $(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 3))" "$started" "$(date +%s.%N)") s; RSS $(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$P/status") MiB"
 if [ "$FILL" != 0 ]; then load -t2 -c32 -d"${FILL}s" | grep -E "requests in"; sleep 1; fi
 snap() { for t in /proc/$P/task/*; do echo "$(basename "$t"):$(tr ' ' _ < "$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '/^wchar:/ {w=$2} /^syscw:/ {c=$2} /^rchar:/ {rb=$2} /^syscr:/ {rc=$2} END {print w+0, c+0, rb+0, rc+0}' "$t/io") $(awk '/^voluntary_ctxt_switches:/ {v=$2} /^nonvoluntary_ctxt_switches:/ {n=$2} END {print v+0, n+0}' "$t/status")"; done | sort; }
 snap > "$T/t0"

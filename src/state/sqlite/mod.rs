@@ -194,7 +194,10 @@ impl SqliteStore {
         // Without a runtime (tools that only read the file) the filter stays unfilled: every
         // look-up reads the table, as before it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(fill_filter(Arc::downgrade(&index), readers.clone()));
+            runtime.spawn(fill_filter(
+                Arc::downgrade(&index),
+                Arc::downgrade(&readers),
+            ));
         }
         Ok(SqliteStore {
             writer,
@@ -221,14 +224,15 @@ impl SqliteStore {
 /// Fill the filter of upstream ids (see `call_index`) from `call_keys` on a read-only connection,
 /// a chunk a step, off the writer's thread (on a file of five million calls the fill takes
 /// seconds, which the writer's batches would have waited for); again whenever the filter is made
-/// again, larger. It ends when the store closes.
-async fn fill_filter(index: std::sync::Weak<CallIndex>, readers: Arc<Readers>) {
+/// again, larger. It ends when the store closes or is dropped (it holds neither the index nor
+/// the readers, whose idle connections a dropped store closes, between steps).
+async fn fill_filter(index: std::sync::Weak<CallIndex>, readers: std::sync::Weak<Readers>) {
     loop {
-        let Some(index) = index.upgrade() else {
+        let (Some(index), Some(readers)) = (index.upgrade(), readers.upgrade()) else {
             return;
         };
         if !index.wants_fill() {
-            drop(index);
+            drop((index, readers));
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             continue;
         }
