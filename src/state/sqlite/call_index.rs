@@ -64,11 +64,11 @@ pub const MERGE_AT: usize = 128 * 1024;
 pub const MERGE_CHUNK: usize = 512;
 
 /// The fewest keys the filter of upstream ids ([`KeyFilter`]) is sized for: 262 144, about
-/// 310 KiB at one false positive in a hundred. A file with more calls sizes it by them.
+/// 307 KiB at one false positive in a hundred. A file with more calls sizes it by them.
 pub const FILTER_MIN_KEYS: usize = 1 << 18;
 
-/// Entries of `call_keys` the filter reads in one step of its fill (a few milliseconds of the
-/// writer's time between batches).
+/// Entries of `call_keys` the filter reads in one step of its fill (a few milliseconds on a
+/// read-only connection).
 const FILL_CHUNK: i64 = 8192;
 
 /// See the module docs.
@@ -113,8 +113,8 @@ struct State {
 }
 
 /// A Bloom filter of upstream ids' keys: those of `call_keys` and of memory, and, once a key is
-/// in it, for good (a key rolled back or renumbered away stays: a false positive, one look-up in
-/// the table). A bind's look-up that its id is free is of a new id almost always: with the filter
+/// in it, until it is made again (a key rolled back or renumbered away stays: a false positive,
+/// one look-up in the table). A bind's look-up that its id is free is of a new id almost always: with the filter
 /// filled it reads no page of the table, which otherwise is a random leaf of a b-tree as large
 /// as the calls (1.1 pages read per call on a file of five million, from the disk once the file
 /// outgrows the memory the kernel gives it).
@@ -124,7 +124,8 @@ struct State {
 /// table. A key the table learns meanwhile is put
 /// in it as it is learnt ([`CallIndex::add`]: memory, or a late bind's entry; a merge moves keys
 /// from memory to the table), so the fill, which started after the filter was made, misses none.
-/// Past the keys it was sized for it is made again, twice as large, and filled again.
+/// Past the keys it was sized for it is made again, twice as large, by the writer between batches
+/// ([`CallIndex::regrow`]), and filled again.
 struct KeyFilter {
     bloom: BloomFilter,
     /// Keys it is sized for.
@@ -157,9 +158,12 @@ impl KeyFilter {
         }
     }
 
+    /// Put `key` in; `inserted` counts the keys that were not in it already (a key read back
+    /// again after a rollback, or read by the fill after it was learnt, does not count twice).
     fn insert(&mut self, key: i64) {
-        self.bloom.insert_hash(key as u64);
-        self.inserted += 1;
+        if !self.bloom.insert_hash(key as u64) {
+            self.inserted += 1;
+        }
     }
 
     /// Whether the table may hold `key`: always, until the fill has read all of it.
@@ -191,19 +195,10 @@ impl State {
         }
     }
 
-    /// Put a key being bound in the filter; past its capacity, make it again twice as large,
-    /// with what memory holds, to be filled from the table again.
+    /// Put a key being bound in the filter. Past its capacity it goes on taking keys (more false
+    /// positives, never a false negative) until the writer makes it again
+    /// ([`CallIndex::regrow`]), with no transaction open.
     fn learn(&mut self, key: i64) {
-        if self.filter.inserted >= self.filter.capacity {
-            let mut larger = KeyFilter::new(
-                self.filter.capacity.saturating_mul(2),
-                self.filter.generation + 1,
-            );
-            for &(key, _) in &self.recent {
-                larger.insert(key);
-            }
-            self.filter = larger;
-        }
         self.filter.insert(key);
     }
 }
@@ -364,6 +359,25 @@ impl CallIndex {
     /// Whether the filter has entries of `call_keys` left to read.
     pub fn wants_fill(&self) -> bool {
         self.lock().filter.fill.is_some()
+    }
+
+    /// Past its capacity, make the filter again twice as large, with what memory holds, to be
+    /// filled from the table again. The writer calls this with no transaction open: a key a late
+    /// bind wrote to the table in an open transaction is in the old filter only, and a fill that
+    /// read the file before that transaction committed would leave the new one without it.
+    pub fn regrow(&self) {
+        let mut state = self.lock();
+        if state.filter.inserted < state.filter.capacity {
+            return;
+        }
+        let mut larger = KeyFilter::new(
+            state.filter.capacity.saturating_mul(2),
+            state.filter.generation + 1,
+        );
+        for &(key, _) in &state.recent {
+            larger.insert(key);
+        }
+        state.filter = larger;
     }
 
     /// One step of the filter's fill: the next [`FILL_CHUNK`] entries of `call_keys`, in key
@@ -1131,6 +1145,7 @@ mod tests {
         for i in 13..=40 {
             admitted(&conn, i);
             bind(&conn, &index, i);
+            index.regrow();
         }
         assert!(index.lock().filter.capacity >= 30);
         assert!(index.wants_fill(), "made again: to be filled again");
@@ -1141,6 +1156,7 @@ mod tests {
         for i in 41..=100 {
             admitted(&conn, i);
             bind(&conn, &index, i);
+            index.regrow();
         }
         assert!(index.lock().filter.generation > generation);
         assert!(!index.fill_apply(stale));
@@ -1160,6 +1176,49 @@ mod tests {
         let lookups = index.table_lookups();
         assert!(index.is_free(&conn, "call-new", "r-other").unwrap());
         assert_eq!(index.table_lookups(), lookups);
+        assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
+    }
+
+    /// A late bind's entry written to the table in a transaction still open when the filter
+    /// passes its capacity stays in the filter: it is made again only once the transaction has
+    /// ended, so a fill on another connection that read the file before the commit fills the old
+    /// filter, not the new one.
+    #[test]
+    fn a_late_bind_in_an_open_transaction_survives_the_filter_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = super::super::schema::open_writer(&path).unwrap();
+        for i in 1..=12 {
+            admitted(&conn, i);
+        }
+        bound_and_merged(&conn, (1..=9).chain([11]));
+        let index = CallIndex::load_sized(&conn, MERGE_AT, 4).unwrap();
+        let reader = super::super::schema::open_reader(&path).unwrap();
+        fill(&index, &reader);
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        bind(&conn, &index, 10);
+        assert!(index.covers(10), "a late bind: its entry goes to the table");
+        for i in 13..=40 {
+            admitted(&conn, i);
+            bind(&conn, &index, i);
+        }
+        // A fill on the other connection meanwhile, then the commit: the id is found.
+        let generation = index.lock().filter.generation;
+        fill(&index, &reader);
+        conn.execute_batch("COMMIT").unwrap();
+        assert!(!index.is_free(&conn, "call-10", "r-other").unwrap());
+        // The writer makes it again between batches, and it is filled again.
+        index.regrow();
+        assert_eq!(index.lock().filter.generation, generation + 1);
+        fill(&index, &reader);
+        for i in (1..=11).chain(13..=40) {
+            assert!(
+                !index
+                    .is_free(&conn, &format!("call-{i}"), "r-other")
+                    .unwrap(),
+                "call-{i}"
+            );
+        }
         assert_eq!(differences(&conn, &index).unwrap(), Vec::<String>::new());
     }
 

@@ -227,6 +227,8 @@ impl SqliteStore {
 /// again, larger. It ends when the store closes or is dropped (it holds neither the index nor
 /// the readers, whose idle connections a dropped store closes, between steps).
 async fn fill_filter(index: std::sync::Weak<CallIndex>, readers: std::sync::Weak<Readers>) {
+    // After a failed step: a second, doubled up to a minute while it keeps failing.
+    let mut backoff = std::time::Duration::from_secs(1);
     loop {
         let (Some(index), Some(readers)) = (index.upgrade(), readers.upgrade()) else {
             return;
@@ -237,11 +239,12 @@ async fn fill_filter(index: std::sync::Weak<CallIndex>, readers: std::sync::Weak
             continue;
         }
         match readers.read(move |conn| index.fill_step(conn)).await {
-            Ok(()) => {}
+            Ok(()) => backoff = std::time::Duration::from_secs(1),
             Err(StoreError::Closed) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "state store: cannot read upstream ids into their filter; tried again in a second");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "state store: cannot read upstream ids into their filter; look-ups read the table meanwhile");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
             }
         }
     }

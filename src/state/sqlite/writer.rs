@@ -924,10 +924,14 @@ fn run(
 }
 
 /// Once a batch is answered (or a held one committed): the next chunk of upstream ids, in a
-/// transaction of its own, synced with the next commit (see `call_index`).
+/// transaction of its own, synced with the next commit, and the filter of upstream ids made
+/// again if it is full (see `call_index`: both with no transaction open).
 fn merge_upstream_ids(conn: &Connection, index: &CallIndex) {
-    if conn.is_autocommit()
-        && index.wants_merge()
+    if !conn.is_autocommit() {
+        return;
+    }
+    index.regrow();
+    if index.wants_merge()
         && let Err(e) = index.merge_step(conn)
     {
         tracing::warn!(error = %e, "state store: cannot merge upstream ids; tried again after the next batch");
