@@ -973,3 +973,55 @@ impl StateStore for SqliteStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store opened on a runtime fills its filter of upstream ids from the file in the
+    /// background, on a read-only connection: the ids bound before the start are found through
+    /// it, and the index agrees with the rows.
+    #[tokio::test]
+    async fn a_store_fills_its_filter_of_upstream_ids_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = schema::open_writer(&path).unwrap();
+            for i in 1..=3 {
+                conn.execute(
+                    "INSERT INTO calls (rowid, reservation_id, tenant, call_id, token_hash, status,
+                         live, hold, price, increment_secs, max_duration, lease_expires_at,
+                         created_at, updated_at)
+                     VALUES (?1, 'r' || ?1, 'a', 'call-' || ?1, 'h' || ?1, 'completed', 0, 0, 0,
+                         1, 60, 0, 0, 0)",
+                    [i],
+                )
+                .unwrap();
+            }
+            // No bound on record: the next start indexes the bound calls in `call_keys`.
+            conn.execute_batch("DELETE FROM call_keys_merged").unwrap();
+        }
+        let store = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        for _ in 0..200 {
+            if !store.index.wants_fill() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!store.index.wants_fill(), "filled within 10 s");
+        let reader = schema::open_reader(&path).unwrap();
+        for i in 1..=3 {
+            assert_eq!(
+                store.index.find(&reader, &format!("call-{i}")).unwrap(),
+                Some(format!("r{i}"))
+            );
+        }
+        assert_eq!(store.index.find(&reader, "call-new").unwrap(), None);
+        assert_eq!(
+            call_index::differences(&reader, &store.index).unwrap(),
+            Vec::<String>::new()
+        );
+        drop(reader);
+        store.close().await.unwrap();
+    }
+}
