@@ -194,13 +194,6 @@ impl State {
             table_lookups: 0,
         }
     }
-
-    /// Put a key being bound in the filter. Past its capacity it goes on taking keys (more false
-    /// positives, never a false negative) until the writer makes it again
-    /// ([`CallIndex::regrow`]), with no transaction open.
-    fn learn(&mut self, key: i64) {
-        self.filter.insert(key);
-    }
 }
 
 impl CallIndex {
@@ -344,7 +337,9 @@ impl CallIndex {
     pub fn add(&self, conn: &Connection, call_id: &str, rowid: i64) -> Result<(), StoreError> {
         let key = key(call_id);
         let mut state = self.lock();
-        state.learn(key);
+        // Past its capacity the filter goes on taking keys (more false positives, never a false
+        // negative) until the writer makes it again between batches ([`CallIndex::regrow`]).
+        state.filter.insert(key);
         if rowid <= state.covered_up_to {
             drop(state);
             conn.prepare_cached(INSERT)?.execute(params![key, rowid])?;
